@@ -1,0 +1,60 @@
+"""pgflow: durable workflows for Python, with PostgreSQL as the engine.
+
+Declare workflows and steps with :func:`workflow` and :func:`step`, start
+runs with :func:`start` inside your own transaction, and run them with
+``pgflow worker`` (or :class:`Worker`). All state lives in schema ``pgflow``.
+"""
+
+from pgflow.client import get, result, start
+from pgflow.context import Context
+from pgflow.definitions import Step, Workflow, step, workflow
+from pgflow.errors import (
+    Cancelled,
+    ChildFailed,
+    EncodingError,
+    KeyConflict,
+    LeaseLost,
+    NonDeterminismError,
+    PgflowError,
+    RunNotFound,
+    SchemaNotMigrated,
+    SignalTimeout,
+    StepFailed,
+    WorkflowCancelled,
+    WorkflowFailed,
+    WorkflowNotFound,
+)
+from pgflow.models import Run, StepRecord
+from pgflow.retry import Retry
+from pgflow.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cancelled",
+    "ChildFailed",
+    "Context",
+    "EncodingError",
+    "KeyConflict",
+    "LeaseLost",
+    "NonDeterminismError",
+    "PgflowError",
+    "Retry",
+    "Run",
+    "RunNotFound",
+    "SchemaNotMigrated",
+    "SignalTimeout",
+    "Step",
+    "StepFailed",
+    "StepRecord",
+    "Worker",
+    "Workflow",
+    "WorkflowCancelled",
+    "WorkflowFailed",
+    "WorkflowNotFound",
+    "get",
+    "result",
+    "start",
+    "step",
+    "workflow",
+]

@@ -1,0 +1,73 @@
+"""The client for asyncio code: the names of :mod:`pgflow.client`, awaited,
+on a ``psycopg.AsyncConnection`` (or ``AsyncCursor``)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from pgflow import connections, definitions, errors, models, queries
+from pgflow.client import RECHECK_INTERVAL
+
+__all__ = ["get", "result", "start"]
+
+
+async def start(conn: Any, workflow: definitions.Workflow | str, *args: Any,
+                key: str | None = None, queue: str | None = None, priority: int = 0,
+                delay: timedelta | float | None = None, **kwargs: Any) -> uuid.UUID:
+    """See :func:`pgflow.start`."""
+    params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay)
+    rows = await connections.afetch(conn, queries.START, params)
+    return queries.as_uuid(rows[0][0])
+
+
+async def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
+    """See :func:`pgflow.get`."""
+    rid = queries.run_id_param(run_id)
+    rows = await connections.afetch(conn, queries.GET_RUN, (rid,))
+    steps = await connections.afetch(conn, queries.GET_STEPS, (rid,)) if rows else []
+    return queries.build_run(rows[0] if rows else None, steps, rid)
+
+
+async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
+                 timeout: float | None = None) -> Any:
+    """See :func:`pgflow.result`."""
+    rid = queries.run_id_param(run_id)
+    if not isinstance(conn, psycopg.AsyncConnection):
+        raise TypeError(f"result() needs a psycopg AsyncConnection, not {type(conn)!r}")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise errors.PgflowError(
+            "result() must be called outside a transaction: commit first, or use autocommit")
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    async def query(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        rows = await connections.afetch(conn, sql, params)
+        if not conn.autocommit:
+            await conn.commit()
+        return rows
+
+    await query(f"listen {queries.DONE_CHANNEL}")
+    try:
+        while True:
+            rows = await query(queries.RUN_STATUS, (rid,))
+            if not rows:
+                raise errors.RunNotFound(f"unknown run {rid}")
+            if rows[0][0] in models.FINAL_STATUSES:
+                return queries.outcome(rid, rows[0])
+            wait = RECHECK_INTERVAL
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"run {rid} did not finish within {timeout}s")
+            async for notify in conn.notifies(timeout=wait):
+                if notify.payload == str(rid):
+                    break
+    finally:
+        if not conn.closed:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                await conn.rollback()
+            await query(f"unlisten {queries.DONE_CHANNEL}")

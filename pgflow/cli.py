@@ -1,0 +1,229 @@
+"""The ``pgflow`` command line.
+
+Every failure the user can cause (bad JSON, unknown run or workflow, database
+unreachable, schema not migrated) ends as one line on stderr and exit code 1;
+set ``PGFLOW_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any
+
+import psycopg
+import typer
+
+from pgflow import client, errors, models, schema
+from pgflow import dsn as dsn_resolution
+from pgflow.worker import DEFAULT_CONCURRENCY, Worker
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Durable workflows on PostgreSQL.")
+
+DsnOption = Annotated[str | None, typer.Option(
+    "--dsn", help="Database URL or libpq string [default: $PGFLOW_DSN, $DATABASE_URL, "
+                  "or the embedded server under ./.pgflow/]")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn every expected failure into one line on stderr and exit 1."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if os.environ.get("PGFLOW_DEBUG"):
+            raise
+        typer.echo(f"pgflow: error: {_describe(exc)}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, psycopg.OperationalError):
+        return _one_line(f"cannot connect to the database: {exc}")
+    if isinstance(exc, psycopg.errors.UndefinedFunction | psycopg.errors.UndefinedTable):
+        return "the pgflow schema is not installed: run `pgflow migrate` first"
+    if isinstance(exc, (errors.PgflowError, ValueError, TypeError, LookupError)):
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _connect(dsn: str | None) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(dsn_resolution.resolve(dsn), autocommit=True, connect_timeout=10)
+    try:
+        schema.check(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+
+
+@app.command()
+def migrate(dsn: DsnOption = None) -> None:
+    """Create or upgrade the pgflow schema (safe to repeat, safe to run concurrently)."""
+    with _user_errors():
+        target = dsn_resolution.resolve(dsn)
+        revision = schema.migrate(target)
+        typer.echo(f"pgflow schema is at revision {revision}")
+
+
+@app.command()
+def worker(
+    modules: Annotated[list[str], typer.Argument(help="Modules that define workflows.")],
+    queue: Annotated[list[str] | None, typer.Option(
+        "-q", "--queue", help="Queue to serve (repeatable) [default: the workflows' queues]")] = None,
+    concurrency: Annotated[int, typer.Option(
+        "-c", "--concurrency", min=1, help="Runs in flight at once.")] = DEFAULT_CONCURRENCY,
+    dsn: DsnOption = None,
+) -> None:
+    """Run the workflows defined in MODULES until SIGTERM/SIGINT, then drain."""
+    with _user_errors():
+        target = dsn_resolution.resolve(dsn)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ValueError(f"cannot import module {name!r}: {exc}") from None
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        Worker(target, queues=queue or None, concurrency=concurrency).run()
+
+
+@app.command()
+def start(
+    name: Annotated[str, typer.Argument(help="Workflow name.")],
+    input: Annotated[str, typer.Option(
+        "--input", help="Arguments: a JSON array (positional) or object (by name).")] = "[]",
+    key: Annotated[str | None, typer.Option("--key", help="Idempotency key.")] = None,
+    queue: Annotated[str | None, typer.Option("--queue", help="Override the queue.")] = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Start a run of workflow NAME and print its id."""
+    with _user_errors():
+        data = _parse_json(input, "--input")
+        if isinstance(data, list):
+            args, kwargs = tuple(data), {}
+        elif isinstance(data, dict):
+            args, kwargs = (), data
+        else:
+            raise ValueError("--input must be a JSON array (positional arguments) "
+                             "or object (keyword arguments)")
+        with _connect(dsn) as conn:
+            run_id = client.start(conn, name, *args, key=key, queue=queue, **kwargs)
+        typer.echo(str(run_id))
+
+
+@app.command()
+def show(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None,
+         as_json: JsonOption = False) -> None:
+    """Show a run and its step timeline."""
+    with _user_errors(), _connect(dsn) as conn:
+        run = client.get(conn, run_id)
+    typer.echo(json.dumps(_run_json(run), default=str, indent=2) if as_json else _render_run(run))
+
+
+@app.command("list")
+def list_runs(
+    status: Annotated[str | None, typer.Option("--status", help="Only runs in this status.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Only runs of this workflow.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
+    dsn: DsnOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List runs, newest first."""
+    with _user_errors():
+        if status is not None and status not in _STATUSES:
+            raise ValueError(f"unknown status {status!r}; one of: {', '.join(_STATUSES)}")
+        with _connect(dsn) as conn:
+            rows = conn.execute(
+                "select id, name, version, status, key, created_at, finished_at from pgflow.runs"
+                " where (%(status)s::text is null or status = %(status)s)"
+                "   and (%(name)s::text is null or name = %(name)s)"
+                " order by created_at desc, id desc limit %(limit)s",
+                {"status": status, "name": name, "limit": limit}).fetchall()
+    if as_json:
+        keys = ("id", "name", "version", "status", "key", "created_at", "finished_at")
+        for row in rows:
+            typer.echo(json.dumps(dict(zip(keys, row, strict=True)), default=str))
+        return
+    table = [("ID", "WORKFLOW", "STATUS", "CREATED", "KEY")]
+    table += [(str(r[0]), f"{r[1]} v{r[2]}", r[3], _time(r[5]), r[4] or "") for r in rows]
+    typer.echo(_columns(table))
+
+
+_STATUSES = ("pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled")
+
+
+def _time(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _run_json(run: models.Run) -> dict[str, Any]:
+    data = {k: v for k, v in vars(run).items() if k != "steps"}
+    data["steps"] = [vars(step) for step in run.steps]
+    return data
+
+
+def _render_run(run: models.Run) -> str:
+    lines = [f"run      {run.id}",
+             f"workflow {run.name} v{run.version}  (queue {run.queue})",
+             f"status   {run.status}"]
+    if run.key:
+        lines.append(f"key      {run.key}")
+    if run.parent_id:
+        lines.append(f"parent   {run.parent_id}")
+    lines.append(f"created  {_time(run.created_at)}")
+    lines.append(f"started  {_time(run.started_at)}")
+    lines.append(f"finished {_time(run.finished_at)}")
+    lines.append(f"input    {json.dumps(run.input)}")
+    if run.status == "completed":
+        lines.append(f"output   {json.dumps(run.output)}")
+    if run.error:
+        lines.append(f"error    {run.error.get('type')}: {run.error.get('message')}")
+    lines.append("")
+    table = [("SEQ", "STEP", "STATUS", "ATTEMPTS", "STARTED", "DURATION", "ERROR")]
+    for s in run.steps:
+        duration = "-" if s.duration_ms is None else f"{s.duration_ms:.1f} ms"
+        error = f"{s.error.get('type')}: {s.error.get('message')}" if s.error else ""
+        table.append((str(s.seq), s.name, s.status, str(s.attempts), _time(s.started_at),
+                      duration, _one_line(error)[:80]))
+    lines.append(_columns(table) if run.steps else "(no steps recorded yet)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Starting and inspecting runs from application code (sync).
+
+Every call takes the application's connection first and works inside its
+current transaction: a run started in a transaction exists if and only if
+that transaction commits. :func:`result` is the exception: it waits for other
+transactions, so it needs a connection with no transaction open.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from pgflow import connections, definitions, errors, models, queries
+
+__all__ = ["get", "result", "start"]
+
+RECHECK_INTERVAL = 5.0  # seconds; NOTIFY is a hint, the status query is the truth
+
+
+def start(conn: Any, workflow: definitions.Workflow | str, *args: Any, key: str | None = None,
+          queue: str | None = None, priority: int = 0, delay: timedelta | float | None = None,
+          **kwargs: Any) -> uuid.UUID:
+    """Start a run of ``workflow`` (the decorated function, or its name) with these inputs.
+
+    With ``key``, starting again while a run with that key exists returns that
+    run's id. ``delay`` holds the run back for that long.
+    """
+    params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay)
+    rows = connections.fetch(conn, queries.START, params)
+    return queries.as_uuid(rows[0][0])
+
+
+def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
+    """The run with its steps; :class:`~pgflow.errors.RunNotFound` if there is none."""
+    rid = queries.run_id_param(run_id)
+    rows = connections.fetch(conn, queries.GET_RUN, (rid,))
+    steps = connections.fetch(conn, queries.GET_STEPS, (rid,)) if rows else []
+    return queries.build_run(rows[0] if rows else None, steps, rid)
+
+
+def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> Any:
+    """Wait for the run to finish and return its output.
+
+    Wakes on NOTIFY. Raises :class:`~pgflow.errors.WorkflowFailed`,
+    :class:`~pgflow.errors.WorkflowCancelled`, or ``TimeoutError`` after
+    ``timeout`` seconds. ``conn`` must have no transaction open (autocommit,
+    or idle after a commit): the run is finished by other transactions.
+    """
+    rid = queries.run_id_param(run_id)
+    raw = connections.dbapi_connection(conn)
+    if not isinstance(raw, psycopg.Connection):
+        raise TypeError(f"result() needs a psycopg connection, not {type(conn)!r}")
+    if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise errors.PgflowError(
+            "result() must be called outside a transaction: commit first, or use autocommit")
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def query(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        rows = connections.fetch(raw, sql, params)
+        if not raw.autocommit:
+            raw.commit()  # our own short transaction, not the caller's
+        return rows
+
+    query(f"listen {queries.DONE_CHANNEL}")
+    try:
+        while True:
+            rows = query(queries.RUN_STATUS, (rid,))
+            if not rows:
+                raise errors.RunNotFound(f"unknown run {rid}")
+            if rows[0][0] in models.FINAL_STATUSES:
+                return queries.outcome(rid, rows[0])
+            wait = RECHECK_INTERVAL
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"run {rid} did not finish within {timeout}s")
+            for notify in raw.notifies(timeout=wait):
+                if notify.payload == str(rid):
+                    break
+    finally:
+        if not raw.closed:
+            if raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                raw.rollback()
+            query(f"unlisten {queries.DONE_CHANNEL}")

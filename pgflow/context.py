@@ -1,0 +1,261 @@
+"""The workflow context: deterministic replay against a run's journal.
+
+Every durable call (a step, and later sleeps, signals, children) takes the
+next sequence number. If the journal already holds an entry at that number,
+its recorded result is returned without running anything (after checking that
+the code still asks for the same thing). The first unrecorded call runs live
+and is checkpointed before the workflow continues.
+
+Control flow that must unwind the workflow function (suspending the run,
+giving it back while draining, a lost lease) uses internal ``BaseException``
+subclasses, so ``except Exception`` in workflow code cannot swallow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pgflow import codec, errors
+from pgflow.retry import Retry
+
+if TYPE_CHECKING:
+    from pgflow.definitions import Step
+
+__all__ = ["Context", "current"]
+
+_current: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+    "pgflow_context", default=None)
+
+
+def current() -> Context | None:
+    """The context of the workflow running in this thread or task, if any."""
+    return _current.get()
+
+
+class Suspend(BaseException):
+    """The run was put back in the database (e.g. a retry back-off); stop here."""
+
+
+class Release(BaseException):
+    """The worker is draining: give the run back at this durable point."""
+
+
+class Abandon(BaseException):
+    """The database rejected a report (lease lost): drop the run without writing."""
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    seq: int
+    name: str
+    kind: str
+    status: str  # completed | failed | retrying
+    attempts: int
+    output: Any
+    error: dict[str, Any] | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JournalEntry:
+        return cls(seq=data["seq"], name=data["name"], kind=data["kind"], status=data["status"],
+                   attempts=data["attempts"], output=data.get("output"), error=data.get("error"))
+
+
+@dataclass(frozen=True)
+class FailOutcome:
+    outcome: str  # retry | failed
+    attempts: int
+
+
+class RunSession(Protocol):
+    """What the context needs from the worker running it."""
+
+    run_id: uuid.UUID
+    default_retry: Retry
+
+    @property
+    def draining(self) -> bool: ...
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
+    async def run_in_thread(self, fn: Callable[[], Any]) -> Any: ...
+    async def complete_step(self, seq: int, name: str, kind: str, output: Any,
+                            duration: timedelta) -> None: ...
+    async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
+                        duration: timedelta, retryable: bool, policy: Retry) -> FailOutcome: ...
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """An exception as the ``{type, message, traceback}`` the engine records."""
+    cls = type(exc)
+    module = cls.__module__
+    type_name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    return {
+        "type": type_name,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+    }
+
+
+def _step_failed(name: str, entry: JournalEntry) -> errors.StepFailed:
+    error = entry.error or {}
+    return errors.StepFailed(name, str(error.get("type", "Error")), str(error.get("message", "")),
+                             entry.attempts, error.get("traceback"))
+
+
+class Context:
+    """Handed to every workflow as its first argument (``ctx``)."""
+
+    def __init__(self, session: RunSession, journal: list[JournalEntry], *, is_async: bool,
+                 workflow_retry: Retry | None = None) -> None:
+        self._session = session
+        self._journal = {entry.seq: entry for entry in journal}
+        self._is_async = is_async
+        self._workflow_retry = workflow_retry
+        self._seq = 0
+
+    @property
+    def workflow_id(self) -> uuid.UUID:
+        """The run's id."""
+        return self._session.run_id
+
+    def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` as a step named ``name``.
+
+        For lambdas and plain functions; a ``@pgflow.step`` function keeps its
+        retry policy and return type.
+        """
+        from pgflow.definitions import Step
+
+        definition = fn if isinstance(fn, Step) else None
+        return self._call_step(definition or fn, name, args, kwargs)
+
+    # -- durable steps ------------------------------------------------------
+
+    def _call_step(self, step: Step | Callable[..., Any], name: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        if self._is_async:
+            return self._step_async(step, name, args, kwargs)
+        return self._step_sync(step, name, args, kwargs)
+
+    def _replay(self, name: str, kind: str) -> tuple[int, JournalEntry | None]:
+        seq = self._seq
+        self._seq += 1
+        entry = self._journal.get(seq)
+        if entry is not None and (entry.name != name or entry.kind != kind):
+            raise errors.NonDeterminismError(
+                f"run {self.workflow_id}: durable call #{seq} is {kind} {name!r} in the code "
+                f"but {entry.kind} {entry.name!r} in the journal")
+        if entry is None and self._session.draining:
+            raise Release()
+        return seq, entry
+
+    def _policy(self, step: Step | Callable[..., Any]) -> Retry:
+        own = getattr(step, "retry", None)
+        return own or self._workflow_retry or self._session.default_retry
+
+    def _step_sync(self, step: Any, name: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        seq, entry = self._replay(name, "step")
+        decode = _result_decoder(step, name)
+        if entry is not None and entry.status != "retrying":
+            return self._recorded(name, entry, decode)
+        fn = getattr(step, "fn", step)
+        started = time.monotonic()
+        try:
+            if getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn):
+                result = self._session.call(_outside_workflow_async(fn, args, kwargs))
+            else:
+                result = _outside_workflow(fn, args, kwargs)
+            output = codec.to_json(result, f"the result of step {name!r}")
+        except Exception as exc:
+            return self._session.call(self._failed(step, seq, name, exc, started))
+        self._session.call(self._checkpoint(seq, name, output, started))
+        return decode(output)
+
+    async def _step_async(self, step: Any, name: str, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Any:
+        seq, entry = self._replay(name, "step")
+        decode = _result_decoder(step, name)
+        if entry is not None and entry.status != "retrying":
+            return self._recorded(name, entry, decode)
+        fn = getattr(step, "fn", step)
+        started = time.monotonic()
+        try:
+            if getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn):
+                result = await _outside_workflow_async(fn, args, kwargs)
+            else:
+                result = await self._session.run_in_thread(lambda: fn(*args, **kwargs))
+            output = codec.to_json(result, f"the result of step {name!r}")
+        except Exception as exc:
+            return await self._failed(step, seq, name, exc, started)
+        await self._checkpoint(seq, name, output, started)
+        return decode(output)
+
+    def _recorded(self, name: str, entry: JournalEntry, decode: Callable[[Any], Any]) -> Any:
+        if entry.status == "failed":
+            raise _step_failed(name, entry)
+        return decode(entry.output)
+
+    async def _checkpoint(self, seq: int, name: str, output: Any, started: float) -> None:
+        duration = timedelta(seconds=time.monotonic() - started)
+        try:
+            await self._session.complete_step(seq, name, "step", output, duration)
+        except errors.LeaseLost as exc:
+            raise Abandon(str(exc)) from None
+        self._journal[seq] = JournalEntry(seq, name, "step", "completed", 1, output, None)
+
+    async def _failed(self, step: Any, seq: int, name: str, exc: Exception, started: float) -> Any:
+        duration = timedelta(seconds=time.monotonic() - started)
+        policy = self._policy(step)
+        retryable = policy.is_retryable(exc) and not isinstance(exc, errors.EncodingError)
+        error = error_json(exc)
+        try:
+            outcome = await self._session.fail_step(seq, name, "step", error, duration,
+                                                    retryable, policy)
+        except errors.LeaseLost as lost:
+            raise Abandon(str(lost)) from None
+        if outcome.outcome == "retry":
+            raise Suspend()
+        entry = JournalEntry(seq, name, "step", "failed", outcome.attempts, None, error)
+        self._journal[seq] = entry
+        raise _step_failed(name, entry) from exc
+
+
+def _result_decoder(step: Any, name: str) -> Callable[[Any], Any]:
+    signature = getattr(step, "signature", None)
+    if signature is None:
+        return lambda data: data
+    return lambda data: signature.decode_result(data, f"the result of step {name!r}")
+
+
+def _outside_workflow(fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+    # Inside a step, further step calls are plain calls, not durable ones.
+    token = _current.set(None)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current.reset(token)
+
+
+async def _outside_workflow_async(fn: Callable[..., Any], args: tuple[Any, ...],
+                                  kwargs: dict[str, Any]) -> Any:
+    token = _current.set(None)
+    try:
+        return await fn(*args, **kwargs)
+    finally:
+        _current.reset(token)
+
+
+def enter(ctx: Context) -> contextvars.Token[Context | None]:
+    return _current.set(ctx)
+
+
+def leave(token: contextvars.Token[Context | None]) -> None:
+    _current.reset(token)

@@ -1,0 +1,154 @@
+"""``@pgflow.workflow`` and ``@pgflow.step``, and the registry of workflows.
+
+A decorated workflow stays callable as a plain function; a decorated step is
+checkpointed when called inside a running workflow and is a plain call
+anywhere else, so both can be unit-tested without a database.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar, overload
+
+from pgflow import codec
+from pgflow.retry import Retry
+
+__all__ = ["Step", "Workflow", "registered_workflows", "step", "workflow"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_QUEUE = "default"
+DEFAULT_VERSION = "1"
+
+_registry: dict[tuple[str, str], Workflow] = {}
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_timeout(value: timedelta | float | None) -> timedelta | None:
+    if value is None:
+        return None
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if delta <= timedelta(0):
+        raise ValueError(f"timeout must be positive, got {value!r}")
+    return delta
+
+
+def _check_retry(value: object) -> Retry | None:
+    if value is not None and not isinstance(value, Retry):
+        raise TypeError(f"retry must be a pgflow.Retry, not {value!r}")
+    return value
+
+
+class Workflow:
+    """A workflow definition: ``fn(ctx, *inputs)`` plus its name, version and queue."""
+
+    def __init__(self, fn: Callable[..., Any], *, name: str | None, version: str, queue: str,
+                 retry: Retry | None, timeout: timedelta | float | None) -> None:
+        self.fn = fn
+        self.name = _check_name(name or fn.__name__, "workflow name")
+        self.version = _check_name(version, "workflow version")
+        self.queue = _check_name(queue, "workflow queue")
+        self.retry = _check_retry(retry)
+        self.timeout = _check_timeout(timeout)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = codec.Signature(fn, skip_first=True)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pgflow.Workflow {self.name} v{self.version} queue={self.queue}>"
+
+
+class Step:
+    """A step definition; calling it inside a running workflow checkpoints it."""
+
+    def __init__(self, fn: Callable[..., Any], *, name: str | None, retry: Retry | None,
+                 timeout: timedelta | float | None, queue: str | None) -> None:
+        self.fn = fn
+        self.name = _check_name(name or fn.__name__, "step name")
+        self.retry = _check_retry(retry)
+        self.timeout = _check_timeout(timeout)
+        self.queue = None if queue is None else _check_name(queue, "step queue")
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = codec.Signature(fn)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from pgflow import context
+
+        ctx = context.current()
+        if ctx is None:
+            return self.fn(*args, **kwargs)
+        return ctx._call_step(self, self.name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pgflow.Step {self.name}>"
+
+
+@overload
+def workflow(fn: F, /) -> Workflow: ...
+@overload
+def workflow(*, name: str | None = None, version: str = DEFAULT_VERSION, queue: str = DEFAULT_QUEUE,
+             retry: Retry | None = None,
+             timeout: timedelta | float | None = None) -> Callable[[F], Workflow]: ...
+def workflow(fn: Any = None, /, *, name: str | None = None, version: str = DEFAULT_VERSION,
+             queue: str = DEFAULT_QUEUE, retry: Retry | None = None,
+             timeout: timedelta | float | None = None) -> Any:
+    """Declare a workflow: ``fn(ctx, *inputs)``, ``def`` or ``async def``.
+
+    Registers it under ``(name, version)`` for workers started in this process.
+    """
+
+    def decorate(f: Callable[..., Any]) -> Workflow:
+        wf = Workflow(f, name=name, version=version, queue=queue, retry=retry, timeout=timeout)
+        _register(wf)
+        return wf
+
+    return decorate(fn) if fn is not None else decorate
+
+
+@overload
+def step(fn: F, /) -> Step: ...
+@overload
+def step(*, name: str | None = None, retry: Retry | None = None,
+         timeout: timedelta | float | None = None,
+         queue: str | None = None) -> Callable[[F], Step]: ...
+def step(fn: Any = None, /, *, name: str | None = None, retry: Retry | None = None,
+         timeout: timedelta | float | None = None, queue: str | None = None) -> Any:
+    """Declare a step: its result is checkpointed when called inside a workflow."""
+
+    def decorate(f: Callable[..., Any]) -> Step:
+        return Step(f, name=name, retry=retry, timeout=timeout, queue=queue)
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def _register(wf: Workflow) -> None:
+    key = (wf.name, wf.version)
+    existing = _registry.get(key)
+    same_code = existing is not None and (
+        existing.fn.__module__, existing.fn.__qualname__) == (wf.fn.__module__, wf.fn.__qualname__)
+    if existing is not None and not same_code:
+        raise ValueError(f"workflow {wf.name!r} version {wf.version!r} is defined twice: "
+                         f"{existing.fn.__module__}.{existing.fn.__qualname__} and "
+                         f"{wf.fn.__module__}.{wf.fn.__qualname__}")
+    _registry[key] = wf
+
+
+def registered_workflows() -> list[Workflow]:
+    """Every workflow declared in this process so far."""
+    return list(_registry.values())
+
+
+def lookup(name: str, version: str) -> Workflow | None:
+    return _registry.get((name, version))

@@ -1,0 +1,154 @@
+"""Exceptions raised by pgflow.
+
+::
+
+    PgflowError
+    ├── SchemaNotMigrated      the pgflow schema is missing or older than this code
+    ├── WorkflowNotFound       no workflow of that name (and version)
+    ├── RunNotFound            no run with that id
+    ├── KeyConflict            idempotency key already used by another workflow
+    ├── EncodingError          a value cannot be stored as JSON (also a TypeError)
+    ├── LeaseLost              the database rejected a report: the run moved on
+    ├── NonDeterminismError    replayed code no longer matches the run's journal
+    ├── StepFailed             a step exhausted its retries (raised inside the workflow)
+    ├── SignalTimeout          a signal did not arrive in time
+    └── WorkflowFailed         a run ended failed (raised by result())
+        └── ChildFailed        a child run ended failed (raised inside the parent)
+    BaseException
+    └── Cancelled              the run is being cancelled (raised inside the workflow)
+        └── WorkflowCancelled  a run ended cancelled (raised by result())
+
+Errors raised by the SQL procedures carry SQLSTATEs of class ``PF`` and are
+translated by :func:`from_database`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+__all__ = [
+    "Cancelled",
+    "ChildFailed",
+    "EncodingError",
+    "KeyConflict",
+    "LeaseLost",
+    "NonDeterminismError",
+    "PgflowError",
+    "RunNotFound",
+    "SchemaNotMigrated",
+    "SignalTimeout",
+    "StepFailed",
+    "WorkflowCancelled",
+    "WorkflowFailed",
+    "WorkflowNotFound",
+]
+
+
+class PgflowError(Exception):
+    """Base class of pgflow's exceptions."""
+
+
+class SchemaNotMigrated(PgflowError):
+    """The pgflow schema is missing or at another revision: run ``pgflow migrate``."""
+
+
+class WorkflowNotFound(PgflowError, LookupError):
+    """No workflow of that name (and version) is known."""
+
+
+class RunNotFound(PgflowError, LookupError):
+    """No run has that id."""
+
+
+class KeyConflict(PgflowError):
+    """The idempotency key is already used by a run of another workflow."""
+
+
+class EncodingError(PgflowError, TypeError):
+    """A value cannot be encoded as JSON, or decoded back into its declared type."""
+
+
+class LeaseLost(PgflowError):
+    """The database rejected a report because the run's lease has moved on.
+
+    The run was recovered (this worker was presumed dead) and may be running
+    elsewhere; whatever this worker was about to record is discarded.
+    """
+
+
+class NonDeterminismError(PgflowError):
+    """Replayed workflow code asked for a different durable call than the journal holds."""
+
+
+class StepFailed(PgflowError):
+    """A step failed for good (non-retryable, or out of attempts)."""
+
+    def __init__(self, step: str, error_type: str, message: str, attempts: int,
+                 traceback: str | None = None) -> None:
+        super().__init__(f"step {step!r} failed after {attempts} attempt(s): {error_type}: {message}")
+        self.step = step
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+        self.traceback = traceback
+
+
+class SignalTimeout(PgflowError, TimeoutError):
+    """``ctx.wait_for_signal`` gave up waiting."""
+
+
+class WorkflowFailed(PgflowError):
+    """A run ended ``failed``; ``error`` is its recorded ``{type, message, traceback}``."""
+
+    def __init__(self, run_id: uuid.UUID, error: dict[str, Any] | None) -> None:
+        self.run_id = run_id
+        self.error = error or {}
+        self.error_type = str(self.error.get("type", "Error"))
+        self.message = str(self.error.get("message", ""))
+        super().__init__(f"run {run_id} failed: {self.error_type}: {self.message}")
+
+
+class ChildFailed(WorkflowFailed):
+    """A child run ended ``failed``."""
+
+
+class Cancelled(BaseException):
+    """The run is being cancelled: raised at its next durable point.
+
+    A ``BaseException``, so ``except Exception`` in workflow code does not
+    swallow it; ``finally`` blocks and sagas still run.
+    """
+
+
+class WorkflowCancelled(Cancelled):
+    """A run ended ``cancelled`` (raised by ``pgflow.result``)."""
+
+    def __init__(self, run_id: uuid.UUID) -> None:
+        super().__init__(f"run {run_id} was cancelled")
+        self.run_id = run_id
+
+
+_BY_SQLSTATE: dict[str, type[PgflowError]] = {
+    "PF001": LeaseLost,
+    "PF002": WorkflowNotFound,
+    "PF005": KeyConflict,
+    "PF404": RunNotFound,
+}
+
+
+def from_database(exc: BaseException) -> BaseException:
+    """The pgflow exception for an error raised by a pgflow procedure, else ``exc``.
+
+    Works for psycopg 3 errors (``sqlstate``) and psycopg2 ones (``pgcode``).
+    """
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    cls = _BY_SQLSTATE.get(sqlstate or "")
+    if cls is None:
+        return exc
+    diag = getattr(exc, "diag", None)
+    message = (diag.message_primary if diag is not None else None) or str(exc)
+    if cls is WorkflowNotFound and not message.startswith("unknown workflow"):
+        # PF002 is also "bad argument" (empty name, bad input shape, negative delay).
+        return ValueError(message)
+    return cls(message)

@@ -1,0 +1,121 @@
+"""A worker's long-lived connection: registration, liveness lock, LISTEN, heartbeat.
+
+The connection that registers the worker also holds its session advisory
+lock, so the lock lives exactly as long as this connection: a killed worker
+loses it at once and any other worker's ``pgflow.recover()`` gives its runs
+back within a tick. The same connection LISTENs for ``pgflow_ready``, beats
+the heartbeat and runs recovery, so a broken connection is noticed on the
+next tick and the worker re-registers (under a new id) and re-polls.
+
+NOTIFY is only a hint: after every (re)connect the worker polls, and the
+claim loop polls on its own every ``poll_interval`` in any case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from pgflow import procedures
+
+logger = logging.getLogger("pgflow.worker")
+
+READY_CHANNEL = "pgflow_ready"
+RECONNECT_DELAY_MAX = 5.0  # seconds
+
+
+class Membership:
+    def __init__(self, dsn: str, queues: list[str], workflows: list[dict[str, str]], *,
+                 on_wake: Callable[[], None], heartbeat_interval: float,
+                 stale_after: timedelta) -> None:
+        self._dsn = dsn
+        self._queues = queues
+        self._workflows = workflows
+        self._on_wake = on_wake
+        self._heartbeat_interval = heartbeat_interval
+        self._stale_after = stale_after
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.worker_id: uuid.UUID | None = None
+        self.registered = asyncio.Event()
+
+    async def connect(self) -> None:
+        """Connect, register under a fresh id and LISTEN."""
+        conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+        worker_id = uuid.uuid4()
+        await procedures.register_worker(conn, worker_id, socket.gethostname(), os.getpid(),
+                                         self._queues, self._workflows)
+        await conn.execute(f"listen {READY_CHANNEL}")
+        self._conn = conn
+        self.worker_id = worker_id
+        self.registered.set()
+        logger.info("worker %s registered (queues %s)", worker_id, ", ".join(self._queues))
+        self._on_wake()  # whatever became ready while we were away
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        if notify.channel == READY_CHANNEL and notify.payload in self._queues:
+            self._on_wake()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: pump notifications, heartbeat, recover, reconnect."""
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                if self._conn is None or self._conn.closed:
+                    self.registered.clear()
+                    await self.connect()
+                    delay = 0.1
+                await self._tick()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                logger.warning("worker connection lost (%s); reconnecting in %.1fs",
+                               str(exc).strip().splitlines()[0] if str(exc) else exc, delay)
+                await self._discard()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+
+    async def _tick(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        # Notifications that arrive while we heartbeat are kept by psycopg and
+        # come out of the next notifies() call.
+        async for notify in conn.notifies(timeout=self._heartbeat_interval):
+            self._on_notify(notify)
+        cur = await conn.execute("select pgflow.heartbeat(%s)", (self.worker_id,))
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            logger.warning("worker %s was declared dead (heartbeat too late); re-registering",
+                           self.worker_id)
+            await conn.execute("select pg_advisory_unlock_all()")
+            await conn.close()
+            self._conn = None
+            return
+        cur = await conn.execute("select pgflow.recover(%s)", (self._stale_after,))
+        row = await cur.fetchone()
+        if row and row[0]:
+            logger.info("recovered %s run(s) from dead workers", row[0])
+
+    async def _discard(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # already broken
+                await self._conn.close()
+        self._conn = None
+        self.registered.clear()
+
+    async def close(self) -> None:
+        """Unregister and drop the liveness lock (by closing the connection)."""
+        conn = self._conn
+        if conn is not None and not conn.closed and self.worker_id is not None:
+            try:
+                await procedures.unregister_worker(conn, self.worker_id)
+            except psycopg.Error as exc:
+                logger.warning("could not unregister worker %s: %s", self.worker_id, exc)
+        await self._discard()

@@ -1,0 +1,123 @@
+"""The worker's calls of the engine's stored procedures (see ``sql/0001_core.sql``).
+
+One function a procedure, one round trip each, on autocommit connections:
+every call is its own transaction. Errors raised by the procedures come back
+as pgflow exceptions (:func:`pgflow.errors.from_database`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from pgflow import errors
+from pgflow.context import FailOutcome, JournalEntry
+from pgflow.retry import Retry
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    run_id: uuid.UUID
+    name: str
+    version: str
+    input: Any
+    lease_token: int
+    journal: list[JournalEntry]
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except psycopg.Error as exc:
+        translated = errors.from_database(exc)
+        if translated is exc:
+            raise
+        raise translated from None
+
+
+class Procedures:
+    """Engine procedure calls over a connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        async with _translated(), self.pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall() if cur.description else []
+
+    async def claim(self, worker_id: uuid.UUID, queues: list[str],
+                    workflows: list[tuple[str, str]], limit: int) -> list[ClaimedRun]:
+        names = [name for name, _ in workflows]
+        versions = [version for _, version in workflows]
+        rows = await self._execute(
+            "select run_id, name, version, input, lease_token, journal"
+            " from pgflow.claim(%s, %s, %s, %s, %s)",
+            (worker_id, queues, names, versions, limit))
+        return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
+                           journal=[JournalEntry.from_json(e) for e in r[5]])
+                for r in rows]
+
+    async def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
+                            output: Any, duration: timedelta) -> None:
+        await self._execute("select pgflow.complete_step(%s, %s, %s, %s, %s, %s, %s)",
+                            (run_id, token, seq, name, kind, Jsonb(output), duration))
+
+    async def fail_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
+                        error: dict[str, Any], duration: timedelta, retryable: bool,
+                        policy: Retry) -> FailOutcome:
+        rows = await self._execute(
+            "select outcome, attempts from pgflow.fail_step("
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (run_id, token, seq, name, kind, Jsonb(error), duration, retryable,
+             policy.max_attempts, policy.initial_interval, policy.backoff, policy.max_interval))
+        return FailOutcome(outcome=rows[0][0], attempts=rows[0][1])
+
+    async def complete_run(self, run_id: uuid.UUID, token: int, output: Any) -> None:
+        await self._execute("select pgflow.complete_run(%s, %s, %s)",
+                            (run_id, token, Jsonb(output)))
+
+    async def fail_run(self, run_id: uuid.UUID, token: int, error: dict[str, Any]) -> None:
+        await self._execute("select pgflow.fail_run(%s, %s, %s)", (run_id, token, Jsonb(error)))
+
+    async def release_run(self, run_id: uuid.UUID, token: int) -> None:
+        await self._execute("select pgflow.release_run(%s, %s)", (run_id, token))
+
+    async def heartbeat(self, worker_id: uuid.UUID) -> bool:
+        rows = await self._execute("select pgflow.heartbeat(%s)", (worker_id,))
+        return bool(rows and rows[0][0])
+
+    async def recover(self, stale_after: timedelta) -> int:
+        rows = await self._execute("select pgflow.recover(%s)", (stale_after,))
+        return int(rows[0][0])
+
+
+async def register_worker(conn: Conn, worker_id: uuid.UUID, hostname: str, pid: int,
+                          queues: list[str], workflows: list[dict[str, str]]) -> int:
+    """Register on ``conn``, which then holds the worker's liveness lock."""
+    async with _translated():
+        cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
+                                 (worker_id, hostname, pid, queues, Jsonb(workflows)))
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def unregister_worker(conn: Conn, worker_id: uuid.UUID) -> None:
+    await conn.execute("select pgflow.unregister_worker(%s)", (worker_id,))
+
+
+def jsonb_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -1,0 +1,98 @@
+"""SQL and argument handling shared by the sync client and ``pgflow.aio``.
+
+Statements use ``%s`` placeholders and pass JSON as text cast to ``jsonb``,
+so they run unchanged on any DB-API driver with the ``format`` paramstyle
+(psycopg 3, and psycopg2 underneath SQLAlchemy).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from pgflow import codec, definitions, errors, models
+
+START = ("select pgflow.start(name => %s, input => %s::jsonb, key => %s, queue => %s,"
+         " priority => %s, delay => %s, version => %s)")
+
+GET_RUN = ("select id, name, version, queue, key, status, priority, input, output, error,"
+           " parent_id, created_at, started_at, finished_at from pgflow.runs where id = %s")
+
+GET_STEPS = ("select seq, name, kind, status, attempts, output, error, started_at, finished_at"
+             " from pgflow.steps where run_id = %s order by seq")
+
+RUN_STATUS = "select status, output, error from pgflow.runs where id = %s"
+
+DONE_CHANNEL = "pgflow_done"
+
+
+def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], key: str | None, queue: str | None, priority: int,
+                 delay: timedelta | float | None) -> tuple[Any, ...]:
+    """Validate a start request and return the parameters of :data:`START`."""
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValueError(f"key must be a non-empty string, got {key!r}")
+    if queue is not None and (not isinstance(queue, str) or not queue.strip()):
+        raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an int, not {priority!r}")
+    if not -2**31 <= priority < 2**31:
+        raise ValueError(f"priority must fit in 32 bits, got {priority}")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (timedelta, int, float)):
+            raise TypeError(f"delay must be a timedelta or seconds, not {delay!r}")
+        delay = delay if isinstance(delay, timedelta) else timedelta(seconds=delay)
+        if delay < timedelta(0):
+            raise ValueError(f"delay must not be negative, got {delay}")
+    if isinstance(workflow, definitions.Workflow):
+        what = f"workflow {workflow.name!r}"
+        data = workflow.signature.encode_args(args, kwargs, f"start of {what}")
+        name, version, queue = workflow.name, workflow.version, queue or workflow.queue
+    elif isinstance(workflow, str):
+        if not workflow.strip():
+            raise ValueError("workflow name must not be empty")
+        if args and kwargs:
+            raise TypeError(f"starting {workflow!r} by name: pass positional or keyword "
+                            "arguments, not both (without the code their order is unknown)")
+        data = codec.to_json(dict(kwargs) if kwargs else list(args),
+                             f"the arguments of workflow {workflow!r}")
+        name, version = workflow, None
+    else:
+        raise TypeError(f"workflow must be a @pgflow.workflow function or a name, not {workflow!r}")
+    return (name, codec.dumps(data, f"the arguments of {name!r}"), key, queue, priority, delay,
+            version)
+
+
+def as_uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def run_id_param(run_id: uuid.UUID | str) -> uuid.UUID:
+    try:
+        return as_uuid(run_id)
+    except ValueError:
+        raise errors.RunNotFound(f"{run_id!r} is not a run id (a UUID)") from None
+
+
+def build_run(row: tuple[Any, ...] | None, step_rows: list[tuple[Any, ...]],
+              run_id: uuid.UUID) -> models.Run:
+    if row is None:
+        raise errors.RunNotFound(f"unknown run {run_id}")
+    steps = [models.StepRecord(*step) for step in step_rows]
+    return models.Run(as_uuid(row[0]), *row[1:10],
+                      None if row[10] is None else as_uuid(row[10]), *row[11:14], steps=steps)
+
+
+def outcome(run_id: uuid.UUID, row: tuple[Any, ...] | None) -> Any:
+    """The result of a finished run (or raise its failure); ``None`` row: unknown run."""
+    if row is None:
+        raise errors.RunNotFound(f"unknown run {run_id}")
+    status, output, error = row
+    if status == "completed":
+        return output
+    if status == "failed":
+        raise errors.WorkflowFailed(run_id, error)
+    if status == "cancelled":
+        raise errors.WorkflowCancelled(run_id)
+    raise AssertionError(status)

@@ -1,0 +1,63 @@
+"""Retry policies for steps.
+
+The policy travels with each failure report to ``pgflow.fail_step``, which
+decides in SQL whether another attempt is due and when: back-off waits are
+database timestamps, never a sleeping thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+__all__ = ["DEFAULT_RETRY", "Retry"]
+
+
+def _as_timedelta(value: timedelta | float, what: str) -> timedelta:
+    if isinstance(value, bool) or not isinstance(value, (timedelta, int, float)):
+        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {value!r}")
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if delta < timedelta(0):
+        raise ValueError(f"{what} must not be negative, got {value!r}")
+    return delta
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How often and how patiently a failing step is attempted again.
+
+    Attempt ``n`` (from 1) that fails waits
+    ``min(initial_interval * backoff ** (n - 1), max_interval)`` before attempt
+    ``n + 1``, up to ``max_attempts`` attempts in all. An exception that is an
+    instance of one of ``non_retryable`` fails the step at once.
+    """
+
+    max_attempts: int = 3
+    initial_interval: timedelta = timedelta(seconds=1)
+    backoff: float = 2.0
+    max_interval: timedelta = timedelta(seconds=60)
+    non_retryable: tuple[type[BaseException], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise TypeError(f"max_attempts must be an int, not {self.max_attempts!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        object.__setattr__(self, "initial_interval",
+                           _as_timedelta(self.initial_interval, "initial_interval"))
+        object.__setattr__(self, "max_interval", _as_timedelta(self.max_interval, "max_interval"))
+        if isinstance(self.backoff, bool) or not isinstance(self.backoff, (int, float)):
+            raise TypeError(f"backoff must be a number, not {self.backoff!r}")
+        if not self.backoff >= 1.0:
+            raise ValueError(f"backoff must be at least 1.0, got {self.backoff}")
+        classes = tuple(self.non_retryable)
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise TypeError(f"non_retryable must hold exception classes, not {cls!r}")
+        object.__setattr__(self, "non_retryable", classes)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return not isinstance(exc, self.non_retryable)
+
+
+DEFAULT_RETRY = Retry()

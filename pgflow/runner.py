@@ -1,0 +1,117 @@
+"""Executing one claimed run: replay its workflow and report the outcome.
+
+A claimed run is driven from the top of its workflow function. Recorded
+steps return at once; live steps run and are checkpointed one by one, each
+waiting for its own commit. The run ends with exactly one report:
+``complete_run``, ``fail_run``, ``release_run`` (worker draining), or none at
+all when a procedure already moved it (a retry back-off) or the lease was
+lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
+from datetime import timedelta
+from typing import Any
+
+from pgflow import codec, context, errors
+from pgflow.definitions import Workflow
+from pgflow.procedures import ClaimedRun, Procedures
+from pgflow.retry import Retry
+
+logger = logging.getLogger("pgflow.worker")
+
+
+class RunExecution:
+    """One claimed run on one worker; the :class:`context.RunSession` of its context."""
+
+    def __init__(self, claimed: ClaimedRun, workflow: Workflow, procedures: Procedures,
+                 loop: asyncio.AbstractEventLoop, executor: Executor, default_retry: Retry,
+                 is_draining: Callable[[], bool]) -> None:
+        self.claimed = claimed
+        self.workflow = workflow
+        self.run_id: uuid.UUID = claimed.run_id
+        self.default_retry = default_retry
+        self._procedures = procedures
+        self._loop = loop
+        self._executor = executor
+        self._is_draining = is_draining
+
+    # -- RunSession ---------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._is_draining()
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the worker's loop from a workflow thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
+        return await self._loop.run_in_executor(self._executor, fn)
+
+    async def complete_step(self, seq: int, name: str, kind: str, output: Any,
+                            duration: timedelta) -> None:
+        await self._procedures.complete_step(self.run_id, self.claimed.lease_token, seq, name,
+                                             kind, output, duration)
+
+    async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
+                        duration: timedelta, retryable: bool,
+                        policy: Retry) -> context.FailOutcome:
+        return await self._procedures.fail_step(self.run_id, self.claimed.lease_token, seq, name,
+                                                kind, error, duration, retryable, policy)
+
+    # -- driving the workflow -----------------------------------------------
+
+    async def execute(self) -> None:
+        ctx = context.Context(self, self.claimed.journal, is_async=self.workflow.is_async,
+                              workflow_retry=self.workflow.retry)
+        token = self.claimed.lease_token
+        try:
+            result = await self._invoke(ctx)
+            output = codec.to_json(result, f"the result of workflow {self.workflow.name!r}")
+        except context.Suspend:
+            return
+        except context.Release:
+            await self._report(self._procedures.release_run(self.run_id, token))
+            logger.info("run %s released while draining", self.run_id)
+            return
+        except context.Abandon as exc:
+            logger.warning("run %s abandoned: %s", self.run_id, exc)
+            return
+        except Exception as exc:
+            logger.info("run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
+            await self._report(self._procedures.fail_run(self.run_id, token,
+                                                         context.error_json(exc)))
+            return
+        await self._report(self._procedures.complete_run(self.run_id, token, output))
+
+    async def _invoke(self, ctx: context.Context) -> Any:
+        fn = self.workflow.fn
+        args, kwargs = self.workflow.signature.decode_args(
+            self.claimed.input, f"input of workflow {self.workflow.name!r}")
+        if self.workflow.is_async:
+            entered = context.enter(ctx)
+            try:
+                return await fn(ctx, *args, **kwargs)
+            finally:
+                context.leave(entered)
+
+        def in_thread() -> Any:
+            entered = context.enter(ctx)
+            try:
+                return fn(ctx, *args, **kwargs)
+            finally:
+                context.leave(entered)
+
+        return await self._loop.run_in_executor(self._executor, in_thread)
+
+    async def _report(self, report: Coroutine[Any, Any, None]) -> None:
+        try:
+            await report
+        except errors.LeaseLost as exc:
+            logger.warning("run %s: final report rejected: %s", self.run_id, exc)

@@ -1,0 +1,213 @@
+"""``pgflow.Worker``: claims runs of its workflows and drives them to the end.
+
+One asyncio loop a process: a claim loop (batch claims, woken by NOTIFY or
+by the poll interval), the membership task (heartbeat, recovery, LISTEN) and
+one task a run in flight. Sync workflows and steps run in a bounded thread
+pool; async ones on the loop.
+
+Stopping (SIGTERM/SIGINT, or :meth:`Worker.stop`) drains: no new claims, the
+steps in flight finish and are checkpointed, and each run is given back at
+its next durable call for another worker to continue. A second signal exits
+at once; the runs then come back through recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgflow import definitions, schema
+from pgflow.definitions import Workflow
+from pgflow.membership import Membership
+from pgflow.procedures import ClaimedRun, Procedures
+from pgflow.retry import DEFAULT_RETRY, Retry
+from pgflow.runner import RunExecution
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("pgflow.worker")
+
+DEFAULT_CONCURRENCY = 10
+POLL_INTERVAL = 2.0  # seconds between claims when no NOTIFY arrives
+HEARTBEAT_INTERVAL = 1.0  # seconds; also how often dead workers are looked for
+STALE_AFTER = timedelta(seconds=30)  # a worker silent this long is presumed dead
+CLAIM_BATCH = 32  # at most this many runs claimed in one call
+
+
+class Worker:
+    """Runs workflows from a PostgreSQL database until stopped.
+
+    :param dsn: libpq connection string or URL.
+    :param workflows: the workflows to serve; default, all declared in this process.
+    :param queues: queues to claim from; default, the queues of ``workflows``.
+    :param concurrency: runs in flight at once (and threads for sync code).
+    :param retry: default step retry policy (a workflow's or step's own wins).
+    """
+
+    def __init__(self, dsn: str, *, workflows: Iterable[Workflow] | None = None,
+                 queues: Iterable[str] | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+                 retry: Retry | None = None, poll_interval: float = POLL_INTERVAL,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 stale_after: timedelta = STALE_AFTER,
+                 shutdown_timeout: float | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.dsn = dsn
+        self.workflows = list(workflows if workflows is not None
+                              else definitions.registered_workflows())
+        if not self.workflows:
+            raise ValueError("the worker has no workflows: import the modules that define them")
+        self.queues = sorted(set(queues) if queues else {wf.queue for wf in self.workflows})
+        self.concurrency = concurrency
+        self.retry = retry or DEFAULT_RETRY
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.stale_after = stale_after
+        self.shutdown_timeout = shutdown_timeout
+        self._by_key = {(wf.name, wf.version): wf for wf in self.workflows}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopping = threading.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    @property
+    def worker_id(self) -> Any:
+        membership = getattr(self, "_membership", None)
+        return membership.worker_id if membership else None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT (main thread) or :meth:`stop`; then drain and return."""
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+        await self.run_async()
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stopping.is_set():
+            logger.warning("second %s: exiting now; unfinished runs will be recovered",
+                           signal.Signals(signum).name)
+            os._exit(128 + signum)
+        logger.info("%s received: draining (send it again to exit at once)",
+                    signal.Signals(signum).name)
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask the worker to drain and return; safe from any thread."""
+        self._stopping.set()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run_async(self) -> None:
+        """The worker, on the running loop, until :meth:`stop`."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self._stopping.is_set():
+            self._stop.set()
+        await asyncio.to_thread(self._check_schema)
+        wake = asyncio.Event()
+        self._membership = Membership(
+            self.dsn, self.queues,
+            [{"name": wf.name, "version": wf.version, "queue": wf.queue} for wf in self.workflows],
+            on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
+            stale_after=self.stale_after)
+        executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")
+        pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
+                                   kwargs={"autocommit": True}, open=False, name="pgflow-worker")
+        await pool.open(wait=True)
+        procedures = Procedures(pool)
+        await self._membership.connect()
+        membership_task = asyncio.create_task(self._membership.run(self._stop))
+        try:
+            await self._claim_loop(procedures, executor, wake)
+            await self._drain()
+        finally:
+            self._stop.set()
+            await membership_task
+            await self._membership.close()
+            await pool.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+            logger.info("worker stopped")
+
+    def _check_schema(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            schema.check(conn)
+
+    # -- claiming -----------------------------------------------------------
+
+    async def _claim_loop(self, procedures: Procedures, executor: ThreadPoolExecutor,
+                          wake: asyncio.Event) -> None:
+        assert self._stop is not None
+        keys = list(self._by_key)
+        slot_freed = asyncio.Event()
+        while not self._stop.is_set():
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                await _first(slot_freed.wait(), self._stop.wait())
+                slot_freed.clear()
+                continue
+            wake.clear()
+            worker_id = self._membership.worker_id
+            try:
+                if not self._membership.registered.is_set():
+                    raise ConnectionError("not registered")
+                claimed = await procedures.claim(worker_id, self.queues, keys,
+                                                 min(free, CLAIM_BATCH))
+            except (psycopg.Error, ConnectionError) as exc:
+                logger.warning("claim failed: %s", str(exc).strip().splitlines()[0:1])
+                await _first(self._stop.wait(), timeout=min(self.poll_interval, 1.0))
+                continue
+            for run in claimed:
+                task = asyncio.create_task(self._execute(run, procedures, executor))
+                self._inflight.add(task)
+                task.add_done_callback(lambda t: (self._inflight.discard(t), slot_freed.set()))
+            if len(claimed) < min(free, CLAIM_BATCH):
+                await _first(wake.wait(), self._stop.wait(), timeout=self.poll_interval)
+
+    async def _execute(self, run: ClaimedRun, procedures: Procedures,
+                       executor: ThreadPoolExecutor) -> None:
+        assert self._loop is not None
+        execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
+                                 self._loop, executor, self.retry, self._stopping.is_set)
+        try:
+            await execution.execute()
+        except Exception:
+            # The database was unreachable for a report: the run stays leased
+            # and comes back through recovery.
+            logger.exception("run %s: could not report its outcome", run.run_id)
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        logger.info("draining %d run(s) in flight", len(self._inflight))
+        _done, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("%d run(s) still in flight after %ss; left for recovery",
+                           len(pending), self.shutdown_timeout)
+
+
+async def _first(*awaitables: Any, timeout: float | None = None) -> None:
+    """Wait until the first of ``awaitables`` finishes (or ``timeout``); cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,602 @@
+-- pgflow engine, revision 0001: the durable execution core.
+--
+-- This file is the engine. Every state transition of a run is one call of a
+-- function below, atomic and fenced; the Python worker only calls them.
+--
+-- Public procedures (stable, callable from any client, trigger or psql):
+--   pgflow.start(name, input, key, queue, priority, delay, version)  new run
+--   pgflow.now()                                                      engine clock
+--
+-- Worker procedures (called by `pgflow worker`):
+--   pgflow.register_worker(...)   join: takes the worker's liveness lock
+--   pgflow.heartbeat(worker)      still alive
+--   pgflow.claim(worker, ...)     lease ready runs, with their journals
+--   pgflow.complete_step(...)     checkpoint a step result
+--   pgflow.fail_step(...)         record a failed attempt; back off or give up
+--   pgflow.complete_run(...)      the workflow returned
+--   pgflow.fail_run(...)          the workflow raised
+--   pgflow.release_run(...)       give a run back unfinished (draining worker)
+--   pgflow.recover(stale_after)   give back runs of dead workers
+--
+-- Fencing: a claim bumps runs.lease_token and hands it to the worker. Every
+-- report names that token; a report whose token is no longer current (the
+-- run was recovered and re-claimed) raises SQLSTATE PF001 and writes nothing.
+--
+-- Lock order: a transition that touches a leased or suspended run first takes
+-- the run's transaction-scoped advisory lock (pgflow._lock_run), then rows.
+-- Claim is the one exception: it moves pending runs, guarded by FOR UPDATE
+-- SKIP LOCKED on the run rows themselves.
+--
+-- Error codes raised here (class PF):
+--   PF001 lease lost          PF002 bad argument / unknown workflow
+--   PF003 worker unknown      PF004 duplicate checkpoint
+--   PF005 key conflict        PF404 unknown run
+--
+-- Two clocks: pgflow.now() is business time (created_at, delays, back-offs);
+-- tests move it with pgflow.clock.offset_by. Worker liveness (heartbeats)
+-- uses the real clock, so moving business time never kills workers.
+
+create schema if not exists pgflow;
+
+-- ---------------------------------------------------------------------------
+-- Clock
+-- ---------------------------------------------------------------------------
+
+-- One row: how far the engine clock runs ahead of the database clock.
+create table pgflow.clock (
+    singleton boolean primary key default true,
+    offset_by interval not null default interval '0',
+    constraint clock_one_row check (singleton)
+);
+insert into pgflow.clock default values;
+
+-- The engine clock: every engine timestamp comes from here.
+create function pgflow.now() returns timestamptz
+language sql stable
+as $$
+    select pg_catalog.statement_timestamp() + c.offset_by from pgflow.clock c
+$$;
+
+-- Time-ordered UUIDs (version 7 layout): new runs land on the right edge of
+-- the primary-key index instead of on random pages.
+create function pgflow.uuid_v7() returns uuid
+language sql volatile
+as $$
+    select pg_catalog.encode(
+        pg_catalog.set_bit(
+            pg_catalog.set_bit(
+                overlay(
+                    pg_catalog.uuid_send(pg_catalog.gen_random_uuid())
+                    placing substring(
+                        pg_catalog.int8send(
+                            (extract(epoch from pg_catalog.clock_timestamp()) * 1000)::bigint
+                        ) from 3)
+                    from 1 for 6),
+                52, 1),
+            53, 1),
+        'hex')::uuid
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Tables
+-- ---------------------------------------------------------------------------
+
+-- Workflow definitions that workers have announced: lets pgflow.start() by
+-- name pick the newest version and its queue without the workflow's code.
+create table pgflow.workflows (
+    name       text not null,
+    version    text not null,
+    queue      text not null,
+    first_seen timestamptz not null default pg_catalog.clock_timestamp(),
+    last_seen  timestamptz not null default pg_catalog.clock_timestamp(),
+    primary key (name, version)
+);
+
+-- One row a run. Status transitions:
+--   pending   -> running            claim
+--   running   -> completed|failed   complete_run | fail_run
+--   running   -> pending            release_run, recover, fail_step (back-off)
+-- The hot columns are updated in place (no indexed column changes on a
+-- checkpoint), so fillfactor leaves room for HOT updates.
+create table pgflow.runs (
+    id           uuid primary key default pgflow.uuid_v7(),
+    name         text not null,
+    version      text not null,
+    queue        text not null,
+    key          text,                       -- idempotency key, unique when set
+    status       text not null default 'pending',
+    priority     integer not null default 0, -- higher runs first
+    input        jsonb not null,             -- array = positional, object = keyword arguments
+    output       jsonb,
+    error        jsonb,                      -- {type, message, traceback}
+    parent_id    uuid,
+    created_at   timestamptz not null,
+    available_at timestamptz not null,       -- not claimable before this (delay, back-off)
+    started_at   timestamptz,                -- first claim
+    finished_at  timestamptz,
+    lease_owner  uuid,                       -- worker holding the run while running
+    lease_token  bigint not null default 0,  -- fencing counter: bumped by claim and recovery
+    constraint runs_status_known check (
+        status in ('pending', 'running', 'sleeping', 'waiting', 'completed', 'failed', 'cancelled')),
+    constraint runs_leased_iff_running check ((status = 'running') = (lease_owner is not null)),
+    constraint runs_finished_iff_final check (
+        (status in ('completed', 'failed', 'cancelled')) = (finished_at is not null)),
+    constraint runs_completed_has_output check (status <> 'completed' or output is not null),
+    constraint runs_failed_has_error check (status <> 'failed' or error is not null),
+    constraint runs_input_shape check (jsonb_typeof(input) in ('array', 'object'))
+) with (fillfactor = 70);
+
+-- Idempotent start: one run per key, ever (until purged).
+create unique index runs_key_unique on pgflow.runs (key) where key is not null;
+-- The claim: only ready runs are in it, so its cost is independent of
+-- finished history and of suspended runs.
+create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
+    where status = 'pending';
+-- Recovery: runs held by workers.
+create index runs_leased on pgflow.runs (lease_owner) where status = 'running';
+create index runs_parent on pgflow.runs (parent_id) where parent_id is not null;
+-- Listing recent runs by name / status.
+create index runs_name_created on pgflow.runs (name, created_at desc);
+create index runs_status_created on pgflow.runs (status, created_at desc);
+
+-- The journal: one row a durable call of a run, in call order (seq).
+-- Insert-mostly; replay reads it in the same round trip as the claim.
+-- No foreign key to runs: it would lock the hottest row on every checkpoint,
+-- and every writer here has already checked the run under its lock.
+create table pgflow.steps (
+    run_id      uuid not null,
+    seq         integer not null,
+    name        text not null,
+    kind        text not null default 'step',
+    status      text not null,     -- completed | failed | retrying (attempt failed, backing off)
+    attempts    integer not null default 1,
+    output      jsonb,
+    error       jsonb,             -- last attempt's {type, message, traceback}
+    started_at  timestamptz not null,
+    finished_at timestamptz not null,
+    primary key (run_id, seq),
+    constraint steps_status_known check (status in ('completed', 'failed', 'retrying')),
+    constraint steps_seq_positive check (seq >= 0),
+    constraint steps_attempts_positive check (attempts >= 1),
+    constraint steps_failure_has_error check (status = 'completed' or error is not null)
+);
+
+-- Live workers. Each holds the session advisory lock (7366502, lock_key) on
+-- its listener connection for as long as it lives: a killed worker's lock
+-- vanishes with its connection, so recovery does not wait for a heartbeat.
+create sequence pgflow.worker_lock_key_seq as integer minvalue 1 cycle;
+create table pgflow.workers (
+    id           uuid primary key,
+    lock_key     integer not null unique,
+    hostname     text not null,
+    pid          integer not null,
+    queues       text[] not null,
+    workflows    jsonb not null,    -- [{name, version, queue}]
+    started_at   timestamptz not null default pg_catalog.clock_timestamp(),
+    heartbeat_at timestamptz not null default pg_catalog.clock_timestamp()
+);
+
+-- ---------------------------------------------------------------------------
+-- Internal helpers
+-- ---------------------------------------------------------------------------
+
+-- Serialize transitions of one run (two-key advisory lock, transaction scope).
+create function pgflow._lock_run(p_run_id uuid) returns void
+language sql
+as $$
+    select pg_catalog.pg_advisory_xact_lock(7366503, pg_catalog.hashtext(p_run_id::text))
+$$;
+
+-- The fence: the run must be running under exactly this lease token.
+-- Call with the run's advisory lock held.
+create function pgflow._check_lease(p_run_id uuid, p_lease_token bigint)
+returns pgflow.runs
+language plpgsql
+as $$
+declare
+    v_run pgflow.runs;
+begin
+    select r.* into v_run from pgflow.runs r where r.id = p_run_id;
+    if not found then
+        raise exception using errcode = 'PF404', message = format('unknown run %s', p_run_id);
+    end if;
+    if v_run.status <> 'running' or v_run.lease_token <> p_lease_token then
+        raise exception using
+            errcode = 'PF001',
+            message = format('lease lost on run %s: token %s is not current (run is %s under token %s)',
+                             p_run_id, p_lease_token, v_run.status, v_run.lease_token);
+    end if;
+    return v_run;
+end;
+$$;
+
+-- Wake idle workers of a queue. Payload is the queue name only (NOTIFY
+-- payloads are capped at 8000 bytes and queue names are short).
+create function pgflow._notify_ready(p_queue text) returns void
+language sql
+as $$
+    select pg_catalog.pg_notify('pgflow_ready', pg_catalog.left(p_queue, 200))
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Starting runs (public)
+-- ---------------------------------------------------------------------------
+
+-- Start a run of workflow `name`. Runs inside the caller's transaction: the
+-- run exists if and only if that transaction commits. With `key`, a second
+-- start returns the existing run's id. Without `version`, the newest version
+-- any worker has announced is used (and its queue, unless `queue` is given).
+create function pgflow.start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    parent_id uuid default null
+) returns uuid
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_version text := start.version;
+    v_queue   text := start.queue;
+    v_now     timestamptz := pgflow.now();
+    v_id      uuid;
+    v_name    text;
+begin
+    if start.name is null or pg_catalog.btrim(start.name) = '' then
+        raise exception using errcode = 'PF002', message = 'workflow name must not be empty';
+    end if;
+    if start.input is null or jsonb_typeof(start.input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    if start.delay is not null and start.delay < interval '0' then
+        raise exception using errcode = 'PF002', message = 'delay must not be negative';
+    end if;
+
+    if v_version is null or v_queue is null then
+        select w.version, w.queue into v_version, v_queue
+        from pgflow.workflows w
+        where w.name = start.name
+          and (start.version is null or w.version = start.version)
+        order by w.first_seen desc
+        limit 1;
+        if not found and start.version is null then
+            raise exception using errcode = 'PF002',
+                message = format('unknown workflow %L: no worker has registered it (pass version to start it anyway)',
+                                 start.name);
+        end if;
+        v_version := coalesce(start.version, v_version);
+        v_queue := coalesce(start.queue, v_queue, 'default');
+    end if;
+
+    insert into pgflow.runs as r (name, version, queue, key, priority, input, parent_id,
+                                  created_at, available_at)
+    values (start.name, v_version, v_queue, start.key, coalesce(start.priority, 0), start.input,
+            start.parent_id, v_now, v_now + coalesce(start.delay, interval '0'))
+    on conflict (key) where key is not null do nothing
+    returning r.id into v_id;
+
+    if v_id is null then
+        -- Idempotent start: the key is taken (by a committed run, or one whose
+        -- transaction we just waited for).
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = start.key;
+        if v_name is distinct from start.name then
+            raise exception using errcode = 'PF005',
+                message = format('key %L is already used by a run of workflow %L', start.key, v_name);
+        end if;
+        return v_id;
+    end if;
+
+    if start.delay is null or start.delay = interval '0' then
+        perform pgflow._notify_ready(v_queue);
+    end if;
+    return v_id;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Workers: membership and liveness
+-- ---------------------------------------------------------------------------
+
+-- Register a worker and take its liveness lock on *this* session. Call it on
+-- the connection that lives as long as the worker (its listener).
+create function pgflow.register_worker(
+    p_worker_id uuid,
+    p_hostname  text,
+    p_pid       integer,
+    p_queues    text[],
+    p_workflows jsonb
+) returns integer
+language plpgsql
+as $$
+declare
+    v_lock_key integer := pg_catalog.nextval('pgflow.worker_lock_key_seq');
+begin
+    -- Lock first, row second: recovery never sees a row without its lock.
+    perform pg_catalog.pg_advisory_lock(7366502, v_lock_key);
+    insert into pgflow.workers (id, lock_key, hostname, pid, queues, workflows)
+    values (p_worker_id, v_lock_key, p_hostname, p_pid, p_queues, p_workflows);
+
+    insert into pgflow.workflows as w (name, version, queue)
+    select d ->> 'name', d ->> 'version', d ->> 'queue'
+    from jsonb_array_elements(p_workflows) d
+    on conflict (name, version) do update
+        set last_seen = pg_catalog.clock_timestamp(), queue = excluded.queue;
+    return v_lock_key;
+end;
+$$;
+
+-- Returns false when the worker is no longer registered (declared dead):
+-- it must then abandon its runs and register again.
+create function pgflow.heartbeat(p_worker_id uuid) returns boolean
+language sql
+as $$
+    update pgflow.workers set heartbeat_at = pg_catalog.clock_timestamp()
+    where id = p_worker_id
+    returning true
+$$;
+
+create function pgflow.unregister_worker(p_worker_id uuid) returns void
+language sql
+as $$
+    delete from pgflow.workers where id = p_worker_id
+$$;
+
+-- Declare dead every worker whose liveness lock is gone (its connection
+-- closed: killed, crashed, network cut) or whose heartbeat is older than
+-- p_stale_after (frozen), then put back every run leased to a worker that is
+-- no longer registered. Any process may call it at any time; concurrent calls
+-- split the work with SKIP LOCKED. Returns the number of runs recovered.
+create function pgflow.recover(p_stale_after interval default interval '30 seconds')
+returns integer
+language plpgsql
+as $$
+declare
+    v_db     oid := (select d.oid from pg_catalog.pg_database d where d.datname = pg_catalog.current_database());
+    v_run    record;
+    v_count  integer := 0;
+    v_queues text[] := '{}';
+begin
+    delete from pgflow.workers w
+    where w.id in (
+        select w2.id from pgflow.workers w2
+        where w2.heartbeat_at < pg_catalog.clock_timestamp() - p_stale_after
+           or not exists (
+                select 1 from pg_catalog.pg_locks l
+                where l.locktype = 'advisory' and l.database = v_db
+                  and l.classid = 7366502::oid and l.objid = w2.lock_key::oid
+                  and l.objsubid = 2 and l.granted)
+        for update skip locked);
+
+    for v_run in
+        select r.id, r.queue from pgflow.runs r
+        where r.status = 'running'
+          and not exists (select 1 from pgflow.workers w where w.id = r.lease_owner)
+        for update skip locked
+    loop
+        perform pgflow._lock_run(v_run.id);
+        update pgflow.runs r
+        set status = 'pending', lease_owner = null, lease_token = r.lease_token + 1,
+            available_at = pgflow.now()
+        where r.id = v_run.id and r.status = 'running';
+        if found then
+            v_count := v_count + 1;
+            if not v_run.queue = any(v_queues) then
+                v_queues := v_queues || v_run.queue;
+            end if;
+        end if;
+    end loop;
+
+    perform pgflow._notify_ready(q) from pg_catalog.unnest(v_queues) q;
+    return v_count;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Claiming
+-- ---------------------------------------------------------------------------
+
+-- Lease up to p_limit ready runs of the given queues whose (name, version)
+-- the worker has code for, highest priority first, oldest first. Each comes
+-- with its journal so that replay needs no further round trip.
+create function pgflow.claim(
+    p_worker_id uuid,
+    p_queues    text[],
+    p_names     text[],
+    p_versions  text[],
+    p_limit     integer
+) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
+                 journal jsonb)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_now timestamptz := pgflow.now();
+begin
+    if not exists (select 1 from pgflow.workers w where w.id = p_worker_id) then
+        raise exception using errcode = 'PF003',
+            message = format('worker %s is not registered (declared dead?)', p_worker_id);
+    end if;
+
+    return query
+    with candidates as materialized (
+        select r.id
+        from pgflow.runs r
+        where r.status = 'pending'
+          and r.queue = any(p_queues)
+          and r.available_at <= v_now
+          and (r.name, r.version) in (select t.n, t.v from unnest(p_names, p_versions) as t(n, v))
+        order by r.priority desc, r.available_at
+        limit p_limit
+        for update skip locked
+    ), claimed as (
+        update pgflow.runs r
+        set status = 'running', lease_owner = p_worker_id, lease_token = r.lease_token + 1,
+            started_at = coalesce(r.started_at, v_now)
+        from candidates c
+        where r.id = c.id
+        returning r.id, r.name, r.version, r.input, r.lease_token
+    )
+    select c.id, c.name, c.version, c.input, c.lease_token,
+           coalesce((select jsonb_agg(jsonb_build_object(
+                                 'seq', s.seq, 'name', s.name, 'kind', s.kind, 'status', s.status,
+                                 'attempts', s.attempts, 'output', s.output, 'error', s.error)
+                             order by s.seq)
+                     from pgflow.steps s where s.run_id = c.id),
+                    '[]'::jsonb)
+    from claimed c;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Reporting (fenced by lease token)
+-- ---------------------------------------------------------------------------
+
+-- Checkpoint a step's result. p_duration is the step's run time measured by
+-- the worker's monotonic clock; both timestamps come from the engine clock.
+create function pgflow.complete_step(
+    p_run_id      uuid,
+    p_lease_token bigint,
+    p_seq         integer,
+    p_name        text,
+    p_kind        text,
+    p_output      jsonb,
+    p_duration    interval
+) returns void
+language plpgsql
+as $$
+declare
+    v_now timestamptz := pgflow.now();
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+
+    insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
+                                   started_at, finished_at)
+    values (p_run_id, p_seq, p_name, p_kind, 'completed', 1, coalesce(p_output, 'null'::jsonb),
+            v_now - p_duration, v_now)
+    on conflict (run_id, seq) do update
+        set status = 'completed', attempts = s.attempts + 1, output = excluded.output,
+            error = null, started_at = excluded.started_at, finished_at = excluded.finished_at
+        where s.status = 'retrying' and s.name = excluded.name;
+    if not found then
+        raise exception using errcode = 'PF004',
+            message = format('step %s (%s) of run %s is already recorded', p_seq, p_name, p_run_id);
+    end if;
+end;
+$$;
+
+-- Record a failed attempt of a step. If the policy allows another attempt,
+-- the step is marked retrying and the run is put back until the back-off
+-- delay (p_initial * p_backoff^(attempts-1), capped at p_max) has passed:
+-- outcome 'retry'. Otherwise the step is failed and the run stays leased so
+-- the workflow can handle pgflow.StepFailed: outcome 'failed'.
+create function pgflow.fail_step(
+    p_run_id       uuid,
+    p_lease_token  bigint,
+    p_seq          integer,
+    p_name         text,
+    p_kind         text,
+    p_error        jsonb,
+    p_duration     interval,
+    p_retryable    boolean,
+    p_max_attempts integer,
+    p_initial      interval,
+    p_backoff      double precision,
+    p_max          interval,
+    out outcome    text,
+    out attempts   integer,
+    out retry_at   timestamptz
+)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_now   timestamptz := pgflow.now();
+    v_run   pgflow.runs;
+    v_delay interval;
+begin
+    perform pgflow._lock_run(p_run_id);
+    v_run := pgflow._check_lease(p_run_id, p_lease_token);
+
+    insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, error,
+                                   started_at, finished_at)
+    values (p_run_id, p_seq, p_name, p_kind, 'failed', 1, p_error, v_now - p_duration, v_now)
+    on conflict (run_id, seq) do update
+        set attempts = s.attempts + 1, error = excluded.error,
+            started_at = excluded.started_at, finished_at = excluded.finished_at
+        where s.status = 'retrying' and s.name = excluded.name
+    returning s.attempts into fail_step.attempts;
+    if not found then
+        raise exception using errcode = 'PF004',
+            message = format('step %s (%s) of run %s is already recorded', p_seq, p_name, p_run_id);
+    end if;
+
+    if p_retryable and fail_step.attempts < p_max_attempts then
+        v_delay := least(p_initial * power(p_backoff, fail_step.attempts - 1), p_max);
+        outcome := 'retry';
+        retry_at := v_now + v_delay;
+        update pgflow.steps s set status = 'retrying'
+        where s.run_id = p_run_id and s.seq = p_seq;
+        update pgflow.runs r
+        set status = 'pending', lease_owner = null, available_at = fail_step.retry_at
+        where r.id = p_run_id;
+    else
+        outcome := 'failed';
+        update pgflow.steps s set status = 'failed'
+        where s.run_id = p_run_id and s.seq = p_seq;
+    end if;
+end;
+$$;
+
+-- The workflow returned: the run is completed with its output.
+create function pgflow.complete_run(p_run_id uuid, p_lease_token bigint, p_output jsonb)
+returns void
+language plpgsql
+as $$
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    update pgflow.runs r
+    set status = 'completed', output = coalesce(p_output, 'null'::jsonb), error = null,
+        finished_at = pgflow.now(), lease_owner = null
+    where r.id = p_run_id;
+    perform pg_catalog.pg_notify('pgflow_done', p_run_id::text);
+end;
+$$;
+
+-- The workflow raised: the run is failed with the error.
+create function pgflow.fail_run(p_run_id uuid, p_lease_token bigint, p_error jsonb)
+returns void
+language plpgsql
+as $$
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    update pgflow.runs r
+    set status = 'failed', error = p_error, finished_at = pgflow.now(), lease_owner = null
+    where r.id = p_run_id;
+    perform pg_catalog.pg_notify('pgflow_done', p_run_id::text);
+end;
+$$;
+
+-- Give a running run back, unfinished, so another worker continues it from
+-- its last checkpoint (a draining worker does this between steps).
+create function pgflow.release_run(p_run_id uuid, p_lease_token bigint) returns void
+language plpgsql
+as $$
+declare
+    v_run pgflow.runs;
+begin
+    perform pgflow._lock_run(p_run_id);
+    v_run := pgflow._check_lease(p_run_id, p_lease_token);
+    update pgflow.runs r
+    set status = 'pending', lease_owner = null, available_at = pgflow.now()
+    where r.id = p_run_id;
+    perform pgflow._notify_ready(v_run.queue);
+end;
+$$;
