@@ -1,0 +1,89 @@
+"""Test fixtures: a real PostgreSQL, one fresh database a test.
+
+The server is ``PGFLOW_TEST_DSN`` when set, else the embedded one under
+``./.pgflow/``. A template database is migrated once per session; each test
+gets a clone of it (``CREATE DATABASE ... TEMPLATE``, a few tens of ms).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgflow import embedded, schema
+from tests import helpers
+
+
+def _admin_dsn() -> str:
+    return os.environ.get("PGFLOW_TEST_DSN") or embedded.embedded_dsn()
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> str:
+    return _admin_dsn()
+
+
+@pytest.fixture(scope="session")
+def template_db(server_dsn: str) -> Iterator[str]:
+    name = f"pgflow_template_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')
+    schema.migrate(make_conninfo(server_dsn, dbname=name))
+    yield name
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """A freshly migrated database of its own for this test."""
+    name = f"pgflow_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'create database "{name}" template "{template_db}"')
+    yield make_conninfo(server_dsn, dbname=name)
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def empty_dsn(server_dsn: str) -> Iterator[str]:
+    """A database without the pgflow schema."""
+    name = f"pgflow_empty_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')
+    yield make_conninfo(server_dsn, dbname=name)
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to the test's database."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture
+def effects(conn: psycopg.Connection[Any]) -> helpers.Effects:
+    """The side-effect log that test workflows write to (see tests/workflows)."""
+    return helpers.Effects.create(conn)
+
+
+@pytest.fixture
+def processes() -> Iterator[helpers.Processes]:
+    procs = helpers.Processes()
+    yield procs
+    procs.kill_all()
+
+
+@pytest.fixture
+def inprocess_worker(dsn: str) -> Iterator[helpers.InProcessWorkers]:
+    workers = helpers.InProcessWorkers(dsn)
+    yield workers
+    workers.stop_all()
