@@ -19,15 +19,15 @@ EMBEDDED_DIR = ".pgflow"
 def embedded_dsn(root: str | os.PathLike[str] | None = None) -> str:
     """Start (or reuse) the embedded server and return its connection URL."""
     base = Path(root if root is not None else EMBEDDED_DIR).resolve()
-    try:
-        import pgserver
-    except ImportError:
-        raise errors.PgflowError(
-            "no database configured: pass --dsn or set PGFLOW_DSN or DATABASE_URL, "
-            "or install the embedded server with: pip install 'pgflow[embedded]'") from None
-    base.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        try:
+            import pgserver
+        except ImportError:
+            raise errors.PgflowError(
+                "no database configured: pass --dsn or set PGFLOW_DSN or DATABASE_URL, "
+                "or install the embedded server with: pip install 'pgflow[embedded]'") from None
+        base.mkdir(parents=True, exist_ok=True)
         try:
             server = pgserver.get_server(base / "pgdata", cleanup_mode=None)
         except Exception as exc:
