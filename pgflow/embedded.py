@@ -34,3 +34,18 @@ def embedded_dsn(root: str | os.PathLike[str] | None = None) -> str:
             raise errors.PgflowError(f"could not start the embedded PostgreSQL under {base}: "
                                      f"{exc}") from None
         return str(server.get_uri())
+
+
+def stop_embedded(root: str | os.PathLike[str] | None = None) -> bool:
+    """Stop the embedded server if it runs; returns whether it did."""
+    pgdata = Path(root if root is not None else EMBEDDED_DIR).resolve() / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        server = pgserver.get_server(pgdata, cleanup_mode=None)
+        pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata,
+                        user=server.system_user)
+    return True

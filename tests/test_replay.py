@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import uuid
 from decimal import Decimal
 
@@ -99,7 +100,7 @@ def test_retries_back_off_in_the_database_and_step_failed_is_catchable(conn, eff
     assert pgflow.result(conn, run_id, timeout=20) == "always_fails/ValueError/nope/3"
     times = [row[0] for row in conn.execute(
         "select at from public.effects where run_id = %s order by at", (str(run_id),))]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert len(gaps) == 2
     assert 0.3 <= gaps[0] < 0.3 + 0.5 and 0.6 <= gaps[1] < 0.6 + 0.5, gaps
 
