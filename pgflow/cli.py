@@ -52,6 +52,7 @@ def _user_errors() -> Iterator[None]:
 
 
 def _describe(exc: Exception) -> str:
+    exc = getattr(exc, "orig", None) or exc  # SQLAlchemy (migrate) wraps the psycopg error
     if isinstance(exc, psycopg.OperationalError):
         return _one_line(f"cannot connect to the database: {exc}")
     if isinstance(exc, psycopg.errors.UndefinedFunction | psycopg.errors.UndefinedTable):

@@ -49,7 +49,12 @@ class Release(BaseException):
 
 
 class Abandon(BaseException):
-    """The database rejected a report (lease lost): drop the run without writing."""
+    """A report failed (lease lost, database unreachable): stop driving this run.
+
+    Workflow code cannot catch it. If the lease was lost, another worker owns
+    the run; otherwise the worker gives up its membership so that recovery
+    hands the run to a healthy worker.
+    """
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,8 @@ class Context:
         duration = timedelta(seconds=time.monotonic() - started)
         try:
             await self._session.complete_step(seq, name, "step", output, duration)
-        except errors.LeaseLost as exc:
-            raise Abandon(str(exc)) from None
+        except Exception as exc:
+            raise Abandon(f"checkpoint of step {name!r} failed: {exc}") from exc
         self._journal[seq] = JournalEntry(seq, name, "step", "completed", 1, output, None)
 
     async def _failed(self, step: Any, seq: int, name: str, exc: Exception, started: float) -> Any:
@@ -218,8 +223,8 @@ class Context:
         try:
             outcome = await self._session.fail_step(seq, name, "step", error, duration,
                                                     retryable, policy)
-        except errors.LeaseLost as lost:
-            raise Abandon(str(lost)) from None
+        except Exception as report_error:
+            raise Abandon(f"failure report of step {name!r} failed: {report_error}") from exc
         if outcome.outcome == "retry":
             raise Suspend()
         entry = JournalEntry(seq, name, "step", "failed", outcome.attempts, None, error)

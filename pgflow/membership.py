@@ -46,6 +46,7 @@ class Membership:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self.worker_id: uuid.UUID | None = None
         self.registered = asyncio.Event()
+        self._reset_requested = False
 
     async def connect(self) -> None:
         """Connect, register under a fresh id and LISTEN."""
@@ -59,6 +60,15 @@ class Membership:
         self.registered.set()
         logger.info("worker %s registered (queues %s)", worker_id, ", ".join(self._queues))
         self._on_wake()  # whatever became ready while we were away
+
+    def request_reset(self) -> None:
+        """Leave and re-register under a new id at the next tick.
+
+        Used when a run could not be reported: dropping the old membership (and
+        its lock) lets recovery hand that run to a healthy worker instead of
+        leaving it leased to this live but out-of-touch one.
+        """
+        self._reset_requested = True
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == READY_CHANNEL and notify.payload in self._queues:
@@ -74,7 +84,7 @@ class Membership:
                     await self.connect()
                     delay = 0.1
                 await self._tick()
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except psycopg.Error as exc:
                 logger.warning("worker connection lost (%s); reconnecting in %.1fs",
                                str(exc).strip().splitlines()[0] if str(exc) else exc, delay)
                 await self._discard()
@@ -89,6 +99,12 @@ class Membership:
         # come out of the next notifies() call.
         async for notify in conn.notifies(timeout=self._heartbeat_interval):
             self._on_notify(notify)
+        if self._reset_requested:
+            self._reset_requested = False
+            logger.warning("worker %s leaves and re-registers so its runs are recovered",
+                           self.worker_id)
+            await self._discard()
+            return
         cur = await conn.execute("select pgflow.heartbeat(%s)", (self.worker_id,))
         row = await cur.fetchone()
         if not (row and row[0]):

@@ -7,7 +7,9 @@ as pgflow exceptions (:func:`pgflow.errors.from_database`).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +26,8 @@ from pgflow.context import FailOutcome, JournalEntry
 from pgflow.retry import Retry
 
 Conn = psycopg.AsyncConnection[Any]
+
+REPORT_RETRY_FOR = 30.0  # seconds a report keeps retrying through connection failures
 
 
 @dataclass(frozen=True)
@@ -47,16 +51,46 @@ async def _translated() -> AsyncIterator[None]:
         raise translated from None
 
 
+class ReportFailed(Exception):
+    """The database stayed unreachable for a report through every retry."""
+
+
 class Procedures:
-    """Engine procedure calls over a connection pool."""
+    """Engine procedure calls over a connection pool.
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    Reports are retried through connection failures (a restarting database,
+    a dropped connection) for up to ``retry_for`` seconds. A checkpoint whose
+    first try committed but whose reply was lost comes back as a duplicate
+    (PF004) on the retry, which is then the success it is.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any], retry_for: float = REPORT_RETRY_FOR) -> None:
         self.pool = pool
+        self.retry_for = retry_for
 
-    async def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        async with _translated(), self.pool.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return await cur.fetchall() if cur.description else []
+    async def _execute(self, sql: str, params: tuple[Any, ...],
+                       duplicate_is_success: bool = False) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        retried = False
+        while True:
+            try:
+                async with _translated(), self.pool.connection() as conn:
+                    cur = await conn.execute(sql, params)
+                    return await cur.fetchall() if cur.description else []
+            except psycopg.errors.UniqueViolation:
+                raise
+            except psycopg.Error as exc:
+                if retried and duplicate_is_success and exc.sqlstate == "PF004":
+                    return []
+                if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise ReportFailed(f"database unreachable for {self.retry_for:.0f}s: "
+                                       f"{str(exc).strip()}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                retried = True
 
     async def claim(self, worker_id: uuid.UUID, queues: list[str],
                     workflows: list[tuple[str, str]], limit: int) -> list[ClaimedRun]:
@@ -73,7 +107,8 @@ class Procedures:
     async def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
                             output: Any, duration: timedelta) -> None:
         await self._execute("select pgflow.complete_step(%s, %s, %s, %s, %s, %s, %s)",
-                            (run_id, token, seq, name, kind, Jsonb(output), duration))
+                            (run_id, token, seq, name, kind, Jsonb(output), duration),
+                            duplicate_is_success=True)
 
     async def fail_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
                         error: dict[str, Any], duration: timedelta, retryable: bool,

@@ -31,7 +31,7 @@ class RunExecution:
 
     def __init__(self, claimed: ClaimedRun, workflow: Workflow, procedures: Procedures,
                  loop: asyncio.AbstractEventLoop, executor: Executor, default_retry: Retry,
-                 is_draining: Callable[[], bool]) -> None:
+                 is_draining: Callable[[], bool], on_lost_contact: Callable[[], None]) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
@@ -40,6 +40,7 @@ class RunExecution:
         self._loop = loop
         self._executor = executor
         self._is_draining = is_draining
+        self._on_lost_contact = on_lost_contact
 
     # -- RunSession ---------------------------------------------------------
 
@@ -82,6 +83,8 @@ class RunExecution:
             return
         except context.Abandon as exc:
             logger.warning("run %s abandoned: %s", self.run_id, exc)
+            if not isinstance(exc.__cause__, errors.LeaseLost):
+                self._on_lost_contact()
             return
         except Exception as exc:
             logger.info("run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
@@ -115,3 +118,6 @@ class RunExecution:
             await report
         except errors.LeaseLost as exc:
             logger.warning("run %s: final report rejected: %s", self.run_id, exc)
+        except Exception as exc:
+            logger.error("run %s: could not report its outcome: %s", self.run_id, exc)
+            self._on_lost_contact()

@@ -183,13 +183,13 @@ class Worker:
                        executor: ThreadPoolExecutor) -> None:
         assert self._loop is not None
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
-                                 self._loop, executor, self.retry, self._stopping.is_set)
+                                 self._loop, executor, self.retry, self._stopping.is_set,
+                                 self._membership.request_reset)
         try:
             await execution.execute()
         except Exception:
-            # The database was unreachable for a report: the run stays leased
-            # and comes back through recovery.
-            logger.exception("run %s: could not report its outcome", run.run_id)
+            logger.exception("run %s: unexpected error in the worker", run.run_id)
+            self._membership.request_reset()
 
     async def _drain(self) -> None:
         if not self._inflight:

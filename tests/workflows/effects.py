@@ -26,6 +26,14 @@ def _conn() -> psycopg.Connection[Any]:
 
 def record(run_id: str, step: str) -> int:
     """Log one execution of ``step`` in ``run_id``; return how many there were so far."""
+    try:
+        return _record(run_id, step)
+    except psycopg.OperationalError:  # the test terminated our connection: once more
+        _local.conn = None
+        return _record(run_id, step)
+
+
+def _record(run_id: str, step: str) -> int:
     row = _conn().execute(
         "with ins as (insert into public.effects (run_id, step, pid) values (%s, %s, %s))"
         " select count(*) + 1 from public.effects where run_id = %s and step = %s",
