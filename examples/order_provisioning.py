@@ -21,9 +21,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pgflow  # noqa: E402
-from pgflow import dsn as dsn_resolution  # noqa: E402
-from pgflow import schema  # noqa: E402
+import pgflow
+from pgflow import dsn as dsn_resolution
+from pgflow import schema
 
 
 @pgflow.step

@@ -223,7 +223,24 @@ def _render_run(run: models.Run) -> str:
 
 
 def main() -> None:
-    app()
+    """Entry point: usage mistakes too end as one line on stderr (exit 2)."""
+    # Typer's click (vendored or not) raises these; match them by name.
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        ctx = getattr(exc, "ctx", None)
+        if "NoArgsIsHelpError" in names and ctx is not None:
+            typer.echo(ctx.get_help(), err=True)
+            sys.exit(2)
+        if "UsageError" in names:
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"pgflow: error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(2)
+        if "Abort" in names:
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,303 @@
+"""The ``pgflow`` command line, driven as a real subprocess (``python -m pgflow``).
+
+Every failure a user can cause must end as exactly one line on stderr that
+starts with ``pgflow: error:``, exit code 1, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+import pgflow
+from pgflow import schema
+from tests.helpers import REPO, wait_registered, wait_status
+from tests.workflows.simple import two_steps
+
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
+DSN_ENV_VARS = ("PGFLOW_DSN", "DATABASE_URL", "PGFLOW_DEBUG")
+REGISTER_TWO_STEPS = (
+    "select pgflow.register_worker(gen_random_uuid(), 'h', 1, array['default'],"
+    """ '[{"name":"two_steps","version":"1","queue":"default"}]')""")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any DSN, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in DSN_ENV_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def pgflow_cli(*args: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], cwd=REPO,
+                          env=env if env is not None else cli_env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """Assert the command succeeded cleanly; return its stdout."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stdout
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str,
+                          exit_code: int = 1) -> str:
+    """Assert the command failed the way the CLI promises; return the error line."""
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr, output
+    assert result.returncode == exit_code, f"exit {result.returncode}\n{output}"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr\n{output}"
+    line = lines[0]
+    assert line.startswith("pgflow: error: "), output
+    assert line[len("pgflow: error: "):].strip(), output
+    assert result.stdout == "", output
+    for fragment in fragments:
+        assert fragment in line, output
+    return line
+
+
+def register_two_steps(dsn: str) -> None:
+    """Make ``two_steps`` known to the database, as a worker serving it would."""
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute(REGISTER_TWO_STEPS)
+
+
+def as_url(conninfo: str, scheme: str = "postgresql") -> str:
+    parts = conninfo_to_dict(conninfo)
+    auth = parts.get("user", "postgres")
+    return f"{scheme}://{auth}@{parts['host']}:{parts.get('port', 5432)}/{parts['dbname']}"
+
+
+# --- error paths -----------------------------------------------------------------------
+
+ERROR_CASES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
+    # (id, database, arguments before --dsn, expected fragments of the error line)
+    ("start-malformed-json", "migrated", ("start", "two_steps", "--input", "[1, "),
+     ("--input is not valid JSON",)),
+    ("start-json-not-array-or-object", "migrated", ("start", "two_steps", "--input", "5"),
+     ("--input must be a JSON array",)),
+    ("start-json-string", "migrated", ("start", "two_steps", "--input", '"x"'),
+     ("--input must be a JSON array",)),
+    ("start-unknown-workflow", "migrated", ("start", "no_such_workflow", "--input", "[]"),
+     ("unknown workflow 'no_such_workflow'",)),
+    ("show-unknown-run", "migrated", ("show", "00000000-0000-4000-8000-000000000001"),
+     ("unknown run 00000000-0000-4000-8000-000000000001",)),
+    ("show-not-a-uuid", "migrated", ("show", "not-a-uuid"), ("not-a-uuid",)),
+    ("list-bogus-status", "migrated", ("list", "--status", "bogus"),
+     ("unknown status 'bogus'", "pending")),
+    ("list-unreachable", "unreachable", ("list",), ("cannot connect to the database",)),
+    ("start-unreachable", "unreachable", ("start", "two_steps", "--input", "[1]"),
+     ("cannot connect to the database",)),
+    ("show-unreachable", "unreachable", ("show", "00000000-0000-4000-8000-000000000001"),
+     ("cannot connect to the database",)),
+    ("migrate-unreachable", "unreachable", ("migrate",), ("cannot connect to the database",)),
+    ("worker-unreachable", "unreachable", ("worker", "tests.workflows.simple"),
+     ("cannot connect to the database",)),
+    ("list-not-migrated", "empty", ("list",), ("pgflow migrate",)),
+    ("start-not-migrated", "empty", ("start", "two_steps", "--input", "[1]"),
+     ("pgflow migrate",)),
+    ("show-not-migrated", "empty", ("show", "00000000-0000-4000-8000-000000000001"),
+     ("pgflow migrate",)),
+    ("worker-not-migrated", "empty", ("worker", "tests.workflows.simple"), ("pgflow migrate",)),
+    ("worker-module-not-found", "migrated", ("worker", "tests.workflows.no_such_module"),
+     ("cannot import module 'tests.workflows.no_such_module'",)),
+    ("worker-no-workflows", "migrated", ("worker", "json"), ("no workflows",)),
+]
+
+
+@pytest.mark.parametrize(("database", "args", "fragments"),
+                         [case[1:] for case in ERROR_CASES], ids=[case[0] for case in ERROR_CASES])
+def test_error_is_one_line_on_stderr(request: pytest.FixtureRequest, database: str,
+                                     args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
+    if database == "unreachable":
+        target = UNREACHABLE
+    else:
+        target = request.getfixturevalue("dsn" if database == "migrated" else "empty_dsn")
+    assert_one_line_error(pgflow_cli(*args, "--dsn", target), *fragments)
+
+
+def test_worker_module_failing_at_import_is_one_line(dsn: str, tmp_path: Path) -> None:
+    (tmp_path / "pgflow_cli_broken.py").write_text(
+        'raise RuntimeError("boom\\nsecond line")\n', encoding="utf-8")
+    (tmp_path / "pgflow_cli_syntax.py").write_text("def f(:\n", encoding="utf-8")
+    env = cli_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    line = assert_one_line_error(pgflow_cli("worker", "pgflow_cli_broken", "--dsn", dsn, env=env),
+                                 "RuntimeError", "boom second line")
+    assert "\n" not in line
+    assert_one_line_error(pgflow_cli("worker", "pgflow_cli_syntax", "--dsn", dsn, env=env),
+                          "SyntaxError")
+
+
+# --- migrate ---------------------------------------------------------------------------
+
+def _version_rows(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        assert c.execute("select to_regclass('pgflow.runs') is not null").fetchone() == (True,)
+        return c.execute("select version_num from pgflow.alembic_version").fetchall()
+
+
+def test_migrate_prints_revision_and_is_idempotent(empty_dsn: str) -> None:
+    head = schema.head_revision()
+    first = ok(pgflow_cli("migrate", "--dsn", empty_dsn))
+    assert first.strip() == f"pgflow schema is at revision {head}"
+    again = ok(pgflow_cli("migrate", "--dsn", empty_dsn))
+    assert again == first
+    assert _version_rows(empty_dsn) == [(head,)]
+    # and the migrated database is usable by the other commands
+    assert ok(pgflow_cli("list", "--dsn", empty_dsn)).splitlines()[0].split() == \
+        ["ID", "WORKFLOW", "STATUS", "CREATED", "KEY"]
+
+
+def test_two_concurrent_migrates_both_succeed(empty_dsn: str) -> None:
+    head = schema.head_revision()
+    procs = [subprocess.Popen([sys.executable, "-m", "pgflow", "migrate", "--dsn", empty_dsn],
+                              cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.communicate(timeout=60), p.returncode) for p in procs]
+    for (out, err), code in results:
+        assert code == 0, f"exit {code}\n{out}\n{err}"
+        assert "Traceback" not in out + err
+        assert out.strip() == f"pgflow schema is at revision {head}"
+    assert _version_rows(empty_dsn) == [(head,)]
+
+
+# --- start / list / show ---------------------------------------------------------------
+
+def test_start_list_show(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    # not registered yet: the CLI refuses a workflow nobody serves
+    assert_one_line_error(pgflow_cli("start", "two_steps", "--input", "[3]", "--dsn", dsn),
+                          "unknown workflow 'two_steps'")
+    register_two_steps(dsn)
+
+    out = ok(pgflow_cli("start", "two_steps", "--input", "[3]", "--key", "order-7", "--dsn", dsn))
+    run_id = uuid.UUID(out.strip())
+    assert out == f"{run_id}\n"
+    again = ok(pgflow_cli("start", "two_steps", "--input", "[3]", "--key", "order-7", "--dsn", dsn))
+    assert again == out, "same idempotency key must give the same run"
+    kwargs_run = uuid.UUID(ok(pgflow_cli("start", "two_steps", "--input", '{"n": 4}',
+                                         "--dsn", dsn)).strip())
+    assert kwargs_run != run_id
+    rows = conn.execute("select id, name, status, key, input from pgflow.runs order by created_at"
+                        ).fetchall()
+    assert [r[:4] for r in rows] == [(run_id, "two_steps", "pending", "order-7"),
+                                     (kwargs_run, "two_steps", "pending", None)]
+
+    # list: a table, newest first
+    table = ok(pgflow_cli("list", "--dsn", dsn)).splitlines()
+    assert table[0].split() == ["ID", "WORKFLOW", "STATUS", "CREATED", "KEY"]
+    assert len(table) == 3
+    assert table[1].startswith(str(kwargs_run))
+    assert table[2].startswith(str(run_id))
+    assert "two_steps v1" in table[2] and "pending" in table[2]
+    assert table[2].rstrip().endswith("order-7")
+
+    # list --json: one object a line
+    lines = ok(pgflow_cli("list", "--json", "--dsn", dsn)).splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["id"] for r in records] == [str(kwargs_run), str(run_id)]
+    assert records[1] | {"created_at": None} == {
+        "id": str(run_id), "name": "two_steps", "version": "1", "status": "pending",
+        "key": "order-7", "created_at": None, "finished_at": None}
+
+    # filters
+    filtered = ok(pgflow_cli("list", "--status", "pending", "--name", "two_steps", "--json",
+                             "--dsn", dsn)).splitlines()
+    assert {json.loads(line)["id"] for line in filtered} == {str(run_id), str(kwargs_run)}
+    limited = ok(pgflow_cli("list", "--status", "pending", "--name", "two_steps", "--limit", "1",
+                            "--dsn", dsn)).splitlines()
+    assert len(limited) == 2 and limited[1].startswith(str(kwargs_run))
+    for other in (("--status", "completed"), ("--name", "other_workflow")):
+        assert ok(pgflow_cli("list", *other, "--json", "--dsn", dsn)) == ""
+
+    # show: header, then the (still empty) step timeline
+    shown = ok(pgflow_cli("show", str(run_id), "--dsn", dsn)).splitlines()
+    assert shown[0] == f"run      {run_id}"
+    assert shown[1] == "workflow two_steps v1  (queue default)"
+    assert shown[2] == "status   pending"
+    assert shown[3] == "key      order-7"
+    assert "input    [3]" in shown
+    assert shown[-1] == "(no steps recorded yet)"
+
+    data = json.loads(ok(pgflow_cli("show", str(run_id), "--json", "--dsn", dsn)))
+    assert data["id"] == str(run_id)
+    assert data["name"] == "two_steps"
+    assert data["status"] == "pending"
+    assert data["key"] == "order-7"
+    assert data["input"] == [3]
+    assert data["steps"] == []
+
+
+# --- DSN resolution --------------------------------------------------------------------
+
+def test_dsn_from_environment(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    run_id = pgflow.start(conn, two_steps, 1)
+
+    def listed(env: dict[str, str], *args: str) -> list[str]:
+        return [json.loads(line)["id"] for line in
+                ok(pgflow_cli("list", "--json", *args, env=env)).splitlines()]
+
+    # PGFLOW_DSN when --dsn is absent
+    assert listed(cli_env(PGFLOW_DSN=dsn)) == [str(run_id)]
+    # DATABASE_URL when neither is set; SQLAlchemy-style URLs are accepted
+    assert listed(cli_env(DATABASE_URL=as_url(dsn, "postgresql+psycopg"))) == [str(run_id)]
+    # precedence: --dsn over PGFLOW_DSN over DATABASE_URL
+    assert listed(cli_env(PGFLOW_DSN=dsn, DATABASE_URL=UNREACHABLE)) == [str(run_id)]
+    assert listed(cli_env(PGFLOW_DSN=UNREACHABLE, DATABASE_URL=UNREACHABLE),
+                  "--dsn", dsn) == [str(run_id)]
+    assert_one_line_error(pgflow_cli("list", env=cli_env(PGFLOW_DSN=UNREACHABLE, DATABASE_URL=dsn)),
+                          "cannot connect to the database")
+
+
+# --- end to end ------------------------------------------------------------------------
+
+def test_worker_runs_a_started_workflow_and_stops_on_sigterm(dsn, conn, effects, processes):
+    worker = processes.worker(dsn, "tests.workflows.simple", concurrency=2)
+    wait_registered(conn, 1)
+
+    run_id = uuid.UUID(ok(pgflow_cli("start", "two_steps", "--input", "[3]", "--dsn", dsn)).strip())
+    wait_status(conn, run_id, "completed")
+    assert effects.per_step(run_id) == {"first": 1, "second": 1}
+
+    shown = ok(pgflow_cli("show", str(run_id), "--dsn", dsn)).splitlines()
+    assert "status   completed" in shown
+    assert "output   8" in shown
+    header = next(i for i, line in enumerate(shown) if line.startswith("SEQ"))
+    assert shown[header].split() == ["SEQ", "STEP", "STATUS", "ATTEMPTS", "STARTED", "DURATION",
+                                     "ERROR"]
+    steps = [line.split() for line in shown[header + 1:]]
+    assert [s[:4] for s in steps] == [["0", "first", "completed", "1"],
+                                      ["1", "second", "completed", "1"]]
+    assert all(s[-1] == "ms" for s in steps), shown
+    data = json.loads(ok(pgflow_cli("show", str(run_id), "--json", "--dsn", dsn)))
+    assert data["output"] == 8
+    assert [(s["name"], s["status"]) for s in data["steps"]] == [("first", "completed"),
+                                                                 ("second", "completed")]
+
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0, processes.log_of(worker)
+    assert "Traceback" not in processes.log_of(worker)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["list", "--limit", "0"], "--limit"),
+    (["show"], "Missing argument"),
+    (["worker", "-c", "0", "tests.workflows.simple"], "--concurrency"),
+    (["no-such-command"], "No such command"),
+    (["start", "x", "--no-such-option"], "No such option"),
+])
+def test_usage_errors_are_one_line_with_exit_2(args: list[str], fragment: str) -> None:
+    assert_one_line_error(pgflow_cli(*args), fragment, exit_code=2)
