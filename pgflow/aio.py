@@ -51,6 +51,7 @@ async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
         return rows
 
     await query(f"listen {queries.DONE_CHANNEL}")
+    await query(queries.WATCH, (rid,))
     try:
         while True:
             rows = await query(queries.RUN_STATUS, (rid,))

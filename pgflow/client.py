@@ -67,6 +67,7 @@ def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> 
         return rows
 
     query(f"listen {queries.DONE_CHANNEL}")
+    query(queries.WATCH, (rid,))
     try:
         while True:
             rows = query(queries.RUN_STATUS, (rid,))

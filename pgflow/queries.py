@@ -25,6 +25,8 @@ GET_STEPS = ("select seq, name, kind, status, attempts, output, error, started_a
 RUN_STATUS = "select status, output, error from pgflow.runs where id = %s"
 
 DONE_CHANNEL = "pgflow_done"
+# After LISTEN: ask the engine to NOTIFY when this run finishes.
+WATCH = "select pgflow.watch(%s)"
 
 
 def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],

@@ -12,6 +12,8 @@ drop function if exists
     pgflow.heartbeat(uuid),
     pgflow.register_worker(uuid, text, integer, text[], jsonb),
     pgflow.start(text, jsonb, text, text, integer, interval, text, uuid),
+    pgflow.watch(uuid),
+    pgflow._notify_done(uuid),
     pgflow._notify_ready(text),
     pgflow._check_lease(uuid, bigint),
     pgflow._lock_run(uuid);

@@ -5,6 +5,7 @@
 --
 -- Public procedures (stable, callable from any client, trigger or psql):
 --   pgflow.start(name, input, key, queue, priority, delay, version)  new run
+--   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
 --   pgflow.now()                                                      engine clock
 --
 -- Worker procedures (called by `pgflow worker`):
@@ -116,6 +117,7 @@ create table pgflow.runs (
     finished_at  timestamptz,
     lease_owner  uuid,                       -- worker holding the run while running
     lease_token  bigint not null default 0,  -- fencing counter: bumped by claim and recovery
+    watched      boolean not null default false, -- someone waits in result(): NOTIFY pgflow_done
     constraint runs_status_known check (
         status in ('pending', 'running', 'sleeping', 'waiting', 'completed', 'failed', 'cancelled')),
     constraint runs_leased_iff_running check ((status = 'running') = (lease_owner is not null)),
@@ -216,6 +218,31 @@ create function pgflow._notify_ready(p_queue text) returns void
 language sql
 as $$
     select pg_catalog.pg_notify('pgflow_ready', pg_catalog.left(p_queue, 200))
+$$;
+
+-- Tell result() waiters that a run finished, if there are any. Every NOTIFY
+-- costs each listening connection of the database (every worker) a
+-- transaction, so runs nobody waits for finish silently.
+create function pgflow._notify_done(p_run_id uuid) returns void
+language sql
+as $$
+    select pg_catalog.pg_notify('pgflow_done', p_run_id::text)
+    from pgflow.runs r
+    where r.id = p_run_id and r.watched
+$$;
+
+-- Called by result() (after LISTEN pgflow_done, in its own transaction):
+-- ask for a NOTIFY when the run finishes. Racing a finishing run is safe:
+-- the finisher holds the row, so this update waits and then finds the run
+-- final (the caller's next statement sees it so), or commits first and the
+-- finisher's update sees watched = true. Read the status in a later
+-- statement, not this one: its snapshot predates a finisher it waited for.
+create function pgflow.watch(p_run_id uuid) returns void
+language sql
+as $$
+    update pgflow.runs r set watched = true
+    where r.id = p_run_id and not r.watched
+      and r.status not in ('completed', 'failed', 'cancelled')
 $$;
 
 -- ---------------------------------------------------------------------------
@@ -422,17 +449,28 @@ begin
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
     end if;
 
+    -- One ordered walk of runs_claimable per queue (an `= any(queues)` filter
+    -- would read and sort every ready run of those queues on each claim),
+    -- then the best p_limit of the per-queue candidates. Candidates beyond
+    -- p_limit stay locked until this statement's transaction ends, which
+    -- only makes other claimers skip them for that instant.
     return query
     with candidates as materialized (
-        select r.id
-        from pgflow.runs r
-        where r.status = 'pending'
-          and r.queue = any(p_queues)
-          and r.available_at <= v_now
-          and (r.name, r.version) in (select t.n, t.v from unnest(p_names, p_versions) as t(n, v))
-        order by r.priority desc, r.available_at
+        select c.id
+        from pg_catalog.unnest(p_queues) as q(queue)
+        cross join lateral (
+            select r.id, r.priority, r.available_at
+            from pgflow.runs r
+            where r.status = 'pending'
+              and r.queue = q.queue
+              and r.available_at <= v_now
+              and (r.name, r.version) in (select t.n, t.v from unnest(p_names, p_versions) as t(n, v))
+            order by r.priority desc, r.available_at
+            limit p_limit
+            for update skip locked
+        ) c
+        order by c.priority desc, c.available_at
         limit p_limit
-        for update skip locked
     ), claimed as (
         update pgflow.runs r
         set status = 'running', lease_owner = p_worker_id, lease_token = r.lease_token + 1,
@@ -565,7 +603,7 @@ begin
     set status = 'completed', output = coalesce(p_output, 'null'::jsonb), error = null,
         finished_at = pgflow.now(), lease_owner = null
     where r.id = p_run_id;
-    perform pg_catalog.pg_notify('pgflow_done', p_run_id::text);
+    perform pgflow._notify_done(p_run_id);
 end;
 $$;
 
@@ -580,7 +618,7 @@ begin
     update pgflow.runs r
     set status = 'failed', error = p_error, finished_at = pgflow.now(), lease_owner = null
     where r.id = p_run_id;
-    perform pg_catalog.pg_notify('pgflow_done', p_run_id::text);
+    perform pgflow._notify_done(p_run_id);
 end;
 $$;
 
