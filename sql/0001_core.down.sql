@@ -3,6 +3,7 @@ drop function if exists
     pgflow.release_run(uuid, bigint),
     pgflow.fail_run(uuid, bigint, jsonb),
     pgflow.complete_run(uuid, bigint, jsonb),
+    pgflow._backoff(interval, double precision, interval, integer),
     pgflow.fail_step(uuid, bigint, integer, text, text, jsonb, interval, boolean, integer,
                      interval, double precision, interval),
     pgflow.complete_step(uuid, bigint, integer, text, text, jsonb, interval),

@@ -130,8 +130,9 @@ create table pgflow.runs (
 
 -- Idempotent start: one run per key, ever (until purged).
 create unique index runs_key_unique on pgflow.runs (key) where key is not null;
--- The claim: only ready runs are in it, so its cost is independent of
--- finished history and of suspended runs.
+-- The claim: only pending runs are in it, so its cost is independent of
+-- finished history and of suspended runs. (Pending runs whose available_at
+-- is still ahead, delayed starts and retry back-offs, are in it too.)
 create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
     where status = 'pending';
 -- Recovery: runs held by workers.
@@ -252,7 +253,8 @@ $$;
 -- Start a run of workflow `name`. Runs inside the caller's transaction: the
 -- run exists if and only if that transaction commits. With `key`, a second
 -- start returns the existing run's id. Without `version`, the newest version
--- any worker has announced is used (and its queue, unless `queue` is given).
+-- a live worker serves is used (else the newest any worker ever announced),
+-- with its queue unless `queue` is given.
 create function pgflow.start(
     name     text,
     input    jsonb default '[]'::jsonb,
@@ -285,11 +287,16 @@ begin
     end if;
 
     if v_version is null or v_queue is null then
+        -- The newest version a live worker serves; else the newest ever seen.
         select w.version, w.queue into v_version, v_queue
         from pgflow.workflows w
         where w.name = start.name
           and (start.version is null or w.version = start.version)
-        order by w.first_seen desc
+        order by exists (
+                     select 1 from pgflow.workers k
+                     where k.workflows @> jsonb_build_array(
+                               jsonb_build_object('name', w.name, 'version', w.version))) desc,
+                 w.first_seen desc
         limit 1;
         if not found and start.version is null then
             raise exception using errcode = 'PF002',
@@ -362,9 +369,12 @@ $$;
 create function pgflow.heartbeat(p_worker_id uuid) returns boolean
 language sql
 as $$
-    update pgflow.workers set heartbeat_at = pg_catalog.clock_timestamp()
-    where id = p_worker_id
-    returning true
+    with beat as (
+        update pgflow.workers set heartbeat_at = pg_catalog.clock_timestamp()
+        where id = p_worker_id
+        returning 1
+    )
+    select exists (select 1 from beat)
 $$;
 
 create function pgflow.unregister_worker(p_worker_id uuid) returns void
@@ -399,17 +409,21 @@ begin
                   and l.objsubid = 2 and l.granted)
         for update skip locked);
 
+    -- Lock order as everywhere: the run's advisory lock, then its row. A run
+    -- whose lock is taken (a late report racing us) is skipped: the next
+    -- call gets it.
     for v_run in
         select r.id, r.queue from pgflow.runs r
         where r.status = 'running'
           and not exists (select 1 from pgflow.workers w where w.id = r.lease_owner)
-        for update skip locked
     loop
-        perform pgflow._lock_run(v_run.id);
+        continue when not pg_catalog.pg_try_advisory_xact_lock(
+            7366503, pg_catalog.hashtext(v_run.id::text));
         update pgflow.runs r
         set status = 'pending', lease_owner = null, lease_token = r.lease_token + 1,
             available_at = pgflow.now()
-        where r.id = v_run.id and r.status = 'running';
+        where r.id = v_run.id and r.status = 'running'
+          and not exists (select 1 from pgflow.workers w where w.id = r.lease_owner);
         if found then
             v_count := v_count + 1;
             if not v_run.queue = any(v_queues) then
@@ -444,6 +458,9 @@ as $$
 declare
     v_now timestamptz := pgflow.now();
 begin
+    if p_limit is null or p_limit < 1 then
+        raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
+    end if;
     if not exists (select 1 from pgflow.workers w where w.id = p_worker_id) then
         raise exception using errcode = 'PF003',
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
@@ -575,7 +592,7 @@ begin
     end if;
 
     if p_retryable and fail_step.attempts < p_max_attempts then
-        v_delay := least(p_initial * power(p_backoff, fail_step.attempts - 1), p_max);
+        v_delay := pgflow._backoff(p_initial, p_backoff, p_max, fail_step.attempts);
         outcome := 'retry';
         retry_at := v_now + v_delay;
         update pgflow.steps s set status = 'retrying'
@@ -588,6 +605,26 @@ begin
         update pgflow.steps s set status = 'failed'
         where s.run_id = p_run_id and s.seq = p_seq;
     end if;
+end;
+$$;
+
+-- The wait after failed attempt n: initial * backoff^(n-1), capped at p_max.
+-- Compared in log space, so a large n cannot overflow the interval type.
+create function pgflow._backoff(p_initial interval, p_backoff double precision,
+                                p_max interval, p_attempt integer) returns interval
+language plpgsql immutable
+as $$
+declare
+    v_initial double precision := extract(epoch from p_initial);
+    v_max     double precision := extract(epoch from p_max);
+begin
+    if v_initial <= 0 or v_max <= v_initial or p_backoff <= 1 then
+        return least(p_initial, p_max);
+    end if;
+    if (p_attempt - 1) * ln(p_backoff) >= ln(v_max / v_initial) then
+        return p_max;
+    end if;
+    return v_initial * power(p_backoff, p_attempt - 1) * interval '1 second';
 end;
 $$;
 
