@@ -1,0 +1,1 @@
+"""pgflow benchmark: ``python -m bench.run --help``; see bench/README.md."""

@@ -1,0 +1,561 @@
+"""pgflow benchmark: one command, a fresh database, one JSON line per workload.
+
+    .venv/bin/python -m bench.run [--dsn ADMIN_DSN] [--quick] [--only pgbench,W1,W1b,W2,W3]
+
+Creates database ``pgflow_bench_<random>`` on the admin server, migrates it,
+runs the selected workloads and drops it again, whatever happens. Progress
+goes to stderr; stdout carries only the JSON lines. What each workload
+measures and how to read the numbers: bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import pgflow
+from bench import workflows
+from pgflow import schema
+
+# -- knobs ------------------------------------------------------------------
+
+DSN_ENV = "PGFLOW_BENCH_DSN"  # admin DSN taken from the environment when --dsn is not given
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"  # else this server
+DB_PREFIX = "pgflow_bench_"  # the fresh database is this plus 8 random hex digits
+QUICK_DIVISOR = 10  # --quick divides every run count by this (a smoke run)
+
+PGBENCH_CLIENTS = (1, 8)  # one baseline line per client count (-c C -j C)
+PGBENCH_SECONDS = 5  # -T of each baseline
+PGBENCH_SECONDS_QUICK = 1  # -T of each baseline with --quick
+PGBENCH_ROWS = 100  # rows of the tiny table; each transaction updates one random row
+
+WORKER_CONCURRENCY = 10  # `pgflow worker -c`: runs in flight in the one worker process
+W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
+W1B_RUNS = 5000  # W1b: runs queued before the worker starts
+PRELOAD_BATCH = 1000  # W1b/W2: runs started per transaction when queueing ahead
+W2_RUNS = 1000  # W2: runs of ten_steps queued before the worker starts
+W3_PROBES = 200  # W3: single runs started one at a time against an idle worker
+W3_INTERVAL_S = 0.020  # W3: pause between two probe starts
+W3_IDLE_SETTLE_S = 1.0  # W3: time the fresh worker gets to go idle before the first probe
+
+POLL_INTERVAL_S = 0.050  # completion polling of pgflow.runs (one autocommit query each)
+RUNS_TIMEOUT_S = 300.0  # a workload whose runs are not all finished by then fails
+WORKER_START_TIMEOUT_S = 30.0  # until the worker's row appears in pgflow.workers
+WORKER_STOP_TIMEOUT_S = 30.0  # SIGTERM drain; SIGKILL after this
+# Cumulative stats are read only after every connection that did the work has
+# closed (a backend flushes its stats when it exits) plus this pause. A live
+# backend that flushed less than 1 s before going idle keeps its counts for up
+# to 10 s on PG15 (PGSTAT_IDLE_INTERVAL), so a live connection is never relied on.
+STATS_SETTLE_S = 1.5
+# 'pl' counts only PL/pgSQL functions; 'all' also counts LANGUAGE sql ones
+# (heartbeat, _lock_run, now, _notify_ready). Built-in functions are never counted.
+TRACK_FUNCTIONS = "all"
+# The worker's procedures: one autocommit call, so one transaction, each.
+WORKER_PROCEDURES = ("claim", "complete_step", "complete_run", "fail_step", "fail_run", "release_run")
+BACKGROUND_PROCEDURES = ("heartbeat", "recover")  # once a second per worker, not per run
+# Each call sends one NOTIFY (start: when not delayed).
+NOTIFYING_PROCEDURES = ("start", "complete_run", "fail_run", "release_run")
+
+REPO = Path(__file__).resolve().parent.parent
+_SPAWN = multiprocessing.get_context("spawn")  # producers: fresh interpreters, no forked state
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """Where this benchmark run lives."""
+
+    admin_dsn: str
+    dbname: str
+    dsn: str
+    quick: bool
+    tmp: Path
+
+    def count(self, full: int) -> int:
+        return max(1, full // QUICK_DIVISOR) if self.quick else full
+
+
+# -- the database -------------------------------------------------------------
+
+def create_database(admin_dsn: str) -> str:
+    name = DB_PREFIX + secrets.token_hex(4)
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+        # Before any worker connects: the setting applies to new sessions.
+        admin.execute(sql.SQL("alter database {} set track_functions = {}").format(
+            sql.Identifier(name), sql.Literal(TRACK_FUNCTIONS)))
+    return name
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+
+
+def prepare(b: Bench) -> None:
+    schema.migrate(b.dsn)
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        conn.execute("create table bench_counter (id integer primary key, n bigint not null default 0)")
+        conn.execute("insert into bench_counter (id) select generate_series(1, %s)", (PGBENCH_ROWS,))
+        conn.execute("vacuum analyze bench_counter")
+
+
+def reset(dsn: str) -> None:
+    """Empty the engine tables between workloads (no worker is running then)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("truncate pgflow.runs, pgflow.steps")
+        conn.execute("delete from pgflow.workers")
+        conn.execute("vacuum analyze pgflow.runs, pgflow.steps, pgflow.workers")
+
+
+def preload(dsn: str, workflow: pgflow.Workflow, n: int) -> None:
+    """Queue ``n`` runs in transactions of PRELOAD_BATCH, then analyze as autovacuum would."""
+    with psycopg.connect(dsn) as conn:
+        for i in range(n):
+            pgflow.start(conn, workflow, i)
+            if (i + 1) % PRELOAD_BATCH == 0:
+                conn.commit()
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("vacuum analyze pgflow.runs")
+
+
+# -- cumulative statistics ----------------------------------------------------
+
+@dataclass
+class Stats:
+    commits: int
+    calls: dict[str, int]
+    total_ms: dict[str, float]
+
+    def minus(self, other: Stats) -> Stats:
+        return Stats(self.commits - other.commits,
+                     {k: v - other.calls.get(k, 0) for k, v in self.calls.items()},
+                     {k: v - other.total_ms.get(k, 0.0) for k, v in self.total_ms.items()})
+
+
+def read_stats(dsn: str) -> Stats:
+    time.sleep(STATS_SETTLE_S)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("select pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "select xact_commit from pg_stat_database where datname = current_database()").fetchone()
+        rows = conn.execute("select funcname, calls, total_time from pg_stat_user_functions"
+                            " where schemaname = 'pgflow'").fetchall()
+    assert row is not None
+    return Stats(int(row[0]), {r[0]: int(r[1]) for r in rows}, {r[0]: float(r[2]) for r in rows})
+
+
+def db_work(delta: Stats, n: int, polls: int, producer_commits: int,
+            steps: int | None = None) -> dict[str, Any]:
+    """Commits and procedure calls per run (and per step) from a stats delta."""
+    background = {k: delta.calls.get(k, 0) for k in BACKGROUND_PROCEDURES}
+    worker_calls = sum(delta.calls.get(k, 0) for k in WORKER_PROCEDURES)
+    per_run_commits = delta.commits - polls - sum(background.values())
+    calls = {k: v for k, v in sorted(delta.calls.items()) if v and k not in BACKGROUND_PROCEDURES}
+    out: dict[str, Any] = {
+        "commits_per_run": round(per_run_commits / n, 3),
+        "worker_statements_per_run": round(worker_calls / n, 3),
+        "calls_per_run": {k: round(v / n, 3) for k, v in calls.items()},
+        # Time inside the procedure (server side, commit not included) per call.
+        "proc_ms_per_call": {k: round(delta.total_ms.get(k, 0.0) / delta.calls[k], 3)
+                             for k in (*WORKER_PROCEDURES, "start") if delta.calls.get(k)},
+        "commits_total": delta.commits,
+        "commits_polling": polls,
+        # Mostly LISTEN wake-ups: every NOTIFY (start, complete_run) makes each listening
+        # worker connection run a transaction to read the queue; plus worker start/stop,
+        # statement preparation and stats reads (O(1) per workload).
+        "commits_other": per_run_commits - worker_calls - producer_commits,
+        "notifies_sent": sum(delta.calls.get(k, 0) for k in NOTIFYING_PROCEDURES),
+        "heartbeat_calls": background["heartbeat"],
+        "recover_calls": background["recover"],
+    }
+    if steps:
+        out["commits_per_step"] = round(per_run_commits / steps, 3)
+        out["calls_per_step"] = {k: round(delta.calls.get(k, 0) / steps, 3)
+                                 for k in ("claim", "complete_step", "complete_run")}
+    return out
+
+
+# -- CPU ----------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads) so far; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def host_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def backend_cpu_s(conn: psycopg.Connection[Any]) -> dict[int, float]:
+    """CPU seconds so far of every other backend connected to this database, by pid."""
+    rows = conn.execute("select pid from pg_stat_activity where datname = current_database()"
+                        " and pid <> pg_backend_pid()").fetchall()
+    return {r[0]: process_cpu_s(r[0]) for r in rows}
+
+
+class CpuMeter:
+    """CPU used from now on by the worker process, its backends, and the whole host."""
+
+    def __init__(self, worker_pid: int, conn: psycopg.Connection[Any]) -> None:
+        self.worker_pid = worker_pid
+        self.worker = process_cpu_s(worker_pid)  # imports and start-up are not counted
+        self.backends = backend_cpu_s(conn)
+        self.host = host_cpu()
+
+    def report(self, conn: psycopg.Connection[Any], n: int) -> dict[str, Any]:
+        """Sample while the worker still runs (its backends vanish when it stops)."""
+        backends = sum(cpu - self.backends.get(pid, 0.0) for pid, cpu in backend_cpu_s(conn).items())
+        busy, total = host_cpu()
+        return {
+            "worker_cpu_ms_per_run": round((process_cpu_s(self.worker_pid) - self.worker) * 1000 / n, 3),
+            "db_cpu_ms_per_run": round(backends * 1000 / n, 3),
+            "host_cpu_busy": round((busy - self.host[0]) / max(1, total - self.host[1]), 2),
+        }
+
+
+# -- processes ----------------------------------------------------------------
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log(f"worker {proc.pid} did not drain in {WORKER_STOP_TIMEOUT_S}s: killing it")
+            proc.kill()
+            proc.wait()
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def wait_registered(dsn: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute("select count(*) from pgflow.workers").fetchone()
+            if row and row[0] >= 1:
+                return
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_tail(logfile)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker not registered after {WORKER_START_TIMEOUT_S}s")
+            time.sleep(POLL_INTERVAL_S)
+
+
+@contextlib.contextmanager
+def worker_process(b: Bench, label: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`pgflow worker bench.workflows` in its own process, registered; SIGTERM on exit."""
+    logfile = b.tmp / f"worker-{label}.log"
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgflow", "worker", "bench.workflows", "--dsn", b.dsn,
+             "-c", str(WORKER_CONCURRENCY)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_registered(b.dsn, proc, logfile)
+        yield proc
+    finally:
+        stop_process(proc)
+        if proc.returncode not in (0, None):
+            log(f"worker exited with {proc.returncode}:\n{log_tail(logfile)}")
+
+
+@contextlib.contextmanager
+def producer() -> Iterator[ProcessPoolExecutor]:
+    """A separate producer process (spawned, so it shares nothing with this one)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=_SPAWN) as pool:
+        yield pool
+
+
+def produce_committed(dsn: str, n: int) -> float:
+    """Producer for W1: ``n`` runs of one_step, one start per transaction; returns seconds."""
+    with psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        for i in range(n):
+            pgflow.start(conn, workflows.one_step, i)
+            conn.commit()
+        return time.perf_counter() - started
+
+
+def produce_probes(dsn: str, n: int, interval: float) -> list[tuple[str, float]]:
+    """Producer for W3: ``n`` wake_probe runs, ``interval`` apart; (run id, time after commit)."""
+    sent: list[tuple[str, float]] = []
+    with psycopg.connect(dsn) as conn:
+        next_at = time.monotonic()
+        for _ in range(n):
+            run_id = pgflow.start(conn, workflows.wake_probe)
+            conn.commit()
+            sent.append((str(run_id), time.time()))
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    return sent
+
+
+def wait_finished(conn: psycopg.Connection[Any], n: int, worker: subprocess.Popen[bytes],
+                  pending: Future[Any] | None = None) -> int:
+    """Poll until ``n`` runs are finished; returns the number of polls (one commit each)."""
+    deadline = time.monotonic() + RUNS_TIMEOUT_S
+    polls = 0
+    while True:
+        row = conn.execute("select count(*) from pgflow.runs where finished_at is not null").fetchone()
+        polls += 1
+        if row and row[0] >= n:
+            return polls
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited with {worker.returncode} after {row and row[0]} runs")
+        if pending is not None and pending.done() and pending.exception() is not None:
+            raise RuntimeError(f"producer failed: {pending.exception()!r}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {row and row[0]} of {n} runs finished in {RUNS_TIMEOUT_S}s")
+        time.sleep(POLL_INTERVAL_S)
+
+
+# -- measuring runs -----------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile, ``q`` in (0, 1]."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass
+class Spans:
+    n: int
+    failed: int
+    from_created_s: float  # max(finished_at) - min(created_at)
+    from_started_s: float  # max(finished_at) - min(started_at)
+    latencies_ms: list[float]  # finished_at - created_at of each run
+
+
+def spans(conn: psycopg.Connection[Any]) -> Spans:
+    row = conn.execute(
+        "select count(*), count(*) filter (where status <> 'completed'),"
+        " extract(epoch from max(finished_at) - min(created_at))::float8,"
+        " extract(epoch from max(finished_at) - min(started_at))::float8"
+        " from pgflow.runs").fetchone()
+    assert row is not None
+    lat = conn.execute("select extract(epoch from finished_at - created_at)::float8 * 1000"
+                       " from pgflow.runs").fetchall()
+    return Spans(int(row[0]), int(row[1]), float(row[2]), float(row[3]), [r[0] for r in lat])
+
+
+def line(workload: str, n: int, seconds: float, per_sec: float | None, p50: float | None,
+         p99: float | None, **extra: Any) -> dict[str, Any]:
+    def r(v: float | None, digits: int) -> float | None:
+        return None if v is None else round(v, digits)
+
+    return {"workload": workload, "n": n, "seconds": r(seconds, 3), "per_sec": r(per_sec, 1),
+            "p50_ms": r(p50, 2), "p99_ms": r(p99, 2), **extra}
+
+
+# -- workloads ----------------------------------------------------------------
+
+PGBENCH_SCRIPT = f"""\\set id random(1, {PGBENCH_ROWS})
+update bench_counter set n = n + 1 where id = :id;
+"""
+
+
+def pgbench_baseline(b: Bench) -> list[dict[str, Any]]:
+    """Raw commit rate of a one-row UPDATE, 1 and 8 clients."""
+    script = b.tmp / "update.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    seconds = PGBENCH_SECONDS_QUICK if b.quick else PGBENCH_SECONDS
+    out = []
+    for clients in PGBENCH_CLIENTS:
+        log(f"pgbench: {clients} client(s), {seconds}s")
+        done = subprocess.run(["pgbench", "-n", "-f", str(script), "-c", str(clients), "-j", str(clients),
+                               "-T", str(seconds), b.dsn], capture_output=True, text=True, check=True)
+        tps = float(_grab(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout))
+        count = int(_grab(r"number of transactions actually processed: (\d+)", done.stdout))
+        latency = float(_grab(r"latency average = ([\d.]+) ms", done.stdout))
+        out.append(line(f"pgbench_update_c{clients}", count, seconds, tps, None, None,
+                        clients=clients, latency_avg_ms=latency, commits_per_run=1))
+    return out
+
+
+def _grab(pattern: str, text: str) -> str:
+    found = re.search(pattern, text)
+    if not found:
+        raise RuntimeError(f"pgbench output without {pattern!r}:\n{text}")
+    return found.group(1)
+
+
+def w1_one_step(b: Bench) -> list[dict[str, Any]]:
+    """A running worker; a producer starts runs one per transaction; runs/s first start to last finish."""
+    n = b.count(W1_RUNS)
+    reset(b.dsn)
+    before = read_stats(b.dsn)
+    log(f"W1: worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per commit")
+    with worker_process(b, "w1") as worker, producer() as pool, \
+            psycopg.connect(b.dsn, autocommit=True) as conn:
+        meter = CpuMeter(worker.pid, conn)
+        future = pool.submit(produce_committed, b.dsn, n)
+        polls = wait_finished(conn, n, worker, future)
+        producer_s = future.result()
+        cpu = meter.report(conn, n)
+        s = spans(conn)
+    work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=n)
+    return [line("W1_one_step", n, s.from_created_s, n / s.from_created_s,
+                 percentile(s.latencies_ms, 0.50), percentile(s.latencies_ms, 0.99),
+                 concurrency=WORKER_CONCURRENCY, failed=s.failed,
+                 producer_per_sec=round(n / producer_s, 1), **cpu, **work)]
+
+
+def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int | None = None
+           ) -> tuple[Spans, dict[str, Any]]:
+    """Queue ``n`` runs, then start one worker and wait until it has finished them all."""
+    reset(b.dsn)
+    preload(b.dsn, workflow, n)
+    before = read_stats(b.dsn)
+    with worker_process(b, label) as worker, psycopg.connect(b.dsn, autocommit=True) as conn:
+        meter = CpuMeter(worker.pid, conn)
+        polls = wait_finished(conn, n, worker)
+        cpu = meter.report(conn, n)
+        s = spans(conn)
+    work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=0, steps=steps)
+    return s, {"concurrency": WORKER_CONCURRENCY, "failed": s.failed, **cpu, **work}
+
+
+def w1b_drain(b: Bench) -> list[dict[str, Any]]:
+    """Runs queued before the worker starts; runs/s from the first claim to the last finish."""
+    n = b.count(W1B_RUNS)
+    log(f"W1b: {n} one_step runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
+    s, extra = _drain(b, "w1b", workflows.one_step, n)
+    return [line("W1b_drain", n, s.from_started_s, n / s.from_started_s, None, None, **extra)]
+
+
+def w2_ten_steps(b: Bench) -> list[dict[str, Any]]:
+    """ten_steps runs queued, drained by one worker; steps/s."""
+    n = b.count(W2_RUNS)
+    steps = n * workflows.TEN
+    log(f"W2: {n} ten_steps runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
+    s, extra = _drain(b, "w2", workflows.ten_steps, n, steps=steps)
+    return [line("W2_ten_steps", steps, s.from_started_s, steps / s.from_started_s, None, None,
+                 runs=n, runs_per_sec=round(n / s.from_started_s, 1), **extra)]
+
+
+def w3_wake_latency(b: Bench) -> list[dict[str, Any]]:
+    """Idle worker; single runs started W3_INTERVAL_S apart; commit-to-step-start latency."""
+    n = b.count(W3_PROBES)
+    reset(b.dsn)
+    log(f"W3: idle worker, {n} probes {W3_INTERVAL_S * 1000:.0f} ms apart")
+    with worker_process(b, "w3") as worker, producer() as pool, \
+            psycopg.connect(b.dsn, autocommit=True) as conn:
+        time.sleep(W3_IDLE_SETTLE_S)
+        future = pool.submit(produce_probes, b.dsn, n, W3_INTERVAL_S)
+        wait_finished(conn, n, worker, future)
+        sent = future.result()
+        stamps = dict(conn.execute("select id::text, output::float8 from pgflow.runs"
+                                   " where status = 'completed'").fetchall())
+    # May be slightly negative: the NOTIFY goes out at commit, before the producer reads its clock.
+    latencies = [(stamps[run_id] - committed) * 1000 for run_id, committed in sent if run_id in stamps]
+    return [line("W3_wake_latency", len(latencies), sent[-1][1] - sent[0][1], None,
+                 percentile(latencies, 0.50), percentile(latencies, 0.99),
+                 concurrency=WORKER_CONCURRENCY, interval_ms=W3_INTERVAL_S * 1000,
+                 min_ms=round(min(latencies), 2), max_ms=round(max(latencies), 2),
+                 failed=n - len(latencies))]
+
+
+WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
+    "pgbench": pgbench_baseline,
+    "W1": w1_one_step,
+    "W1b": w1b_drain,
+    "W2": w2_ten_steps,
+    "W3": w3_wake_latency,
+}
+
+
+# -- command line -------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help=f"admin server DSN [default: ${DSN_ENV}, else {DEFAULT_ADMIN_DSN}]")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"divide run counts by {QUICK_DIVISOR} (smoke run)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    return parser.parse_args(argv)
+
+
+def selected(only: str | None) -> list[str]:
+    if not only:
+        return list(WORKLOADS)
+    by_lower = {name.lower(): name for name in WORKLOADS}
+    names = [part.strip() for part in only.split(",") if part.strip()]
+    unknown = [name for name in names if name.lower() not in by_lower]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    return [by_lower[name.lower()] for name in names]
+
+
+def run_all(b: Bench, names: list[str]) -> bool:
+    """Run the workloads, one JSON line each; a failed one prints an error line. True if all ran."""
+    ok = True
+    for name in names:
+        try:
+            for result in WORKLOADS[name](b):
+                print(json.dumps(result), flush=True)
+        except Exception as exc:
+            ok = False
+            log(f"{name} failed: {exc!r}")
+            print(json.dumps({"workload": name, "error": repr(exc)}), flush=True)
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = selected(args.only)
+    admin_dsn = args.dsn or os.environ.get(DSN_ENV) or DEFAULT_ADMIN_DSN
+    with tempfile.TemporaryDirectory(prefix="pgflow-bench-") as tmp:
+        dbname = create_database(admin_dsn)
+        log(f"database {dbname} created")
+        try:
+            b = Bench(admin_dsn, dbname, make_conninfo(admin_dsn, dbname=dbname), args.quick, Path(tmp))
+            prepare(b)
+            ok = run_all(b, names)
+        finally:
+            drop_database(admin_dsn, dbname)
+            log(f"database {dbname} dropped")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

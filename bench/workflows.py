@@ -1,0 +1,43 @@
+"""Workflows the benchmark runs: trivial steps, so the numbers are pgflow's own overhead.
+
+Loaded by the worker subprocess (``python -m pgflow worker bench.workflows``)
+and by the producers, which start runs with the decorated functions (so
+``pgflow.start`` needs no lookup of a registered version).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pgflow
+
+TEN = 10  # steps of ten_steps; bench.run computes steps/s from it
+
+
+@pgflow.step
+def bump(n: int) -> int:
+    """The trivial step: a small int in, a small int out."""
+    return n + 1
+
+
+@pgflow.workflow(name="one_step")
+def one_step(ctx: pgflow.Context, n: int) -> int:
+    return bump(n)
+
+
+@pgflow.workflow(name="ten_steps")
+def ten_steps(ctx: pgflow.Context, n: int) -> int:
+    for _ in range(TEN):
+        n = bump(n)
+    return n
+
+
+@pgflow.step
+def stamp() -> float:
+    """Wall-clock time at which the step body starts (for the wake-latency workload)."""
+    return time.time()
+
+
+@pgflow.workflow(name="wake_probe")
+def wake_probe(ctx: pgflow.Context) -> float:
+    return stamp()
