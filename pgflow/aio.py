@@ -3,7 +3,6 @@ on a ``psycopg.AsyncConnection`` (or ``AsyncCursor``)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -36,13 +35,12 @@ async def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
 async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
                  timeout: float | None = None) -> Any:
     """See :func:`pgflow.result`."""
-    rid = queries.run_id_param(run_id)
+    wait = queries.ResultWait(run_id, timeout)
     if not isinstance(conn, psycopg.AsyncConnection):
         raise TypeError(f"result() needs a psycopg AsyncConnection, not {type(conn)!r}")
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise errors.PgflowError(
             "result() must be called outside a transaction: commit first, or use autocommit")
-    deadline = None if timeout is None else time.monotonic() + timeout
 
     async def query(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         rows = await connections.afetch(conn, sql, params)
@@ -51,22 +49,13 @@ async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
         return rows
 
     await query(f"listen {queries.DONE_CHANNEL}")
-    await query(queries.WATCH, (rid,))
     try:
-        while True:
-            rows = await query(queries.RUN_STATUS, (rid,))
-            if not rows:
-                raise errors.RunNotFound(f"unknown run {rid}")
-            if rows[0][0] in models.FINAL_STATUSES:
-                return queries.outcome(rid, rows[0])
-            wait = RECHECK_INTERVAL
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"run {rid} did not finish within {timeout}s")
-            async for notify in conn.notifies(timeout=wait):
-                if notify.payload == str(rid):
+        await query(queries.WATCH, (wait.run_id,))
+        while not wait.finished(rows := await query(queries.RUN_STATUS, (wait.run_id,))):
+            async for notify in conn.notifies(timeout=wait.next_wait(RECHECK_INTERVAL)):
+                if wait.is_ours(notify.payload):
                     break
+        return wait.outcome(rows)
     finally:
         if not conn.closed:
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:

@@ -8,7 +8,6 @@ transactions, so it needs a connection with no transaction open.
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -51,14 +50,13 @@ def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> 
     ``timeout`` seconds. ``conn`` must have no transaction open (autocommit,
     or idle after a commit): the run is finished by other transactions.
     """
-    rid = queries.run_id_param(run_id)
+    wait = queries.ResultWait(run_id, timeout)
     raw = connections.dbapi_connection(conn)
     if not isinstance(raw, psycopg.Connection):
         raise TypeError(f"result() needs a psycopg connection, not {type(conn)!r}")
     if raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise errors.PgflowError(
             "result() must be called outside a transaction: commit first, or use autocommit")
-    deadline = None if timeout is None else time.monotonic() + timeout
 
     def query(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         rows = connections.fetch(raw, sql, params)
@@ -67,22 +65,13 @@ def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> 
         return rows
 
     query(f"listen {queries.DONE_CHANNEL}")
-    query(queries.WATCH, (rid,))
     try:
-        while True:
-            rows = query(queries.RUN_STATUS, (rid,))
-            if not rows:
-                raise errors.RunNotFound(f"unknown run {rid}")
-            if rows[0][0] in models.FINAL_STATUSES:
-                return queries.outcome(rid, rows[0])
-            wait = RECHECK_INTERVAL
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"run {rid} did not finish within {timeout}s")
-            for notify in raw.notifies(timeout=wait):
-                if notify.payload == str(rid):
+        query(queries.WATCH, (wait.run_id,))
+        while not wait.finished(rows := query(queries.RUN_STATUS, (wait.run_id,))):
+            for notify in raw.notifies(timeout=wait.next_wait(RECHECK_INTERVAL)):
+                if wait.is_ours(notify.payload):
                     break
+        return wait.outcome(rows)
     finally:
         if not raw.closed:
             if raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:

@@ -29,6 +29,13 @@ def dbapi_connection(conn: Any) -> Any:
     return conn
 
 
+def _reraise_translated(exc: BaseException) -> None:
+    """Raise the pgflow exception for an engine error; return for any other error."""
+    translated = errors.from_database(exc)
+    if translated is not exc:
+        raise translated from None
+
+
 def fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """Execute ``sql`` on ``conn`` in its current transaction and return all rows."""
     if isinstance(conn, psycopg.Cursor):
@@ -42,10 +49,8 @@ def fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]
         cursor.execute(sql, params)
         return list(cursor.fetchall()) if cursor.description else []
     except Exception as exc:
-        translated = errors.from_database(exc)
-        if translated is exc:
-            raise
-        raise translated from None
+        _reraise_translated(exc)
+        raise
     finally:
         if owned:
             cursor.close()
@@ -63,10 +68,8 @@ async def afetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any
         await cursor.execute(sql, params)
         return list(await cursor.fetchall()) if cursor.description else []
     except psycopg.Error as exc:
-        translated = errors.from_database(exc)
-        if translated is exc:
-            raise
-        raise translated from None
+        _reraise_translated(exc)
+        raise
     finally:
         if owned:
             await cursor.close()

@@ -74,6 +74,18 @@ class JournalEntry:
 
 
 @dataclass(frozen=True)
+class _LiveStep:
+    """A step about to run for real (not replayed)."""
+
+    seq: int
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    decode: Callable[[Any], Any]
+    started: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
 class FailOutcome:
     outcome: str  # retry | failed
     attempts: int
@@ -164,72 +176,79 @@ class Context:
         own = getattr(step, "retry", None)
         return own or self._workflow_retry or self._session.default_retry
 
-    def _step_sync(self, step: Any, name: str, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
+    def _begin(self, step: Any, name: str) -> tuple[_LiveStep | None, Any]:
+        """Replay the step if recorded: ``(None, value)``; else ``(live step, None)``."""
         seq, entry = self._replay(name, "step")
         decode = _result_decoder(step, name)
         if entry is not None and entry.status != "retrying":
-            return self._recorded(name, entry, decode)
+            return None, self._recorded(name, entry, decode)
         fn = getattr(step, "fn", step)
-        started = time.monotonic()
+        is_async = getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn)
+        return _LiveStep(seq, name, fn, is_async, decode, time.monotonic()), None
+
+    def _step_sync(self, step: Any, name: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        live, value = self._begin(step, name)
+        if live is None:
+            return value
         try:
-            if getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn):
-                result = self._session.call(_outside_workflow_async(fn, args, kwargs))
+            if live.is_async:
+                result = self._session.call(_outside_workflow_async(live.fn, args, kwargs))
             else:
-                result = _outside_workflow(fn, args, kwargs)
+                result = _outside_workflow(live.fn, args, kwargs)
             output = codec.to_json(result, f"the result of step {name!r}")
         except Exception as exc:
-            return self._session.call(self._failed(step, seq, name, exc, started))
-        self._session.call(self._checkpoint(seq, name, output, started))
-        return decode(output)
+            return self._session.call(self._failed(step, live, exc))
+        self._session.call(self._checkpoint(live, output))
+        return live.decode(output)
 
     async def _step_async(self, step: Any, name: str, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Any:
-        seq, entry = self._replay(name, "step")
-        decode = _result_decoder(step, name)
-        if entry is not None and entry.status != "retrying":
-            return self._recorded(name, entry, decode)
-        fn = getattr(step, "fn", step)
-        started = time.monotonic()
+        live, value = self._begin(step, name)
+        if live is None:
+            return value
+        fn = live.fn
         try:
-            if getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn):
+            if live.is_async:
                 result = await _outside_workflow_async(fn, args, kwargs)
             else:
                 result = await self._session.run_in_thread(lambda: fn(*args, **kwargs))
             output = codec.to_json(result, f"the result of step {name!r}")
         except Exception as exc:
-            return await self._failed(step, seq, name, exc, started)
-        await self._checkpoint(seq, name, output, started)
-        return decode(output)
+            return await self._failed(step, live, exc)
+        await self._checkpoint(live, output)
+        return live.decode(output)
 
     def _recorded(self, name: str, entry: JournalEntry, decode: Callable[[Any], Any]) -> Any:
         if entry.status == "failed":
             raise _step_failed(name, entry)
         return decode(entry.output)
 
-    async def _checkpoint(self, seq: int, name: str, output: Any, started: float) -> None:
-        duration = timedelta(seconds=time.monotonic() - started)
+    async def _checkpoint(self, live: _LiveStep, output: Any) -> None:
+        duration = timedelta(seconds=time.monotonic() - live.started)
         try:
-            await self._session.complete_step(seq, name, "step", output, duration)
+            await self._session.complete_step(live.seq, live.name, "step", output, duration)
         except Exception as exc:
-            raise Abandon(f"checkpoint of step {name!r} failed: {exc}") from exc
-        self._journal[seq] = JournalEntry(seq, name, "step", "completed", 1, output, None)
+            raise Abandon(f"checkpoint of step {live.name!r} failed: {exc}") from exc
+        self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
+                                               output, None)
 
-    async def _failed(self, step: Any, seq: int, name: str, exc: Exception, started: float) -> Any:
-        duration = timedelta(seconds=time.monotonic() - started)
+    async def _failed(self, step: Any, live: _LiveStep, exc: Exception) -> Any:
+        duration = timedelta(seconds=time.monotonic() - live.started)
         policy = self._policy(step)
         retryable = policy.is_retryable(exc) and not isinstance(exc, errors.EncodingError)
         error = error_json(exc)
         try:
-            outcome = await self._session.fail_step(seq, name, "step", error, duration,
+            outcome = await self._session.fail_step(live.seq, live.name, "step", error, duration,
                                                     retryable, policy)
         except Exception as report_error:
-            raise Abandon(f"failure report of step {name!r} failed: {report_error}") from exc
+            raise Abandon(f"failure report of step {live.name!r} failed: {report_error}") \
+                from report_error
         if outcome.outcome == "retry":
             raise Suspend()
-        entry = JournalEntry(seq, name, "step", "failed", outcome.attempts, None, error)
-        self._journal[seq] = entry
-        raise _step_failed(name, entry) from exc
+        entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)
+        self._journal[live.seq] = entry
+        raise _step_failed(live.name, entry) from exc
 
 
 def _result_decoder(step: Any, name: str) -> Callable[[Any], Any]:

@@ -26,9 +26,14 @@ DEFAULT_VERSION = "1"
 _registry: dict[tuple[str, str], Workflow] = {}
 
 
-def _check_name(value: object, what: str) -> str:
+MAX_NAME_LENGTH = 200  # characters; the schema enforces the same bound
+
+
+def check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
     return value
 
 
@@ -53,9 +58,9 @@ class Workflow:
     def __init__(self, fn: Callable[..., Any], *, name: str | None, version: str, queue: str,
                  retry: Retry | None, timeout: timedelta | float | None) -> None:
         self.fn = fn
-        self.name = _check_name(name or fn.__name__, "workflow name")
-        self.version = _check_name(version, "workflow version")
-        self.queue = _check_name(queue, "workflow queue")
+        self.name = check_name(name or fn.__name__, "workflow name")
+        self.version = check_name(version, "workflow version")
+        self.queue = check_name(queue, "workflow queue")
         self.retry = _check_retry(retry)
         self.timeout = _check_timeout(timeout)
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -75,10 +80,10 @@ class Step:
     def __init__(self, fn: Callable[..., Any], *, name: str | None, retry: Retry | None,
                  timeout: timedelta | float | None, queue: str | None) -> None:
         self.fn = fn
-        self.name = _check_name(name or fn.__name__, "step name")
+        self.name = check_name(name or fn.__name__, "step name")
         self.retry = _check_retry(retry)
         self.timeout = _check_timeout(timeout)
-        self.queue = None if queue is None else _check_name(queue, "step queue")
+        self.queue = None if queue is None else check_name(queue, "step queue")
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = codec.Signature(fn)
         functools.update_wrapper(self, fn)

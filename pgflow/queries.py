@@ -7,6 +7,7 @@ so they run unchanged on any DB-API driver with the ``format`` paramstyle
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,8 @@ GET_STEPS = ("select seq, name, kind, status, attempts, output, error, started_a
 
 RUN_STATUS = "select status, output, error from pgflow.runs where id = %s"
 
+MAX_KEY_BYTES = 1024  # the schema enforces the same bound
+
 DONE_CHANNEL = "pgflow_done"
 # After LISTEN: ask the engine to NOTIFY when this run finishes.
 WATCH = "select pgflow.watch(%s)"
@@ -35,8 +38,11 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
     """Validate a start request and return the parameters of :data:`START`."""
     if key is not None and (not isinstance(key, str) or not key):
         raise ValueError(f"key must be a non-empty string, got {key!r}")
-    if queue is not None and (not isinstance(queue, str) or not queue.strip()):
-        raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+    if key is not None and len(key.encode()) > MAX_KEY_BYTES:
+        raise ValueError(f"key must be at most {MAX_KEY_BYTES} bytes in UTF-8, "
+                         f"got {len(key.encode())}")
+    if queue is not None:
+        definitions.check_name(queue, "queue")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"priority must be an int, not {priority!r}")
     if not -2**31 <= priority < 2**31:
@@ -84,6 +90,35 @@ def build_run(row: tuple[Any, ...] | None, step_rows: list[tuple[Any, ...]],
     steps = [models.StepRecord(*step) for step in step_rows]
     return models.Run(as_uuid(row[0]), *row[1:10],
                       None if row[10] is None else as_uuid(row[10]), *row[11:14], steps=steps)
+
+
+class ResultWait:
+    """The logic of ``result()`` between its queries, shared by the sync and async clients."""
+
+    def __init__(self, run_id: uuid.UUID | str, timeout: float | None) -> None:
+        self.run_id = run_id_param(run_id)
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def finished(self, rows: list[tuple[Any, ...]]) -> bool:
+        if not rows:
+            raise errors.RunNotFound(f"unknown run {self.run_id}")
+        return rows[0][0] in models.FINAL_STATUSES
+
+    def outcome(self, rows: list[tuple[Any, ...]]) -> Any:
+        return outcome(self.run_id, rows[0])
+
+    def next_wait(self, recheck: float) -> float:
+        """Seconds to wait for a NOTIFY before querying again; raises at the deadline."""
+        if self.deadline is None:
+            return recheck
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"run {self.run_id} did not finish within {self.timeout}s")
+        return min(recheck, left)
+
+    def is_ours(self, payload: str) -> bool:
+        return payload == str(self.run_id)
 
 
 def outcome(run_id: uuid.UUID, row: tuple[Any, ...] | None) -> Any:

@@ -125,7 +125,13 @@ create table pgflow.runs (
         (status in ('completed', 'failed', 'cancelled')) = (finished_at is not null)),
     constraint runs_completed_has_output check (status <> 'completed' or output is not null),
     constraint runs_failed_has_error check (status <> 'failed' or error is not null),
-    constraint runs_input_shape check (jsonb_typeof(input) in ('array', 'object'))
+    constraint runs_input_shape check (jsonb_typeof(input) in ('array', 'object')),
+    -- Names travel in NOTIFY payloads (queue) and must stay short and printable.
+    constraint runs_names_length check (
+        char_length(name) between 1 and 200 and char_length(version) between 1 and 200
+        and char_length(queue) between 1 and 200),
+    -- A btree entry must fit in a third of a page.
+    constraint runs_key_length check (key is null or octet_length(key) between 1 and 1024)
 ) with (fillfactor = 70);
 
 -- Idempotent start: one run per key, ever (until purged).
@@ -214,11 +220,11 @@ end;
 $$;
 
 -- Wake idle workers of a queue. Payload is the queue name only (NOTIFY
--- payloads are capped at 8000 bytes and queue names are short).
+-- payloads are capped at 8000 bytes; queue names at 200 characters).
 create function pgflow._notify_ready(p_queue text) returns void
 language sql
 as $$
-    select pg_catalog.pg_notify('pgflow_ready', pg_catalog.left(p_queue, 200))
+    select pg_catalog.pg_notify('pgflow_ready', p_queue)
 $$;
 
 -- Tell result() waiters that a run finished, if there are any. Every NOTIFY

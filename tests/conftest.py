@@ -7,6 +7,7 @@ gets a clone of it (``CREATE DATABASE ... TEMPLATE``, a few tens of ms).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -40,26 +41,32 @@ def template_db(server_dsn: str) -> Iterator[str]:
         admin.execute(f'drop database if exists "{name}" with (force)')
 
 
+@contextlib.contextmanager
+def _database(server_dsn: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the test server (cloned from ``template``), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    clone = f' template "{template}"' if template else ""
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"{clone}')
+    try:
+        yield make_conninfo(server_dsn, dbname=name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture
 def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     """A freshly migrated database of its own for this test."""
-    name = f"pgflow_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'create database "{name}" template "{template_db}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    with _database(server_dsn, "pgflow_test", template_db) as test_dsn:
+        yield test_dsn
 
 
 @pytest.fixture
 def empty_dsn(server_dsn: str) -> Iterator[str]:
     """A database without the pgflow schema."""
-    name = f"pgflow_empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'create database "{name}"')
-    yield make_conninfo(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    with _database(server_dsn, "pgflow_empty") as test_dsn:
+        yield test_dsn
 
 
 @pytest.fixture
