@@ -5,7 +5,8 @@ runs with :func:`start` inside your own transaction, and run them with
 ``pgflow worker`` (or :class:`Worker`). All state lives in schema ``pgflow``.
 """
 
-from pgflow.client import get, result, start
+from pgflow import testing
+from pgflow.client import get, result, retry, start
 from pgflow.context import Context
 from pgflow.definitions import Step, Workflow, step, workflow
 from pgflow.errors import (
@@ -17,9 +18,11 @@ from pgflow.errors import (
     NonDeterminismError,
     PgflowError,
     RunNotFound,
+    RunStateError,
     SchemaNotMigrated,
     SignalTimeout,
     StepFailed,
+    StepTimeout,
     WorkflowCancelled,
     WorkflowFailed,
     WorkflowNotFound,
@@ -42,11 +45,13 @@ __all__ = [
     "Retry",
     "Run",
     "RunNotFound",
+    "RunStateError",
     "SchemaNotMigrated",
     "SignalTimeout",
     "Step",
     "StepFailed",
     "StepRecord",
+    "StepTimeout",
     "Worker",
     "Workflow",
     "WorkflowCancelled",
@@ -54,7 +59,9 @@ __all__ = [
     "WorkflowNotFound",
     "get",
     "result",
+    "retry",
     "start",
     "step",
+    "testing",
     "workflow",
 ]

@@ -12,7 +12,7 @@ import psycopg
 from pgflow import connections, definitions, errors, models, queries
 from pgflow.client import RECHECK_INTERVAL
 
-__all__ = ["get", "result", "start"]
+__all__ = ["get", "result", "retry", "start"]
 
 
 async def start(conn: Any, workflow: definitions.Workflow | str, *args: Any,
@@ -30,6 +30,11 @@ async def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
     rows = await connections.afetch(conn, queries.GET_RUN, (rid,))
     steps = await connections.afetch(conn, queries.GET_STEPS, (rid,)) if rows else []
     return queries.build_run(rows[0] if rows else None, steps, rid)
+
+
+async def retry(conn: Any, run_id: uuid.UUID | str) -> None:
+    """See :func:`pgflow.retry`."""
+    await connections.afetch(conn, queries.RETRY, (queries.run_id_param(run_id),))
 
 
 async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,

@@ -176,6 +176,14 @@ def list_runs(
     typer.echo(_columns(table))
 
 
+@app.command()
+def retry(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None) -> None:
+    """Resume a failed run from its last checkpoint."""
+    with _user_errors(), _connect(dsn) as conn:
+        client.retry(conn, run_id)
+    typer.echo(f"run {run_id} will resume from its last checkpoint")
+
+
 _STATUSES = ("pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled")
 
 

@@ -16,7 +16,7 @@ import psycopg
 
 from pgflow import connections, definitions, errors, models, queries
 
-__all__ = ["get", "result", "start"]
+__all__ = ["get", "result", "retry", "start"]
 
 RECHECK_INTERVAL = 5.0  # seconds; NOTIFY is a hint, the status query is the truth
 
@@ -40,6 +40,16 @@ def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
     rows = connections.fetch(conn, queries.GET_RUN, (rid,))
     steps = connections.fetch(conn, queries.GET_STEPS, (rid,)) if rows else []
     return queries.build_run(rows[0] if rows else None, steps, rid)
+
+
+def retry(conn: Any, run_id: uuid.UUID | str) -> None:
+    """Resume a failed run from its last checkpoint, in ``conn``'s transaction.
+
+    The step that failed for good runs again (with fresh attempts); completed
+    steps keep their results. :class:`~pgflow.errors.RunStateError` unless
+    the run is ``failed``.
+    """
+    connections.fetch(conn, queries.RETRY, (queries.run_id_param(run_id),))
 
 
 def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> Any:

@@ -7,10 +7,12 @@
     ├── WorkflowNotFound       no workflow of that name (and version)
     ├── RunNotFound            no run with that id
     ├── KeyConflict            idempotency key already used by another workflow
+    ├── RunStateError          the run's status does not allow this (e.g. retry a running run)
     ├── EncodingError          a value cannot be stored as JSON (also a TypeError)
     ├── LeaseLost              the database rejected a report: the run moved on
     ├── NonDeterminismError    replayed code no longer matches the run's journal
     ├── StepFailed             a step exhausted its retries (raised inside the workflow)
+    ├── StepTimeout            a step attempt overran its timeout (recorded as its error)
     ├── SignalTimeout          a signal did not arrive in time
     └── WorkflowFailed         a run ended failed (raised by result())
         └── ChildFailed        a child run ended failed (raised inside the parent)
@@ -36,9 +38,11 @@ __all__ = [
     "NonDeterminismError",
     "PgflowError",
     "RunNotFound",
+    "RunStateError",
     "SchemaNotMigrated",
     "SignalTimeout",
     "StepFailed",
+    "StepTimeout",
     "WorkflowCancelled",
     "WorkflowFailed",
     "WorkflowNotFound",
@@ -63,6 +67,10 @@ class RunNotFound(PgflowError, LookupError):
 
 class KeyConflict(PgflowError):
     """The idempotency key is already used by a run of another workflow."""
+
+
+class RunStateError(PgflowError):
+    """The run's status does not allow this operation."""
 
 
 class EncodingError(PgflowError, TypeError):
@@ -92,6 +100,10 @@ class StepFailed(PgflowError):
         self.message = message
         self.attempts = attempts
         self.traceback = traceback
+
+
+class StepTimeout(PgflowError, TimeoutError):
+    """A step attempt ran longer than its ``timeout``; it counts as a failed attempt."""
 
 
 class SignalTimeout(PgflowError, TimeoutError):
@@ -133,6 +145,7 @@ _BY_SQLSTATE: dict[str, type[PgflowError]] = {
     "PF001": LeaseLost,
     "PF002": WorkflowNotFound,
     "PF005": KeyConflict,
+    "PF006": RunStateError,
     "PF404": RunNotFound,
 }
 

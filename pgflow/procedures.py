@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -119,6 +119,18 @@ class Procedures:
             (run_id, token, seq, name, kind, Jsonb(error), duration, retryable,
              policy.max_attempts, policy.initial_interval, policy.backoff, policy.max_interval))
         return FailOutcome(outcome=rows[0][0], attempts=rows[0][1])
+
+    async def sleep(self, run_id: uuid.UUID, token: int, seq: int, name: str,
+                    until: datetime | None, duration: timedelta | None) -> bool:
+        rows = await self._execute("select pgflow.sleep(%s, %s, %s, %s, %s, %s)",
+                                   (run_id, token, seq, name, until, duration))
+        return bool(rows[0][0])
+
+    async def record_value(self, run_id: uuid.UUID, token: int, seq: int, kind: str,
+                           value: Any) -> Any:
+        rows = await self._execute("select pgflow.record_value(%s, %s, %s, %s, %s)",
+                                   (run_id, token, seq, kind, Jsonb(value)))
+        return rows[0][0]
 
     async def complete_run(self, run_id: uuid.UUID, token: int, output: Any) -> None:
         await self._execute("select pgflow.complete_run(%s, %s, %s)",

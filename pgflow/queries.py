@@ -23,6 +23,8 @@ GET_RUN = ("select id, name, version, queue, key, status, priority, input, outpu
 GET_STEPS = ("select seq, name, kind, status, attempts, output, error, started_at, finished_at"
              " from pgflow.steps where run_id = %s order by seq")
 
+RETRY = "select pgflow.retry(%s)"
+
 RUN_STATUS = "select status, output, error from pgflow.runs where id = %s"
 
 MAX_KEY_BYTES = 1024  # the schema enforces the same bound

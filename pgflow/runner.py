@@ -15,7 +15,7 @@ import logging
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pgflow import codec, context, errors
@@ -65,6 +65,15 @@ class RunExecution:
                         policy: Retry) -> context.FailOutcome:
         return await self._procedures.fail_step(self.run_id, self.claimed.lease_token, seq, name,
                                                 kind, error, duration, retryable, policy)
+
+    async def sleep(self, seq: int, name: str, until: datetime | None,
+                    duration: timedelta | None) -> bool:
+        return await self._procedures.sleep(self.run_id, self.claimed.lease_token, seq, name,
+                                            until, duration)
+
+    async def record_value(self, seq: int, kind: str, value: Any) -> Any:
+        return await self._procedures.record_value(self.run_id, self.claimed.lease_token, seq,
+                                                   kind, value)
 
     # -- driving the workflow -----------------------------------------------
 

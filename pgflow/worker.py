@@ -14,6 +14,7 @@ at once; the runs then come back through recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from pgflow.membership import Membership
 from pgflow.procedures import ClaimedRun, Procedures
 from pgflow.retry import DEFAULT_RETRY, Retry
 from pgflow.runner import RunExecution
+from pgflow.scheduler import Scheduler
 
 __all__ = ["Worker"]
 
@@ -52,6 +54,7 @@ class Worker:
     :param queues: queues to claim from; default, the queues of ``workflows``.
     :param concurrency: runs in flight at once (and threads for sync code).
     :param retry: default step retry policy (a workflow's or step's own wins).
+    :param schedule_timers: take part in electing the one timer scheduler.
     """
 
     def __init__(self, dsn: str, *, workflows: Iterable[Workflow] | None = None,
@@ -59,7 +62,7 @@ class Worker:
                  retry: Retry | None = None, poll_interval: float = POLL_INTERVAL,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  stale_after: timedelta = STALE_AFTER,
-                 shutdown_timeout: float | None = None) -> None:
+                 shutdown_timeout: float | None = None, schedule_timers: bool = True) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.dsn = dsn
@@ -74,6 +77,8 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
         self.shutdown_timeout = shutdown_timeout
+        # Every worker may lead timer scheduling; one at a time does (see scheduler.py).
+        self.scheduler = Scheduler(dsn) if schedule_timers else None
         self._by_key = {(wf.name, wf.version): wf for wf in self.workflows}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -133,11 +138,17 @@ class Worker:
         procedures = Procedures(pool)
         await self._membership.connect()
         membership_task = asyncio.create_task(self._membership.run(self._stop))
+        scheduler_task = (asyncio.create_task(self.scheduler.run(self._stop))
+                          if self.scheduler is not None else None)
         try:
             await self._claim_loop(procedures, executor, wake)
             await self._drain()
         finally:
             self._stop.set()
+            if scheduler_task is not None:
+                scheduler_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await scheduler_task
             await membership_task
             await self._membership.close()
             await pool.close()

@@ -17,7 +17,17 @@
 --   pgflow.complete_run(...)      the workflow returned
 --   pgflow.fail_run(...)          the workflow raised
 --   pgflow.release_run(...)       give a run back unfinished (draining worker)
+--   pgflow.sleep(...)             suspend a run until a time (durable timer)
+--   pgflow.record_value(...)      journal ctx.now() / uuid4() / random()
 --   pgflow.recover(stale_after)   give back runs of dead workers
+--
+-- Scheduler procedures (called by the one scheduler leader, and by tests):
+--   pgflow.fire_timers(limit)     wake the runs whose timers are due
+--   pgflow.next_timer_in()        seconds until the earliest timer
+--   pgflow.advance_time(delta)    move the engine clock and fire what came due
+--
+-- Operator procedures:
+--   pgflow.retry(run)             resume a failed run from its last checkpoint
 --
 -- Fencing: a claim bumps runs.lease_token and hands it to the worker. Every
 -- report names that token; a report whose token is no longer current (the
@@ -31,7 +41,8 @@
 -- Error codes raised here (class PF):
 --   PF001 lease lost          PF002 bad argument / unknown workflow
 --   PF003 worker unknown      PF004 duplicate checkpoint
---   PF005 key conflict        PF404 unknown run
+--   PF005 key conflict        PF006 run not in a state that allows this
+--   PF404 unknown run
 --
 -- Two clocks: pgflow.now() is business time (created_at, delays, back-offs);
 -- tests move it with pgflow.clock.offset_by. Worker liveness (heartbeats)
@@ -96,7 +107,11 @@ create table pgflow.workflows (
 -- One row a run. Status transitions:
 --   pending   -> running            claim
 --   running   -> completed|failed   complete_run | fail_run
---   running   -> pending            release_run, recover, fail_step (back-off)
+--   running   -> pending            release_run, recover
+--   running   -> sleeping           sleep, fail_step (retry back-off)
+--   sleeping  -> pending            fire_timers (its timer came due)
+--   failed    -> pending            retry
+-- A delayed start begins as sleeping.
 -- The hot columns are updated in place (no indexed column changes on a
 -- checkpoint), so fillfactor leaves room for HOT updates.
 create table pgflow.runs (
@@ -157,18 +172,49 @@ create table pgflow.steps (
     seq         integer not null,
     name        text not null,
     kind        text not null default 'step',
-    status      text not null,     -- completed | failed | retrying (attempt failed, backing off)
+    status      text not null,     -- completed | failed | retrying (backing off) | sleeping
     attempts    integer not null default 1,
     output      jsonb,
     error       jsonb,             -- last attempt's {type, message, traceback}
     started_at  timestamptz not null,
     finished_at timestamptz not null,
     primary key (run_id, seq),
-    constraint steps_status_known check (status in ('completed', 'failed', 'retrying')),
+    constraint steps_status_known check (
+        status in ('completed', 'failed', 'retrying', 'sleeping')),
     constraint steps_seq_positive check (seq >= 0),
     constraint steps_attempts_positive check (attempts >= 1),
-    constraint steps_failure_has_error check (status = 'completed' or error is not null)
+    constraint steps_failure_has_error check (status in ('completed', 'sleeping') or error is not null)
 );
+
+-- Every failed attempt of a step, insert-only: what went wrong, each time.
+create table pgflow.step_attempts (
+    id          bigint generated always as identity primary key,
+    run_id      uuid not null,
+    seq         integer not null,
+    attempt     integer not null,
+    error       jsonb not null,    -- {type, message, traceback}
+    started_at  timestamptz not null,
+    finished_at timestamptz not null
+);
+create index step_attempts_run on pgflow.step_attempts (run_id, seq);
+
+-- One row a pending wake-up of a run. kind says why:
+--   sleep  ctx.sleep / ctx.sleep_until (seq: the sleep's journal position)
+--   retry  a step's back-off before its next attempt (seq: the step)
+--   start  a delayed start
+-- The scheduler reads them in due order only, so its cost does not depend on
+-- how many runs sleep.
+create table pgflow.timers (
+    id         bigint generated always as identity primary key,
+    run_id     uuid not null,
+    kind       text not null,
+    seq        integer,
+    due_at     timestamptz not null,
+    created_at timestamptz not null,
+    constraint timers_kind_known check (kind in ('sleep', 'retry', 'start'))
+);
+create index timers_due on pgflow.timers (due_at);
+create index timers_run on pgflow.timers (run_id);
 
 -- Live workers. Each holds the session advisory lock (7366502, lock_key) on
 -- its listener connection for as long as it lives: a killed worker's lock
@@ -184,6 +230,14 @@ create table pgflow.workers (
     started_at   timestamptz not null default pg_catalog.clock_timestamp(),
     heartbeat_at timestamptz not null default pg_catalog.clock_timestamp()
 );
+
+-- What every suspended run waits for, and until when.
+create view pgflow.waits as
+select r.id as run_id, r.name, r.status, t.kind, t.seq, s.name as step, t.due_at,
+       t.due_at - pgflow.now() as due_in
+from pgflow.timers t
+join pgflow.runs r on r.id = t.run_id
+left join pgflow.steps s on s.run_id = t.run_id and s.seq = t.seq;
 
 -- ---------------------------------------------------------------------------
 -- Internal helpers
@@ -225,6 +279,22 @@ create function pgflow._notify_ready(p_queue text) returns void
 language sql
 as $$
     select pg_catalog.pg_notify('pgflow_ready', p_queue)
+$$;
+
+-- Add a timer. If it is now the earliest one, wake the scheduler, which may
+-- be sleeping until a later timer; otherwise stay silent (a NOTIFY costs
+-- every listening worker a transaction).
+create function pgflow._add_timer(p_run_id uuid, p_kind text, p_seq integer, p_due_at timestamptz)
+returns void
+language plpgsql
+as $$
+begin
+    if not exists (select 1 from pgflow.timers t where t.due_at <= p_due_at) then
+        perform pg_catalog.pg_notify('pgflow_timer', '');
+    end if;
+    insert into pgflow.timers (run_id, kind, seq, due_at, created_at)
+    values (p_run_id, p_kind, p_seq, p_due_at, pgflow.now());
+end;
 $$;
 
 -- Tell result() waiters that a run finished, if there are any. Every NOTIFY
@@ -313,10 +383,13 @@ begin
         v_queue := coalesce(start.queue, v_queue, 'default');
     end if;
 
-    insert into pgflow.runs as r (name, version, queue, key, priority, input, parent_id,
+    insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
                                   created_at, available_at)
-    values (start.name, v_version, v_queue, start.key, coalesce(start.priority, 0), start.input,
-            start.parent_id, v_now, v_now + coalesce(start.delay, interval '0'))
+    values (start.name, v_version, v_queue, start.key,
+            case when coalesce(start.delay, interval '0') > interval '0'
+                 then 'sleeping' else 'pending' end,
+            coalesce(start.priority, 0), start.input, start.parent_id, v_now,
+            v_now + coalesce(start.delay, interval '0'))
     on conflict (key) where key is not null do nothing
     returning r.id into v_id;
 
@@ -331,7 +404,9 @@ begin
         return v_id;
     end if;
 
-    if start.delay is null or start.delay = interval '0' then
+    if coalesce(start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + start.delay);
+    else
         perform pgflow._notify_ready(v_queue);
     end if;
     return v_id;
@@ -551,10 +626,10 @@ begin
 end;
 $$;
 
--- Record a failed attempt of a step. If the policy allows another attempt,
--- the step is marked retrying and the run is put back until the back-off
--- delay (p_initial * p_backoff^(attempts-1), capped at p_max) has passed:
--- outcome 'retry'. Otherwise the step is failed and the run stays leased so
+-- Record a failed attempt of a step (kept in step_attempts). If the policy
+-- allows another attempt, the step is marked retrying and the run sleeps on
+-- a retry timer for the back-off delay (p_initial * p_backoff^(attempts-1),
+-- capped at p_max): outcome 'retry'. Otherwise the step is failed and the run stays leased so
 -- the workflow can handle pgflow.StepFailed: outcome 'failed'.
 create function pgflow.fail_step(
     p_run_id       uuid,
@@ -597,15 +672,18 @@ begin
             message = format('step %s (%s) of run %s is already recorded', p_seq, p_name, p_run_id);
     end if;
 
+    insert into pgflow.step_attempts (run_id, seq, attempt, error, started_at, finished_at)
+    values (p_run_id, p_seq, fail_step.attempts, p_error, v_now - p_duration, v_now);
+
     if p_retryable and fail_step.attempts < p_max_attempts then
         v_delay := pgflow._backoff(p_initial, p_backoff, p_max, fail_step.attempts);
         outcome := 'retry';
         retry_at := v_now + v_delay;
         update pgflow.steps s set status = 'retrying'
         where s.run_id = p_run_id and s.seq = p_seq;
-        update pgflow.runs r
-        set status = 'pending', lease_owner = null, available_at = fail_step.retry_at
+        update pgflow.runs r set status = 'sleeping', lease_owner = null
         where r.id = p_run_id;
+        perform pgflow._add_timer(p_run_id, 'retry', p_seq, fail_step.retry_at);
     else
         outcome := 'failed';
         update pgflow.steps s set status = 'failed'
@@ -677,6 +755,215 @@ begin
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
     update pgflow.runs r
     set status = 'pending', lease_owner = null, available_at = pgflow.now()
+    where r.id = p_run_id;
+    perform pgflow._notify_ready(v_run.queue);
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Durable time: sleeps and timers
+-- ---------------------------------------------------------------------------
+
+-- Suspend a running run until p_until (else now + p_duration, engine clock).
+-- The sleep is journal entry p_seq; a timer wakes the run. Returns true if
+-- the run is now sleeping (the worker lets go of it), false if the time has
+-- already come (the workflow goes on). Idempotent for a sleep already
+-- recorded at p_seq, so a replay that meets it again re-suspends if needed.
+create function pgflow.sleep(
+    p_run_id      uuid,
+    p_lease_token bigint,
+    p_seq         integer,
+    p_name        text,
+    p_until       timestamptz,
+    p_duration    interval default null
+) returns boolean
+language plpgsql
+as $$
+declare
+    v_now   timestamptz := pgflow.now();
+    v_until timestamptz := coalesce(p_until, v_now + p_duration);
+    v_step  pgflow.steps;
+begin
+    if v_until is null then
+        raise exception using errcode = 'PF002', message = 'sleep needs an end time or a duration';
+    end if;
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+
+    insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                              started_at, finished_at)
+    values (p_run_id, p_seq, p_name, 'sleep',
+            case when v_until <= v_now then 'completed' else 'sleeping' end, 1,
+            jsonb_build_object('until', v_until), v_now, greatest(v_until, v_now))
+    on conflict (run_id, seq) do nothing;
+
+    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+    if v_step.kind <> 'sleep' or v_step.name <> p_name then
+        raise exception using errcode = 'PF004',
+            message = format('journal entry %s of run %s is %s %s, not sleep %s',
+                             p_seq, p_run_id, v_step.kind, v_step.name, p_name);
+    end if;
+    if v_step.status = 'completed' then
+        return false;
+    end if;
+
+    update pgflow.runs r set status = 'sleeping', lease_owner = null where r.id = p_run_id;
+    if not exists (select 1 from pgflow.timers t
+                   where t.run_id = p_run_id and t.kind = 'sleep' and t.seq = p_seq) then
+        perform pgflow._add_timer(p_run_id, 'sleep', p_seq, (v_step.output ->> 'until')::timestamptz);
+    end if;
+    return true;
+end;
+$$;
+
+-- Record a value the workflow must see identically on every replay
+-- (ctx.now(), ctx.uuid4(), ctx.random()) as journal entry p_seq. For kind
+-- 'now' the value is the engine clock's, never a worker's clock. Returns
+-- what was recorded.
+create function pgflow.record_value(
+    p_run_id      uuid,
+    p_lease_token bigint,
+    p_seq         integer,
+    p_kind        text,
+    p_value       jsonb
+) returns jsonb
+language plpgsql
+as $$
+declare
+    v_now   timestamptz := pgflow.now();
+    v_value jsonb := case when p_kind = 'now' then to_jsonb(v_now) else p_value end;
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                              started_at, finished_at)
+    values (p_run_id, p_seq, p_kind, p_kind, 'completed', 1, coalesce(v_value, 'null'::jsonb),
+            v_now, v_now)
+    on conflict (run_id, seq) do nothing;
+    if not found then
+        raise exception using errcode = 'PF004',
+            message = format('journal entry %s of run %s is already recorded', p_seq, p_run_id);
+    end if;
+    return v_value;
+end;
+$$;
+
+-- Wake the runs of up to p_limit due timers, earliest first: a finished
+-- sleep is marked completed in the journal, the run becomes pending, and
+-- its queue is notified. A timer whose run is locked by a transition in
+-- progress is left for the next call (try-lock: the scheduler never waits
+-- on a run, so it can never deadlock with one). Returns how many fired.
+create function pgflow.fire_timers(p_limit integer default 1000) returns integer
+language plpgsql
+as $$
+declare
+    v_now    timestamptz := pgflow.now();
+    v_runs   uuid[];
+    v_kinds  text[];
+    v_seqs   integer[];
+    v_queues text[];
+begin
+    with due as materialized (
+        select t.id, t.run_id
+        from pgflow.timers t
+        where t.due_at <= v_now
+        order by t.due_at
+        limit p_limit
+        for update skip locked
+    ), ours as materialized (
+        select d.id from due d
+        where pg_catalog.pg_try_advisory_xact_lock(7366503, pg_catalog.hashtext(d.run_id::text))
+    ), fired as (
+        delete from pgflow.timers t using ours o where t.id = o.id
+        returning t.run_id, t.kind, t.seq
+    )
+    select coalesce(array_agg(f.run_id), '{}'), coalesce(array_agg(f.kind), '{}'),
+           coalesce(array_agg(f.seq), '{}')
+    into v_runs, v_kinds, v_seqs
+    from fired f;
+
+    if cardinality(v_runs) = 0 then
+        return 0;
+    end if;
+
+    update pgflow.steps s set status = 'completed', finished_at = v_now
+    from unnest(v_runs, v_kinds, v_seqs) as f(run_id, kind, seq)
+    where f.kind = 'sleep' and s.run_id = f.run_id and s.seq = f.seq and s.status = 'sleeping';
+
+    with woken as (
+        update pgflow.runs r set status = 'pending', available_at = v_now
+        where r.id = any(v_runs) and r.status = 'sleeping'
+        returning r.queue
+    )
+    select coalesce(array_agg(distinct w.queue), '{}') into v_queues from woken w;
+
+    perform pgflow._notify_ready(q) from pg_catalog.unnest(v_queues) q;
+    return cardinality(v_runs);
+end;
+$$;
+
+-- Seconds from now (engine clock) until the earliest timer; null if none.
+-- The scheduler sleeps that long unless pgflow_timer wakes it earlier.
+create function pgflow.next_timer_in() returns double precision
+language sql stable
+as $$
+    select extract(epoch from min(t.due_at) - pgflow.now()) from pgflow.timers t
+$$;
+
+-- Tests: move the engine clock forward by p_delta and fire every timer that
+-- came due, in the caller's transaction. Returns how many fired.
+create function pgflow.advance_time(p_delta interval) returns integer
+language plpgsql
+as $$
+declare
+    v_total integer := 0;
+    v_fired integer;
+begin
+    if p_delta is null or p_delta < interval '0' then
+        raise exception using errcode = 'PF002', message = 'the clock only moves forward';
+    end if;
+    update pgflow.clock set offset_by = offset_by + p_delta;
+    loop
+        v_fired := pgflow.fire_timers(1000);
+        v_total := v_total + v_fired;
+        exit when v_fired < 1000;
+    end loop;
+    perform pg_catalog.pg_notify('pgflow_timer', '');  -- the scheduler recomputes its sleep
+    return v_total;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Operating runs
+-- ---------------------------------------------------------------------------
+
+-- Resume a failed run from its last checkpoint: the failed step at the end
+-- of its journal is forgotten (its attempts stay in step_attempts) so that
+-- it runs again; every completed step keeps its result.
+create function pgflow.retry(p_run_id uuid) returns void
+language plpgsql
+as $$
+declare
+    v_run pgflow.runs;
+begin
+    perform pgflow._lock_run(p_run_id);
+    select r.* into v_run from pgflow.runs r where r.id = p_run_id for update;
+    if not found then
+        raise exception using errcode = 'PF404', message = format('unknown run %s', p_run_id);
+    end if;
+    if v_run.status <> 'failed' then
+        raise exception using errcode = 'PF006',
+            message = format('run %s is %s: only failed runs can be retried', p_run_id, v_run.status);
+    end if;
+
+    delete from pgflow.steps s
+    where s.run_id = p_run_id and s.status = 'failed'
+      and s.seq > coalesce((select max(k.seq) from pgflow.steps k
+                            where k.run_id = p_run_id and k.status <> 'failed'), -1);
+
+    update pgflow.runs r
+    set status = 'pending', output = null, error = null, finished_at = null,
+        available_at = pgflow.now(), lease_token = r.lease_token + 1
     where r.id = p_run_id;
     perform pgflow._notify_ready(v_run.queue);
 end;

@@ -1,0 +1,103 @@
+"""The timer scheduler: one leader per database wakes the runs whose timers are due.
+
+Every worker process runs a :class:`Scheduler`; the one that holds the session
+advisory lock ``(7366504, 1)`` on its own connection is the leader, the others
+try again every ``LEADERSHIP_RETRY`` seconds. A killed leader's connection
+closes, its lock vanishes and another process leads within that interval.
+
+The leader sleeps until the earliest timer (``pgflow.next_timer_in()``),
+fires due timers in batches (``pgflow.fire_timers``, which NOTIFYs the
+queues of the runs it wakes), and is woken early by ``pgflow_timer`` when a
+new timer becomes the earliest or the test clock moves. It never scans
+sleeping runs: the timers index is read in due order only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+import psycopg
+
+logger = logging.getLogger("pgflow.scheduler")
+
+LEADER_LOCK = (7366504, 1)
+TIMER_CHANNEL = "pgflow_timer"
+FIRE_BATCH = 1000  # timers fired in one transaction
+LEADERSHIP_RETRY = 1.0  # seconds between a follower's attempts to lead
+MAX_SLEEP = 5.0  # seconds the leader sleeps at most, even with no timer due
+BUSY_DELAY = 0.01  # seconds before retrying timers whose runs were locked
+RECONNECT_DELAY_MAX = 5.0  # seconds
+
+
+class Scheduler:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self.is_leader = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: follow, or lead once the lock is ours; reconnect on errors."""
+        delay = 0.1
+        while not stop.is_set():
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True, application_name=f"pgflow-scheduler:{os.getpid()}")
+                delay = 0.1
+                while not stop.is_set():
+                    if await self._try_lead(conn):
+                        await self._lead(conn, stop)
+                    else:
+                        await _wait(stop, LEADERSHIP_RETRY)
+            except psycopg.Error as exc:
+                logger.warning("scheduler connection lost (%s); retrying in %.1fs",
+                               " ".join(str(exc).split())[:200], delay)
+                await _wait(stop, delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+            finally:
+                self.is_leader = False
+                if conn is not None:
+                    await conn.close()  # releases the leader lock
+
+    async def _try_lead(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        cur = await conn.execute("select pg_try_advisory_lock(%s, %s)", LEADER_LOCK)
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def _lead(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        self.is_leader = True
+        logger.info("this process now schedules timers")
+        await conn.execute(f"listen {TIMER_CHANNEL}")
+        while not stop.is_set():
+            cur = await conn.execute("select pgflow.fire_timers(%s)", (FIRE_BATCH,))
+            row = await cur.fetchone()
+            fired = int(row[0]) if row else 0
+            if fired >= FIRE_BATCH:
+                continue  # more are due: no sleeping
+            cur = await conn.execute("select pgflow.next_timer_in()")
+            row = await cur.fetchone()
+            next_in = row[0] if row else None
+            if next_in is None:
+                wait = MAX_SLEEP
+            elif next_in <= 0:
+                wait = BUSY_DELAY if fired == 0 else 0.0  # due but locked: try again shortly
+            else:
+                wait = min(float(next_in), MAX_SLEEP)
+            if wait > 0:
+                await self._sleep(conn, wait)
+
+    async def _sleep(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
+        """Sleep ``seconds``, or less if a ``pgflow_timer`` NOTIFY comes first.
+
+        The worker cancels this task to stop it, so no stop check is needed here.
+        """
+        async for _ in conn.notifies(timeout=seconds, stop_after=1):
+            break
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,226 @@
+"""Durable time with a real worker and the real clock: back-off, timeouts, sleeps, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import time
+import uuid
+
+import pytest
+
+import pgflow
+from pgflow.testing import advance_time
+from tests.helpers import wait_status
+from tests.workflows.effects import record
+
+BACKOFF = pgflow.Retry(max_attempts=4, initial_interval=0.3, backoff=2.0, max_interval=10)
+
+
+@pgflow.step(retry=BACKOFF)
+def fails_three_times(run_id: str) -> str:
+    attempt = record(run_id, "fails_three_times")
+    if attempt <= 3:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return f"ok on attempt {attempt}"
+
+
+@pgflow.workflow(name="timers_backoff")
+def backoff_flow(ctx: pgflow.Context) -> str:
+    return fails_three_times(str(ctx.workflow_id))
+
+
+def test_back_off_gaps_double_and_every_attempt_is_kept(conn, effects, inprocess_worker):
+    inprocess_worker.start([backoff_flow])
+    run_id = pgflow.start(conn, backoff_flow)
+    assert pgflow.result(conn, run_id, timeout=20) == "ok on attempt 4"
+
+    times = [r[0] for r in conn.execute(
+        "select at from public.effects where run_id = %s order by at", (str(run_id),))]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    print("attempt gaps (s):", [round(g, 3) for g in gaps])
+    for gap, due in zip(gaps, (0.3, 0.6, 1.2), strict=True):
+        assert due <= gap < due + 0.25, gaps
+    attempts = conn.execute(
+        "select attempt, error ->> 'type', error ->> 'message', error ->> 'traceback' like"
+        " 'Traceback%%' from pgflow.step_attempts where run_id = %s order by attempt",
+        (run_id,)).fetchall()
+    assert attempts == [(n, "ConnectionError", f"attempt {n} failed", True) for n in (1, 2, 3)]
+    step = pgflow.get(conn, run_id).steps[0]
+    assert (step.status, step.attempts) == ("completed", 4)
+
+
+SLOW_ONCE = pgflow.Retry(max_attempts=3, initial_interval=0.05)
+
+
+@pgflow.step(timeout=0.3, retry=SLOW_ONCE)
+def slow_the_first_time(run_id: str) -> str:
+    if record(run_id, "slow_the_first_time") == 1:
+        time.sleep(1.5)
+        return "late"
+    return "in time"
+
+
+@pgflow.step(timeout=0.3, retry=SLOW_ONCE)
+async def async_slow_the_first_time(run_id: str) -> str:
+    if record(run_id, "async_slow_the_first_time") == 1:
+        await asyncio.sleep(1.5)
+        return "late"
+    return "in time"
+
+
+@pgflow.workflow(name="timers_timeouts")
+def timeouts_flow(ctx: pgflow.Context) -> list[str]:
+    run_id = str(ctx.workflow_id)
+    return [slow_the_first_time(run_id), async_slow_the_first_time(run_id)]
+
+
+@pgflow.workflow(name="timers_timeouts_async")
+async def timeouts_flow_async(ctx: pgflow.Context) -> list[str]:
+    run_id = str(ctx.workflow_id)
+    return [await slow_the_first_time(run_id), await async_slow_the_first_time(run_id)]
+
+
+@pytest.mark.parametrize("flow", [timeouts_flow, timeouts_flow_async], ids=["def", "async"])
+def test_an_attempt_that_overruns_counts_as_failed_and_its_late_result_is_discarded(
+        conn, effects, inprocess_worker, flow):
+    inprocess_worker.start([flow])
+    run_id = pgflow.start(conn, flow)
+    assert pgflow.result(conn, run_id, timeout=20) == ["in time", "in time"]
+    time.sleep(1.6)  # the first attempts have finished by now; nothing of theirs is recorded
+    steps = pgflow.get(conn, run_id).steps
+    assert [(s.status, s.attempts, s.output) for s in steps] == [
+        ("completed", 2, "in time"), ("completed", 2, "in time")]
+    errors = [r[0] for r in conn.execute(
+        "select error ->> 'type' from pgflow.step_attempts where run_id = %s", (run_id,))]
+    assert errors == ["pgflow.errors.StepTimeout"] * 2
+
+
+@pgflow.step(retry=pgflow.Retry(max_attempts=2, initial_interval=0.05))
+def fails_once_with(run_id: str, values: list) -> list:
+    record(run_id, f"fails_once_with {values}")
+    if record(run_id, "fails_once") == 1:
+        raise RuntimeError("once")
+    return values
+
+
+@pgflow.workflow(name="timers_values")
+def values_flow(ctx: pgflow.Context) -> dict:
+    now, ident, rnd = ctx.now(), ctx.uuid4(), ctx.random()
+    assert isinstance(now, dt.datetime) and isinstance(ident, uuid.UUID)
+    # the retry replays this function: the three values must come back identical
+    fails_once_with(str(ctx.workflow_id), [now.isoformat(), str(ident), rnd])
+    return {"now": now.isoformat(), "uuid": str(ident), "random": rnd}
+
+
+def test_now_uuid_and_random_are_recorded_once(conn, effects, inprocess_worker):
+    advance_time(conn, dt.timedelta(days=30))
+    inprocess_worker.start([values_flow])
+    run_id = pgflow.start(conn, values_flow)
+    out = pgflow.result(conn, run_id, timeout=20)
+    calls = conn.execute("select step from public.effects where run_id = %s"
+                         " and step like 'fails_once_with%%'", (str(run_id),)).fetchall()
+    assert len(calls) == 2 and calls[0] == calls[1]  # both attempts saw the same values
+    recorded = dt.datetime.fromisoformat(out["now"])
+    db_now = conn.execute("select pgflow.now()").fetchone()[0]
+    assert abs((db_now - recorded).total_seconds()) < 60  # the engine clock, offset included
+    assert [s.kind for s in pgflow.get(conn, run_id).steps] == ["now", "uuid4", "random", "step"]
+
+
+@pgflow.step
+def mark(run_id: str, label: str) -> str:
+    record(run_id, label)
+    return label
+
+
+@pgflow.workflow(name="timers_sleepy")
+def sleepy(ctx: pgflow.Context, seconds: float) -> list[str]:
+    run_id = str(ctx.workflow_id)
+    ctx.sleep(0)  # due at once: recorded, nothing suspended
+    before = mark(run_id, "before")
+    ctx.sleep(seconds)
+    return [before, mark(run_id, "after")]
+
+
+@pgflow.workflow(name="timers_sleepy_async")
+async def sleepy_async(ctx: pgflow.Context, until: dt.datetime) -> str:
+    await ctx.sleep_until(until)
+    return await mark(str(ctx.workflow_id), "after")
+
+
+def test_a_sleeping_run_holds_no_worker_and_wakes_on_time(conn, effects, inprocess_worker):
+    inprocess_worker.start([sleepy, sleepy_async], concurrency=1)
+    long_nap = pgflow.start(conn, sleepy, 3600)
+    short_nap = pgflow.start(conn, sleepy, 0.5)
+    wait_status(conn, long_nap, "sleeping")
+    # concurrency is 1: the short nap runs although the long one has not finished
+    assert pgflow.result(conn, short_nap, timeout=10) == ["before", "after"]
+    waits = conn.execute("select kind, step, due_at - pgflow.now() > interval '59 minutes'"
+                         " from pgflow.waits where run_id = %s", (long_nap,)).fetchall()
+    assert waits == [("sleep", "sleep", True)]
+    assert advance_time(conn, dt.timedelta(hours=1)) == 1
+    assert pgflow.result(conn, long_nap, timeout=10) == ["before", "after"]
+    assert effects.per_step(long_nap) == {"before": 1, "after": 1}
+
+    until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.5)
+    async_run = pgflow.start(conn, sleepy_async, until)
+    assert pgflow.result(conn, async_run, timeout=10) == "after"
+    woke = conn.execute("select finished_at from pgflow.steps where run_id = %s and seq = 0",
+                        (async_run,)).fetchone()[0]
+    assert woke >= until
+
+
+def test_bad_durations_are_clear_errors(conn, inprocess_worker):
+    ctx_errors: list[str] = []
+
+    @pgflow.workflow(name="timers_bad_sleep")
+    def bad(ctx: pgflow.Context) -> None:
+        for call in (lambda: ctx.sleep(-1), lambda: ctx.sleep("1 day"),
+                     lambda: ctx.sleep_until(dt.datetime(2030, 1, 1))):
+            try:
+                call()
+            except (TypeError, ValueError) as exc:
+                ctx_errors.append(type(exc).__name__)
+
+    inprocess_worker.start([bad])
+    pgflow.result(conn, pgflow.start(conn, bad), timeout=10)
+    assert ctx_errors == ["ValueError", "TypeError", "TypeError"]
+    with pytest.raises(ValueError, match="forward"):
+        advance_time(conn, -1)
+
+
+@pgflow.step(retry=pgflow.Retry(max_attempts=1))
+def needs_flag(run_id: str) -> str:
+    record(run_id, "needs_flag")
+    from tests.workflows.effects import _conn
+    if not _conn().execute("select exists (select 1 from public.flags)").fetchone()[0]:
+        raise LookupError("no flag yet")
+    return "flag found"
+
+
+@pgflow.workflow(name="timers_retry")
+def retry_flow(ctx: pgflow.Context) -> list[str]:
+    run_id = str(ctx.workflow_id)
+    return [mark(run_id, "first"), needs_flag(run_id)]
+
+
+def test_retry_resumes_a_failed_run_from_its_last_checkpoint(conn, effects, inprocess_worker):
+    conn.execute("create table public.flags (flag text)")
+    inprocess_worker.start([retry_flow])
+    run_id = pgflow.start(conn, retry_flow)
+    with pytest.raises(pgflow.WorkflowFailed, match="no flag yet"):
+        pgflow.result(conn, run_id, timeout=10)
+    with pytest.raises(pgflow.RunStateError):
+        pgflow.retry(conn, pgflow.start(conn, retry_flow, key="still-pending"))
+
+    conn.execute("insert into public.flags values ('set')")
+    pgflow.retry(conn, run_id)
+    assert pgflow.result(conn, run_id, timeout=10) == ["first", "flag found"]
+    assert effects.per_step(run_id) == {"first": 1, "needs_flag": 2}
+    assert conn.execute("select count(*) from pgflow.step_attempts where run_id = %s",
+                        (run_id,)).fetchone()[0] == 1
+    with pytest.raises(pgflow.RunStateError, match="only failed runs"):
+        pgflow.retry(conn, run_id)
+    with pytest.raises(pgflow.RunNotFound):
+        pgflow.retry(conn, uuid.uuid4())
