@@ -26,6 +26,7 @@ from pgflow.errors import (
     WorkflowCancelled,
     WorkflowFailed,
     WorkflowNotFound,
+    WorkflowTimeout,
 )
 from pgflow.models import Run, StepRecord
 from pgflow.retry import Retry
@@ -57,6 +58,7 @@ __all__ = [
     "WorkflowCancelled",
     "WorkflowFailed",
     "WorkflowNotFound",
+    "WorkflowTimeout",
     "get",
     "result",
     "retry",

@@ -14,6 +14,7 @@
     ├── StepFailed             a step exhausted its retries (raised inside the workflow)
     ├── StepTimeout            a step attempt overran its timeout (recorded as its error)
     ├── SignalTimeout          a signal did not arrive in time
+    ├── WorkflowTimeout        the error type recorded for a run that outlived its timeout
     └── WorkflowFailed         a run ended failed (raised by result())
         └── ChildFailed        a child run ended failed (raised inside the parent)
     BaseException
@@ -46,6 +47,7 @@ __all__ = [
     "WorkflowCancelled",
     "WorkflowFailed",
     "WorkflowNotFound",
+    "WorkflowTimeout",
 ]
 
 
@@ -104,6 +106,14 @@ class StepFailed(PgflowError):
 
 class StepTimeout(PgflowError, TimeoutError):
     """A step attempt ran longer than its ``timeout``; it counts as a failed attempt."""
+
+
+class WorkflowTimeout(PgflowError, TimeoutError):
+    """The error recorded (as its type name) for a run that outlived its ``timeout``.
+
+    The scheduler fails such a run in the database, wherever it stood; waiting
+    callers get :class:`WorkflowFailed` with ``error_type`` naming this class.
+    """
 
 
 class SignalTimeout(PgflowError, TimeoutError):

@@ -15,7 +15,7 @@ from typing import Any
 from pgflow import codec, definitions, errors, models
 
 START = ("select pgflow.start(name => %s, input => %s::jsonb, key => %s, queue => %s,"
-         " priority => %s, delay => %s, version => %s)")
+         " priority => %s, delay => %s, version => %s, timeout => %s)")
 
 GET_RUN = ("select id, name, version, queue, key, status, priority, input, output, error,"
            " parent_id, created_at, started_at, finished_at from pgflow.runs where id = %s")
@@ -59,6 +59,7 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
         what = f"workflow {workflow.name!r}"
         data = workflow.signature.encode_args(args, kwargs, f"start of {what}")
         name, version, queue = workflow.name, workflow.version, queue or workflow.queue
+        timeout = workflow.timeout
     elif isinstance(workflow, str):
         if not workflow.strip():
             raise ValueError("workflow name must not be empty")
@@ -67,11 +68,11 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
                             "arguments, not both (without the code their order is unknown)")
         data = codec.to_json(dict(kwargs) if kwargs else list(args),
                              f"the arguments of workflow {workflow!r}")
-        name, version = workflow, None
+        name, version, timeout = workflow, None, None
     else:
         raise TypeError(f"workflow must be a @pgflow.workflow function or a name, not {workflow!r}")
     return (name, codec.dumps(data, f"the arguments of {name!r}"), key, queue, priority, delay,
-            version)
+            version, timeout)
 
 
 def as_uuid(value: Any) -> uuid.UUID:

@@ -128,7 +128,9 @@ class Worker:
         wake = asyncio.Event()
         self._membership = Membership(
             self.dsn, self.queues,
-            [{"name": wf.name, "version": wf.version, "queue": wf.queue} for wf in self.workflows],
+            [{"name": wf.name, "version": wf.version, "queue": wf.queue,
+              "timeout_seconds": wf.timeout.total_seconds() if wf.timeout else None}
+             for wf in self.workflows],
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
             stale_after=self.stale_after)
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")

@@ -20,7 +20,7 @@ drop function if exists
     pgflow.unregister_worker(uuid),
     pgflow.heartbeat(uuid),
     pgflow.register_worker(uuid, text, integer, text[], jsonb),
-    pgflow.start(text, jsonb, text, text, integer, interval, text, uuid),
+    pgflow.start(text, jsonb, text, text, integer, interval, text, uuid, interval),
     pgflow.watch(uuid),
     pgflow._notify_done(uuid),
     pgflow._notify_ready(text),

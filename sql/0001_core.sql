@@ -99,6 +99,7 @@ create table pgflow.workflows (
     name       text not null,
     version    text not null,
     queue      text not null,
+    timeout    interval,                    -- the workflow's own time limit, if any
     first_seen timestamptz not null default pg_catalog.clock_timestamp(),
     last_seen  timestamptz not null default pg_catalog.clock_timestamp(),
     primary key (name, version)
@@ -111,6 +112,7 @@ create table pgflow.workflows (
 --   running   -> sleeping           sleep, fail_step (retry back-off)
 --   sleeping  -> pending            fire_timers (its timer came due)
 --   failed    -> pending            retry
+--   any unfinished -> failed        fire_timers (its deadline timer: WorkflowTimeout)
 -- A delayed start begins as sleeping.
 -- The hot columns are updated in place (no indexed column changes on a
 -- checkpoint), so fillfactor leaves room for HOT updates.
@@ -126,6 +128,7 @@ create table pgflow.runs (
     output       jsonb,
     error        jsonb,                      -- {type, message, traceback}
     parent_id    uuid,
+    timeout      interval,                   -- fail the run if it is not finished this long after start
     created_at   timestamptz not null,
     available_at timestamptz not null,       -- not claimable before this (delay, back-off)
     started_at   timestamptz,                -- first claim
@@ -201,7 +204,8 @@ create index step_attempts_run on pgflow.step_attempts (run_id, seq);
 -- One row a pending wake-up of a run. kind says why:
 --   sleep  ctx.sleep / ctx.sleep_until (seq: the sleep's journal position)
 --   retry  a step's back-off before its next attempt (seq: the step)
---   start  a delayed start
+--   start     a delayed start
+--   deadline  the run's timeout: it fails if still unfinished
 -- The scheduler reads them in due order only, so its cost does not depend on
 -- how many runs sleep.
 create table pgflow.timers (
@@ -211,7 +215,7 @@ create table pgflow.timers (
     seq        integer,
     due_at     timestamptz not null,
     created_at timestamptz not null,
-    constraint timers_kind_known check (kind in ('sleep', 'retry', 'start'))
+    constraint timers_kind_known check (kind in ('sleep', 'retry', 'start', 'deadline'))
 );
 create index timers_due on pgflow.timers (due_at);
 create index timers_run on pgflow.timers (run_id);
@@ -339,7 +343,8 @@ create function pgflow.start(
     priority integer default 0,
     delay    interval default null,
     version  text default null,
-    parent_id uuid default null
+    parent_id uuid default null,
+    timeout  interval default null
 ) returns uuid
 language plpgsql
 as $$
@@ -347,6 +352,7 @@ as $$
 declare
     v_version text := start.version;
     v_queue   text := start.queue;
+    v_timeout interval := start.timeout;
     v_now     timestamptz := pgflow.now();
     v_id      uuid;
     v_name    text;
@@ -361,10 +367,13 @@ begin
     if start.delay is not null and start.delay < interval '0' then
         raise exception using errcode = 'PF002', message = 'delay must not be negative';
     end if;
+    if start.timeout is not null and start.timeout <= interval '0' then
+        raise exception using errcode = 'PF002', message = 'timeout must be positive';
+    end if;
 
     if v_version is null or v_queue is null then
         -- The newest version a live worker serves; else the newest ever seen.
-        select w.version, w.queue into v_version, v_queue
+        select w.version, w.queue, w.timeout into v_version, v_queue, v_timeout
         from pgflow.workflows w
         where w.name = start.name
           and (start.version is null or w.version = start.version)
@@ -381,14 +390,15 @@ begin
         end if;
         v_version := coalesce(start.version, v_version);
         v_queue := coalesce(start.queue, v_queue, 'default');
+        v_timeout := coalesce(start.timeout, v_timeout);
     end if;
 
     insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
-                                  created_at, available_at)
+                                  timeout, created_at, available_at)
     values (start.name, v_version, v_queue, start.key,
             case when coalesce(start.delay, interval '0') > interval '0'
                  then 'sleeping' else 'pending' end,
-            coalesce(start.priority, 0), start.input, start.parent_id, v_now,
+            coalesce(start.priority, 0), start.input, start.parent_id, v_timeout, v_now,
             v_now + coalesce(start.delay, interval '0'))
     on conflict (key) where key is not null do nothing
     returning r.id into v_id;
@@ -404,6 +414,9 @@ begin
         return v_id;
     end if;
 
+    if v_timeout is not null then
+        perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
+    end if;
     if coalesce(start.delay, interval '0') > interval '0' then
         perform pgflow._add_timer(v_id, 'start', null, v_now + start.delay);
     else
@@ -436,11 +449,13 @@ begin
     insert into pgflow.workers (id, lock_key, hostname, pid, queues, workflows)
     values (p_worker_id, v_lock_key, p_hostname, p_pid, p_queues, p_workflows);
 
-    insert into pgflow.workflows as w (name, version, queue)
-    select d ->> 'name', d ->> 'version', d ->> 'queue'
+    insert into pgflow.workflows as w (name, version, queue, timeout)
+    select d ->> 'name', d ->> 'version', d ->> 'queue',
+           (d ->> 'timeout_seconds')::double precision * interval '1 second'
     from jsonb_array_elements(p_workflows) d
     on conflict (name, version) do update
-        set last_seen = pg_catalog.clock_timestamp(), queue = excluded.queue;
+        set last_seen = pg_catalog.clock_timestamp(), queue = excluded.queue,
+            timeout = excluded.timeout;
     return v_lock_key;
 end;
 $$;
@@ -724,6 +739,7 @@ begin
     set status = 'completed', output = coalesce(p_output, 'null'::jsonb), error = null,
         finished_at = pgflow.now(), lease_owner = null
     where r.id = p_run_id;
+    delete from pgflow.timers t where t.run_id = p_run_id;
     perform pgflow._notify_done(p_run_id);
 end;
 $$;
@@ -739,6 +755,7 @@ begin
     update pgflow.runs r
     set status = 'failed', error = p_error, finished_at = pgflow.now(), lease_owner = null
     where r.id = p_run_id;
+    delete from pgflow.timers t where t.run_id = p_run_id;
     perform pgflow._notify_done(p_run_id);
 end;
 $$;
@@ -862,6 +879,7 @@ declare
     v_kinds  text[];
     v_seqs   integer[];
     v_queues text[];
+    v_expired uuid[];
 begin
     with due as materialized (
         select t.id, t.run_id
@@ -885,6 +903,26 @@ begin
     if cardinality(v_runs) = 0 then
         return 0;
     end if;
+
+    -- Deadlines: an unfinished run fails with WorkflowTimeout, whatever it was
+    -- doing; bumping the lease token fences a worker still running it.
+    with expired as (
+        update pgflow.runs r
+        set status = 'failed', finished_at = v_now, lease_owner = null,
+            lease_token = r.lease_token + 1,
+            error = jsonb_build_object(
+                'type', 'pgflow.errors.WorkflowTimeout',
+                'message', format('run did not finish within its timeout of %s', r.timeout),
+                'traceback', null)
+        from unnest(v_runs, v_kinds) as f(run_id, kind)
+        where f.kind = 'deadline' and r.id = f.run_id
+          and r.status not in ('completed', 'failed', 'cancelled')
+        returning r.id
+    ), cleared as (
+        delete from pgflow.timers t using expired e where t.run_id = e.id
+    )
+    select coalesce(array_agg(e.id), '{}') into v_expired from expired e;
+    perform pgflow._notify_done(x) from pg_catalog.unnest(v_expired) x;
 
     update pgflow.steps s set status = 'completed', finished_at = v_now
     from unnest(v_runs, v_kinds, v_seqs) as f(run_id, kind, seq)
@@ -965,6 +1003,9 @@ begin
     set status = 'pending', output = null, error = null, finished_at = null,
         available_at = pgflow.now(), lease_token = r.lease_token + 1
     where r.id = p_run_id;
+    if v_run.timeout is not null then  -- a fresh time limit for the resumed run
+        perform pgflow._add_timer(p_run_id, 'deadline', null, pgflow.now() + v_run.timeout);
+    end if;
     perform pgflow._notify_ready(v_run.queue);
 end;
 $$;

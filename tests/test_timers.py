@@ -224,3 +224,63 @@ def test_retry_resumes_a_failed_run_from_its_last_checkpoint(conn, effects, inpr
         pgflow.retry(conn, run_id)
     with pytest.raises(pgflow.RunNotFound):
         pgflow.retry(conn, uuid.uuid4())
+
+
+@pgflow.step
+def takes_two_seconds(run_id: str) -> str:
+    record(run_id, "takes_two_seconds")
+    time.sleep(2)
+    return "too late"
+
+
+@pgflow.workflow(name="timers_deadline", timeout=0.5)
+def with_deadline(ctx: pgflow.Context) -> str:
+    return takes_two_seconds(str(ctx.workflow_id))
+
+
+def test_a_run_that_outlives_its_timeout_fails_and_its_worker_is_fenced(conn, effects,
+                                                                          inprocess_worker):
+    inprocess_worker.start([with_deadline])
+    run_id = pgflow.start(conn, with_deadline)
+    with pytest.raises(pgflow.WorkflowFailed) as info:
+        pgflow.result(conn, run_id, timeout=10)
+    assert info.value.error_type == "pgflow.errors.WorkflowTimeout"
+    time.sleep(2.0)  # the step has returned by now: its checkpoint must have been refused
+    run = pgflow.get(conn, run_id)
+    assert run.status == "failed" and run.steps == []
+    assert effects.count(run_id) == 1
+    assert conn.execute("select count(*) from pgflow.timers").fetchone()[0] == 0
+
+
+@pgflow.workflow(name="timers_long_deadline", timeout=dt.timedelta(hours=1))
+def with_long_deadline(ctx: pgflow.Context) -> str:
+    ctx.sleep(dt.timedelta(days=2))
+    return "woke"
+
+
+def test_a_sleeping_run_also_meets_its_deadline(conn, inprocess_worker):
+    inprocess_worker.start([with_long_deadline])
+    run_id = pgflow.start(conn, with_long_deadline)
+    wait_status(conn, run_id, "sleeping")
+    kinds = sorted(r[0] for r in conn.execute(
+        "select kind from pgflow.waits where run_id = %s", (run_id,)))
+    assert kinds == ["deadline", "sleep"]
+    assert advance_time(conn, dt.timedelta(hours=2)) == 1
+    with pytest.raises(pgflow.WorkflowFailed, match="WorkflowTimeout"):
+        pgflow.result(conn, run_id, timeout=5)
+    assert conn.execute("select count(*) from pgflow.timers").fetchone()[0] == 0
+
+
+@pgflow.workflow(name="timers_in_time", timeout=60)
+def in_time(ctx: pgflow.Context) -> str:
+    return "done"
+
+
+def test_a_run_finished_in_time_leaves_no_deadline_behind(conn, inprocess_worker):
+    inprocess_worker.start([in_time])
+    assert pgflow.result(conn, pgflow.start(conn, in_time), timeout=10) == "done"
+    assert conn.execute("select count(*) from pgflow.timers").fetchone()[0] == 0
+    # started by name, the registered timeout applies too
+    by_name = pgflow.start(conn, "timers_in_time")
+    assert conn.execute("select timeout from pgflow.runs where id = %s",
+                        (by_name,)).fetchone()[0] == dt.timedelta(seconds=60)
