@@ -12,7 +12,7 @@ import pytest
 
 import pgflow
 from pgflow.testing import advance_time
-from tests.helpers import wait_status
+from tests.helpers import wait_for, wait_status
 from tests.workflows.effects import record
 
 BACKOFF = pgflow.Retry(max_attempts=4, initial_interval=0.3, backoff=2.0, max_interval=10)
@@ -233,7 +233,7 @@ def takes_two_seconds(run_id: str) -> str:
     return "too late"
 
 
-@pgflow.workflow(name="timers_deadline", timeout=0.5)
+@pgflow.workflow(name="timers_deadline", timeout=dt.timedelta(hours=1))
 def with_deadline(ctx: pgflow.Context) -> str:
     return takes_two_seconds(str(ctx.workflow_id))
 
@@ -242,6 +242,8 @@ def test_a_run_that_outlives_its_timeout_fails_and_its_worker_is_fenced(conn, ef
                                                                           inprocess_worker):
     inprocess_worker.start([with_deadline])
     run_id = pgflow.start(conn, with_deadline)
+    wait_for(lambda: effects.count(run_id) == 1, what="the step running")
+    assert advance_time(conn, dt.timedelta(hours=2)) == 1  # the deadline passes mid-step
     with pytest.raises(pgflow.WorkflowFailed) as info:
         pgflow.result(conn, run_id, timeout=10)
     assert info.value.error_type == "pgflow.errors.WorkflowTimeout"
