@@ -41,3 +41,13 @@ def stamp() -> float:
 @pgflow.workflow(name="wake_probe")
 def wake_probe(ctx: pgflow.Context) -> float:
     return stamp()
+
+
+SLEEP_S = 2.0  # sleeper's default sleep (W4); W4b passes its own
+
+
+@pgflow.workflow(name="sleeper")
+def sleeper(ctx: pgflow.Context, n: int, seconds: float = SLEEP_S) -> int:
+    """A durable sleep, then one trivial step (the timer workloads W4, W4b)."""
+    ctx.sleep(seconds)
+    return bump(n)

@@ -44,9 +44,10 @@
 --   PF005 key conflict        PF006 run not in a state that allows this
 --   PF404 unknown run
 --
--- Two clocks: pgflow.now() is business time (created_at, delays, back-offs);
--- tests move it with pgflow.clock.offset_by. Worker liveness (heartbeats)
--- uses the real clock, so moving business time never kills workers.
+-- Two clocks: pgflow.now() is business time (created_at, delays, back-offs,
+-- sleeps); tests move it with pgflow.advance_time(), which also fires the
+-- timers that come due. Worker liveness (heartbeats) uses the real clock, so
+-- moving business time never kills workers.
 
 create schema if not exists pgflow;
 
@@ -155,8 +156,8 @@ create table pgflow.runs (
 -- Idempotent start: one run per key, ever (until purged).
 create unique index runs_key_unique on pgflow.runs (key) where key is not null;
 -- The claim: only pending runs are in it, so its cost is independent of
--- finished history and of suspended runs. (Pending runs whose available_at
--- is still ahead, delayed starts and retry back-offs, are in it too.)
+-- finished history and of suspended runs (sleeping runs, delayed starts and
+-- retry back-offs wait as 'sleeping' with a timer, outside this index).
 create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
     where status = 'pending';
 -- Recovery: runs held by workers.
@@ -293,7 +294,9 @@ returns void
 language plpgsql
 as $$
 begin
-    if not exists (select 1 from pgflow.timers t where t.due_at <= p_due_at) then
+    -- min() is one probe of timers_due; a "not exists (due_at <= p_due_at)"
+    -- test gets a generic plan that scans every timer.
+    if coalesce((select min(t.due_at) from pgflow.timers t) > p_due_at, true) then
         perform pg_catalog.pg_notify('pgflow_timer', '');
     end if;
     insert into pgflow.timers (run_id, kind, seq, due_at, created_at)
@@ -880,7 +883,11 @@ declare
     v_seqs   integer[];
     v_queues text[];
     v_expired uuid[];
+    v_dues   timestamptz[];
 begin
+    if p_limit is null or p_limit < 1 then
+        raise exception using errcode = 'PF002', message = 'fire_timers limit must be at least 1';
+    end if;
     with due as materialized (
         select t.id, t.run_id
         from pgflow.timers t
@@ -893,11 +900,11 @@ begin
         where pg_catalog.pg_try_advisory_xact_lock(7366503, pg_catalog.hashtext(d.run_id::text))
     ), fired as (
         delete from pgflow.timers t using ours o where t.id = o.id
-        returning t.run_id, t.kind, t.seq
+        returning t.run_id, t.kind, t.seq, t.due_at
     )
     select coalesce(array_agg(f.run_id), '{}'), coalesce(array_agg(f.kind), '{}'),
-           coalesce(array_agg(f.seq), '{}')
-    into v_runs, v_kinds, v_seqs
+           coalesce(array_agg(f.seq), '{}'), coalesce(array_agg(f.due_at), '{}')
+    into v_runs, v_kinds, v_seqs, v_dues
     from fired f;
 
     if cardinality(v_runs) = 0 then
@@ -928,9 +935,11 @@ begin
     from unnest(v_runs, v_kinds, v_seqs) as f(run_id, kind, seq)
     where f.kind = 'sleep' and s.run_id = f.run_id and s.seq = f.seq and s.status = 'sleeping';
 
+    -- available_at = when it was due, so a run woken late keeps its place in line.
     with woken as (
-        update pgflow.runs r set status = 'pending', available_at = v_now
-        where r.id = any(v_runs) and r.status = 'sleeping'
+        update pgflow.runs r set status = 'pending', available_at = f.due_at
+        from unnest(v_runs, v_dues) as f(run_id, due_at)
+        where r.id = f.run_id and r.status = 'sleeping'
         returning r.queue
     )
     select coalesce(array_agg(distinct w.queue), '{}') into v_queues from woken w;
@@ -961,10 +970,12 @@ begin
         raise exception using errcode = 'PF002', message = 'the clock only moves forward';
     end if;
     update pgflow.clock set offset_by = offset_by + p_delta;
+    -- Until a batch fires nothing: a timer skipped because its run was locked
+    -- still used a slot of its batch, so a short batch does not mean "done".
     loop
         v_fired := pgflow.fire_timers(1000);
         v_total := v_total + v_fired;
-        exit when v_fired < 1000;
+        exit when v_fired = 0;
     end loop;
     perform pg_catalog.pg_notify('pgflow_timer', '');  -- the scheduler recomputes its sleep
     return v_total;

@@ -1,9 +1,11 @@
 """The engine's SQL procedures, called directly: each test is a state-machine script.
 
-No Python worker: a :class:`Worker` below is only a registered row, its
-liveness lock (held on its own ``listener`` connection) and thin wrappers
-around ``pgflow.claim`` and the fenced reports. Everything runs on the real
-PostgreSQL of ``conftest.py``, one fresh database a test.
+No Python worker: a :class:`~tests.sqlkit.Worker` is only a registered row,
+its liveness lock (held on its own ``listener`` connection) and thin wrappers
+around ``pgflow.claim`` and the fenced reports (see ``tests/sqlkit.py``).
+Everything runs on the real PostgreSQL of ``conftest.py``, one fresh database
+a test. Durable timers (sleep, delayed starts, retry back-offs) have their own
+scripts in ``test_sql_timers.py``.
 """
 
 from __future__ import annotations
@@ -11,212 +13,51 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tests.helpers import wait_for
-
-Conn = psycopg.Connection[Any]
-
-LEASE_LOST = "PF001"
-BAD_ARGUMENT = "PF002"
-WORKER_UNKNOWN = "PF003"
-DUPLICATE_CHECKPOINT = "PF004"
-KEY_CONFLICT = "PF005"
-UNKNOWN_RUN = "PF404"
-CHECK_VIOLATION = "23514"
-
-ERROR = {"type": "ValueError", "message": "boom", "traceback": "..."}
-SECOND = timedelta(seconds=1)
-
-
-# ---------------------------------------------------------------------------
-# Script helpers
-# ---------------------------------------------------------------------------
-
-
-@contextmanager
-def raises_sqlstate(code: str) -> Iterator[pytest.ExceptionInfo[psycopg.Error]]:
-    """Expect a database error with SQLSTATE ``code``."""
-    with pytest.raises(psycopg.Error) as exc:
-        yield exc
-    assert exc.value.sqlstate == code, f"expected {code}, got {exc.value.sqlstate}: {exc.value}"
-
-
-def start(conn: Conn, name: str | None = "wf", input: Any = (), **named: Any) -> uuid.UUID:
-    """``pgflow.start(name, input, key => ..., ...)``; ``version`` defaults to '1'."""
-    named.setdefault("version", "1")
-    args = [sql.SQL("{} => {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in named]
-    query = sql.SQL("select pgflow.start(%(name)s, %(input)s, {})").format(sql.SQL(", ").join(args))
-    value = input if isinstance(input, Jsonb) or input is None else Jsonb(
-        list(input) if isinstance(input, tuple) else input)
-    row = conn.execute(query, {"name": name, "input": value, **named}).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def run_row(conn: Conn, run_id: uuid.UUID) -> dict[str, Any]:
-    row = conn.cursor(row_factory=dict_row).execute(
-        "select * from pgflow.runs where id = %s", (run_id,)).fetchone()
-    assert row is not None, f"run {run_id} does not exist"
-    return row
-
-
-def step_rows(conn: Conn, run_id: uuid.UUID) -> list[dict[str, Any]]:
-    return conn.cursor(row_factory=dict_row).execute(
-        "select * from pgflow.steps where run_id = %s order by seq", (run_id,)).fetchall()
-
-
-def count(conn: Conn, table: str) -> int:
-    row = conn.execute(sql.SQL("select count(*) from pgflow.{}").format(sql.Identifier(table))).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def engine_now(conn: Conn) -> datetime:
-    row = conn.execute("select pgflow.now()").fetchone()
-    assert row is not None
-    return row[0]
-
-
-def set_clock(conn: Conn, offset: timedelta) -> None:
-    """Move business time (pgflow.now()) to the database clock plus ``offset``."""
-    conn.execute("update pgflow.clock set offset_by = %s", (offset,))
-
-
-def advance_clock(conn: Conn, by: timedelta) -> None:
-    conn.execute("update pgflow.clock set offset_by = offset_by + %s", (by,))
-
-
-def recover(conn: Conn, stale_after: timedelta = timedelta(seconds=30)) -> int:
-    row = conn.execute("select pgflow.recover(%s)", (stale_after,)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def listener(dsn: str) -> Conn:
-    """A second autocommit connection that LISTENs on pgflow_ready."""
-    conn = psycopg.connect(dsn, autocommit=True)
-    conn.execute("listen pgflow_ready")
-    return conn
-
-
-def ready_payloads(conn: Conn, timeout: float = 0.5, expect: int | None = None) -> list[str]:
-    """Payloads of pgflow_ready notifications received within ``timeout``."""
-    return [n.payload for n in conn.notifies(timeout=timeout, stop_after=expect)
-            if n.channel == "pgflow_ready"]
-
-
-@dataclass(frozen=True)
-class Claim:
-    run_id: uuid.UUID
-    name: str
-    version: str
-    input: Any
-    token: int
-    journal: list[dict[str, Any]]
-
-
-class Worker:
-    """A registered worker: its liveness lock on ``listener``, its reports on ``db``."""
-
-    def __init__(self, dsn: str, queues: tuple[str, ...] = ("default",),
-                 workflows: tuple[tuple[str, str, str], ...] = (("wf", "1", "default"),)) -> None:
-        self.id = uuid.uuid4()
-        self.queues = list(queues)
-        self.pairs = [(name, version) for name, version, _ in workflows]
-        self.listener: Conn = psycopg.connect(dsn, autocommit=True)
-        self.db: Conn = psycopg.connect(dsn, autocommit=True)
-        announced = [{"name": n, "version": v, "queue": q} for n, v, q in workflows]
-        row = self.listener.execute(
-            "select pgflow.register_worker(%s, 'host', 1, %s::text[], %s)",
-            (self.id, self.queues, Jsonb(announced))).fetchone()
-        assert row is not None
-        self.lock_key: int = row[0]
-
-    def _call(self, via: Conn | None, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        cur = (via or self.db).execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-    def claim(self, limit: int = 10, *, queues: list[str] | None = None,
-              pairs: list[tuple[str, str]] | None = None, via: Conn | None = None) -> list[Claim]:
-        pairs = self.pairs if pairs is None else pairs
-        rows = self._call(
-            via, "select run_id, name, version, input, lease_token, journal"
-                 " from pgflow.claim(%s, %s::text[], %s::text[], %s::text[], %s)",
-            (self.id, self.queues if queues is None else queues,
-             [n for n, _ in pairs], [v for _, v in pairs], limit))
-        return [Claim(*row) for row in rows]
-
-    def claim_one(self, **kw: Any) -> Claim:
-        claims = self.claim(**kw)
-        assert len(claims) == 1, f"expected one claimed run, got {claims}"
-        return claims[0]
-
-    def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str = "step",
-                      output: Any = "ok", kind: str = "step", via: Conn | None = None) -> None:
-        self._call(via, "select pgflow.complete_step(%s, %s, %s, %s, %s, %s, %s)",
-                   (run_id, token, seq, name, kind, Jsonb(output), timedelta(milliseconds=250)))
-
-    def fail_step(self, run_id: uuid.UUID, token: int, seq: int, name: str = "step", *,
-                  error: dict[str, Any] = ERROR, retryable: bool = True, max_attempts: int = 3,
-                  initial: timedelta = SECOND, backoff: float = 2.0, max_delay: timedelta = 3 * SECOND,
-                  via: Conn | None = None) -> tuple[str, int, datetime | None]:
-        rows = self._call(
-            via, "select outcome, attempts, retry_at from pgflow.fail_step("
-                 "%s, %s, %s, %s, 'step', %s, %s, %s, %s, %s, %s, %s)",
-            (run_id, token, seq, name, Jsonb(error), timedelta(milliseconds=250), retryable,
-             max_attempts, initial, backoff, max_delay))
-        outcome, attempts, retry_at = rows[0]
-        return outcome, attempts, retry_at
-
-    def complete_run(self, run_id: uuid.UUID, token: int, output: Any = "done",
-                     via: Conn | None = None) -> None:
-        self._call(via, "select pgflow.complete_run(%s, %s, %s)", (run_id, token, Jsonb(output)))
-
-    def fail_run(self, run_id: uuid.UUID, token: int, error: dict[str, Any] = ERROR,
-                 via: Conn | None = None) -> None:
-        self._call(via, "select pgflow.fail_run(%s, %s, %s)", (run_id, token, Jsonb(error)))
-
-    def release_run(self, run_id: uuid.UUID, token: int, via: Conn | None = None) -> None:
-        self._call(via, "select pgflow.release_run(%s, %s)", (run_id, token))
-
-    def heartbeat(self) -> bool:
-        return self._call(None, "select pgflow.heartbeat(%s)", (self.id,))[0][0]
-
-    def lose_liveness_lock(self) -> None:
-        """Close the listener (as a crash would) and wait until its backend, and lock, are gone."""
-        pid = self.listener.info.backend_pid
-        self.listener.close()
-        wait_for(lambda: not self.db.execute(
-            "select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
-            timeout=10, what=f"backend {pid} to exit")
-
-    def close(self) -> None:
-        self.listener.close()
-        self.db.close()
+from tests.sqlkit import (
+    BAD_ARGUMENT,
+    CHECK_VIOLATION,
+    DUPLICATE_CHECKPOINT,
+    ERROR,
+    KEY_CONFLICT,
+    LEASE_LOST,
+    SECOND,
+    STEP_DURATION,
+    UNKNOWN_RUN,
+    WORKER_UNKNOWN,
+    Conn,
+    Worker,
+    advance_time,
+    attempt_rows,
+    count,
+    engine_now,
+    fire_timers,
+    listener,
+    raises_sqlstate,
+    ready_payloads,
+    recover,
+    run_row,
+    set_clock,
+    start,
+    step_rows,
+    timer_rows,
+    worker_factory,
+)
 
 
 @pytest.fixture
 def workers(dsn: str) -> Iterator[Callable[..., Worker]]:
     """``workers()`` registers a new :class:`Worker`; all are closed at teardown."""
-    made: list[Worker] = []
-
-    def make(**kw: Any) -> Worker:
-        made.append(Worker(dsn, **kw))
-        return made[-1]
-
-    yield make
-    for worker in made:
-        worker.close()
+    with worker_factory(dsn) as make:
+        yield make
 
 
 # ---------------------------------------------------------------------------
@@ -402,16 +243,29 @@ def test_claim_one_at_a_time_follows_priority_then_availability(conn, workers):
     assert [worker.claim_one(limit=1).run_id for _ in expected] == [e[2] for e in expected]
 
 
-def test_a_delayed_run_is_claimed_only_once_the_engine_clock_passes_it(conn, workers):
+def test_a_delayed_run_is_claimed_only_once_its_start_timer_fires(conn, workers):
     worker = workers()
     run_id = start(conn, delay=timedelta(hours=1))
     run = run_row(conn, run_id)
+    assert run["status"] == "sleeping"
     assert run["available_at"] - run["created_at"] == timedelta(hours=1)
+    [timer] = timer_rows(conn)
+    assert (timer["run_id"], timer["kind"], timer["seq"], timer["due_at"]) == (
+        run_id, "start", None, run["available_at"])
 
     assert worker.claim() == []
-    set_clock(conn, timedelta(minutes=59))
+    assert advance_time(conn, timedelta(minutes=59)) == 0
     assert worker.claim() == []
-    conn.execute("update pgflow.clock set offset_by = interval '2 hours'")
+    assert run_row(conn, run_id)["status"] == "sleeping"
+    # Moving the clock alone wakes nothing: only a fired timer makes the run claimable.
+    set_clock(conn, timedelta(hours=2))
+    assert worker.claim() == []
+    assert fire_timers(conn) == 1
+    assert timer_rows(conn) == []
+    run = run_row(conn, run_id)
+    assert (run["status"], run["lease_token"]) == ("pending", 0)
+    # in line from when it was due (not when it fired late), behind nobody started after it
+    assert run["available_at"] - run["created_at"] == timedelta(hours=1)
     assert worker.claim_one().run_id == run_id
     assert run_row(conn, run_id)["status"] == "running"
 
@@ -429,7 +283,7 @@ def test_claim_returns_the_journal_ordered_by_seq(conn, workers):
     outcome, _, _ = worker.fail_step(run_id, first.token, 3, "email")
     assert outcome == "retry"
 
-    set_clock(conn, timedelta(seconds=5))
+    assert advance_time(conn, 5 * SECOND) == 1
     second = worker.claim_one()
     assert second.run_id == run_id
     assert second.journal == [
@@ -461,7 +315,9 @@ def test_lease_token_increments_on_each_claim(conn, workers):
 
     claim = worker.claim_one()
     assert worker.fail_step(run_id, claim.token, 0, "flaky")[0] == "retry"
-    advance_clock(conn, 2 * SECOND)
+    assert run_row(conn, run_id)["lease_token"] == 4  # sleeping on the back-off: no bump
+    assert advance_time(conn, 2 * SECOND) == 1
+    assert run_row(conn, run_id)["lease_token"] == 4  # nor when its timer fires
     assert worker.claim_one().token == 5
 
     other = start(conn, key="other")  # each run has its own counter
@@ -608,34 +464,54 @@ def test_fail_step_backs_off_exponentially_then_gives_up(conn, workers):
     worker = workers()
     run_id = start(conn)
     claim = worker.claim_one()
+    created_at = run_row(conn, run_id)["created_at"]
 
-    # attempt 1: retry after p_initial (1 s)
+    # attempt 1: the run sleeps on a retry timer due after p_initial (1 s)
     outcome, attempts, retry_at = worker.fail_step(run_id, claim.token, 0, "flaky")
     assert (outcome, attempts) == ("retry", 1)
     step, run = step_rows(conn, run_id)[0], run_row(conn, run_id)
     assert (step["status"], step["attempts"], step["error"]) == ("retrying", 1, ERROR)
-    assert (run["status"], run["lease_owner"]) == ("pending", None)
-    assert run["available_at"] == retry_at == step["finished_at"] + SECOND
-    assert worker.claim() == [], "claimed before its back-off elapsed"
+    assert (run["status"], run["lease_owner"], run["available_at"]) == ("sleeping", None, created_at)
+    assert retry_at == step["finished_at"] + SECOND
+    assert [(t["run_id"], t["kind"], t["seq"], t["due_at"]) for t in timer_rows(conn)] == [
+        (run_id, "retry", 0, retry_at)]
+    assert worker.claim() == [], "claimed while sleeping on its back-off"
+    assert fire_timers(conn) == 0, "the retry timer fired before its back-off elapsed"
+    assert worker.claim() == []
 
     # attempt 2: retry after 1 s * 2
-    advance_clock(conn, 2 * SECOND)
+    assert advance_time(conn, 2 * SECOND) == 1
+    assert timer_rows(conn) == []
+    run = run_row(conn, run_id)
+    assert run["status"] == "pending" and run["available_at"] >= retry_at
+    assert step_rows(conn, run_id)[0]["status"] == "retrying"  # until the next attempt reports
     claim = worker.claim_one()
     assert claim.journal[0]["status"] == "retrying"
     outcome, attempts, retry_at = worker.fail_step(run_id, claim.token, 0, "flaky")
     assert (outcome, attempts) == ("retry", 2)
     step, run = step_rows(conn, run_id)[0], run_row(conn, run_id)
     assert (step["status"], step["attempts"]) == ("retrying", 2)
-    assert run["available_at"] == retry_at == step["finished_at"] + 2 * SECOND
+    assert run["status"] == "sleeping"
+    assert retry_at == step["finished_at"] + 2 * SECOND
+    assert [(t["kind"], t["seq"], t["due_at"]) for t in timer_rows(conn, run_id)] == [
+        ("retry", 0, retry_at)]
 
     # attempt 3 of 3: failed; the run stays leased so the workflow can handle it
-    advance_clock(conn, 3 * SECOND)
+    assert advance_time(conn, 3 * SECOND) == 1
     claim = worker.claim_one()
     outcome, attempts, retry_at = worker.fail_step(run_id, claim.token, 0, "flaky")
     assert (outcome, attempts, retry_at) == ("failed", 3, None)
     step, run = step_rows(conn, run_id)[0], run_row(conn, run_id)
     assert (step["status"], step["attempts"], step["error"]) == ("failed", 3, ERROR)
     assert (run["status"], run["lease_owner"], run["lease_token"]) == ("running", worker.id, claim.token)
+    assert timer_rows(conn) == []
+
+    # Every failed attempt is kept, with its own error and timings.
+    history = attempt_rows(conn, run_id)
+    assert [(a["seq"], a["attempt"], a["error"]) for a in history] == [(0, n, ERROR) for n in (1, 2, 3)]
+    assert all(a["finished_at"] - a["started_at"] == STEP_DURATION for a in history)
+    assert history[0]["finished_at"] < history[1]["finished_at"] < history[2]["finished_at"]
+    assert history[2]["finished_at"] == step["finished_at"]
 
     with raises_sqlstate(DUPLICATE_CHECKPOINT):
         worker.fail_step(run_id, claim.token, 0, "flaky")
@@ -655,10 +531,12 @@ def test_fail_step_back_off_is_capped_at_p_max(conn, workers):
         outcome, _, retry_at = worker.fail_step(run_id, claim.token, 0, "flaky", max_attempts=5)
         assert outcome == "retry"
         delays.append(retry_at - step_rows(conn, run_id)[0]["finished_at"])
-        advance_clock(conn, 5 * SECOND)
+        assert [t["due_at"] for t in timer_rows(conn, run_id)] == [retry_at]
+        assert advance_time(conn, 5 * SECOND) == 1
     assert delays == [SECOND, 2 * SECOND, 3 * SECOND, 3 * SECOND]
     claim = worker.claim_one()
     assert worker.fail_step(run_id, claim.token, 0, "flaky", max_attempts=5)[:2] == ("failed", 5)
+    assert [a["attempt"] for a in attempt_rows(conn, run_id)] == [1, 2, 3, 4, 5]
 
 
 def test_a_non_retryable_failure_fails_the_step_at_the_first_attempt(conn, workers):
@@ -677,10 +555,11 @@ def test_a_retrying_step_can_then_complete(conn, workers):
     run_id = start(conn)
     claim = worker.claim_one()
     assert worker.fail_step(run_id, claim.token, 0, "flaky")[0] == "retry"
-    with raises_sqlstate(LEASE_LOST):  # the run went back to pending: the old lease is over
+    with raises_sqlstate(LEASE_LOST):  # the run sleeps on its back-off: the old lease is over
         worker.complete_step(run_id, claim.token, 0, "flaky")
+    assert step_rows(conn, run_id)[0]["status"] == "retrying"
 
-    advance_clock(conn, 2 * SECOND)
+    assert advance_time(conn, 2 * SECOND) == 1
     claim = worker.claim_one()
     with raises_sqlstate(DUPLICATE_CHECKPOINT):  # same seq, another name: not the same call
         worker.complete_step(run_id, claim.token, 0, "not-flaky")
@@ -688,6 +567,8 @@ def test_a_retrying_step_can_then_complete(conn, workers):
     step = step_rows(conn, run_id)[0]
     assert (step["status"], step["attempts"], step["output"], step["error"]) == (
         "completed", 2, {"took": 2}, None)
+    # Only the failed attempt is in the history; the successful one is the step row itself.
+    assert [(a["attempt"], a["error"]) for a in attempt_rows(conn, run_id)] == [(1, ERROR)]
     worker.complete_run(run_id, claim.token, "ok")
     run = run_row(conn, run_id)
     assert (run["status"], run["output"], run["lease_owner"]) == ("completed", "ok", None)
@@ -943,4 +824,5 @@ def test_fail_step_back_off_stays_capped_after_many_attempts(conn, workers):
         outcome, attempts, retry_at = worker.fail_step(run_id, claim.token, 0, "flaky", max_attempts=100)
         assert (outcome, attempts) == ("retry", attempt)
         assert retry_at - step_rows(conn, run_id)[0]["finished_at"] == min(2 ** (attempt - 1), 3) * SECOND
-        advance_clock(conn, 5 * SECOND)
+        assert advance_time(conn, 5 * SECOND) == 1
+    assert [a["attempt"] for a in attempt_rows(conn, run_id)] == list(range(1, 51))
