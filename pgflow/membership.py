@@ -30,17 +30,19 @@ from pgflow import procedures
 logger = logging.getLogger("pgflow.worker")
 
 READY_CHANNEL = "pgflow_ready"
+TIMER_CHANNEL = "pgflow_timer"
 RECONNECT_DELAY_MAX = 5.0  # seconds
 
 
 class Membership:
-    def __init__(self, dsn: str, queues: list[str], workflows: list[dict[str, str]], *,
+    def __init__(self, dsn: str, queues: list[str], workflows: list[dict[str, Any]], *,
                  on_wake: Callable[[], None], heartbeat_interval: float,
-                 stale_after: timedelta) -> None:
+                 stale_after: timedelta, on_timer: Callable[[], None] | None = None) -> None:
         self._dsn = dsn
         self._queues = queues
         self._workflows = workflows
         self._on_wake = on_wake
+        self._on_timer = on_timer or (lambda: None)
         self._heartbeat_interval = heartbeat_interval
         self._stale_after = stale_after
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -54,12 +56,16 @@ class Membership:
         worker_id = uuid.uuid4()
         await procedures.register_worker(conn, worker_id, socket.gethostname(), os.getpid(),
                                          self._queues, self._workflows)
+        # The one LISTEN connection of the process: every listening connection
+        # pays a transaction for each NOTIFY in the database, whatever the channel.
         await conn.execute(f"listen {READY_CHANNEL}")
+        await conn.execute(f"listen {TIMER_CHANNEL}")
         self._conn = conn
         self.worker_id = worker_id
         self.registered.set()
         logger.info("worker %s registered (queues %s)", worker_id, ", ".join(self._queues))
         self._on_wake()  # whatever became ready while we were away
+        self._on_timer()
 
     def request_reset(self) -> None:
         """Leave and re-register under a new id at the next tick.
@@ -73,6 +79,8 @@ class Membership:
     def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == READY_CHANNEL and notify.payload in self._queues:
             self._on_wake()
+        elif notify.channel == TIMER_CHANNEL:
+            self._on_timer()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop``: pump notifications, heartbeat, recover, reconnect."""

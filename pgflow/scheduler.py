@@ -7,8 +7,10 @@ closes, its lock vanishes and another process leads within that interval.
 
 The leader sleeps until the earliest timer (``pgflow.next_timer_in()``),
 fires due timers in batches (``pgflow.fire_timers``, which NOTIFYs the
-queues of the runs it wakes), and is woken early by ``pgflow_timer`` when a
-new timer becomes the earliest or the test clock moves. It never scans
+queues of the runs it wakes), and is woken early by :meth:`Scheduler.poke`
+when a ``pgflow_timer`` NOTIFY says a new timer became the earliest or the
+test clock moved. That NOTIFY arrives on the worker's one LISTEN connection
+(membership.py), not on the scheduler's own. The leader never scans
 sleeping runs: the timers index is read in due order only.
 """
 
@@ -25,7 +27,6 @@ import psycopg
 logger = logging.getLogger("pgflow.scheduler")
 
 LEADER_LOCK = (7366504, 1)
-TIMER_CHANNEL = "pgflow_timer"
 FIRE_BATCH = 1000  # timers fired in one transaction
 LEADERSHIP_RETRY = 1.0  # seconds between a follower's attempts to lead
 MAX_SLEEP = 5.0  # seconds the leader sleeps at most, even with no timer due
@@ -37,6 +38,11 @@ class Scheduler:
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self.is_leader = False
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """A timer was added or the clock moved: recompute the next wake-up now."""
+        self._poked.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop``: follow, or lead once the lock is ours; reconnect on errors."""
@@ -70,8 +76,8 @@ class Scheduler:
     async def _lead(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         self.is_leader = True
         logger.info("this process now schedules timers")
-        await conn.execute(f"listen {TIMER_CHANNEL}")
         while not stop.is_set():
+            self._poked.clear()  # before reading the timers: a poke after this counts
             cur = await conn.execute("select pgflow.fire_timers(%s)", (FIRE_BATCH,))
             row = await cur.fetchone()
             fired = int(row[0]) if row else 0
@@ -87,15 +93,12 @@ class Scheduler:
             else:
                 wait = min(float(next_in), MAX_SLEEP)
             if wait > 0:
-                await self._sleep(conn, wait)
+                await self._sleep(wait)
 
-    async def _sleep(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
-        """Sleep ``seconds``, or less if a ``pgflow_timer`` NOTIFY comes first.
-
-        The worker cancels this task to stop it, so no stop check is needed here.
-        """
-        async for _ in conn.notifies(timeout=seconds, stop_after=1):
-            break
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if poked. The worker cancels this task to stop it."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._poked.wait(), seconds)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

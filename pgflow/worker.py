@@ -132,7 +132,8 @@ class Worker:
               "timeout_seconds": wf.timeout.total_seconds() if wf.timeout else None}
              for wf in self.workflows],
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
-            stale_after=self.stale_after)
+            stale_after=self.stale_after,
+            on_timer=self.scheduler.poke if self.scheduler is not None else None)
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")
         pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")

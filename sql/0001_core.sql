@@ -151,7 +151,10 @@ create table pgflow.runs (
         and char_length(queue) between 1 and 200),
     -- A btree entry must fit in a third of a page.
     constraint runs_key_length check (key is null or octet_length(key) between 1 and 1024)
-) with (fillfactor = 70);
+) with (
+    fillfactor = 70,  -- room for HOT updates of status and lease on the same page
+    autovacuum_vacuum_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02
+);
 
 -- Idempotent start: one run per key, ever (until purged).
 create unique index runs_key_unique on pgflow.runs (key) where key is not null;
@@ -217,6 +220,10 @@ create table pgflow.timers (
     due_at     timestamptz not null,
     created_at timestamptz not null,
     constraint timers_kind_known check (kind in ('sleep', 'retry', 'start', 'deadline'))
+) with (
+    -- Insert-then-delete churn: the scheduler reads the head of timers_due, which
+    -- fills with dead entries unless vacuum comes often.
+    autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000
 );
 create index timers_due on pgflow.timers (due_at);
 create index timers_run on pgflow.timers (run_id);
