@@ -301,3 +301,18 @@ def test_worker_runs_a_started_workflow_and_stops_on_sigterm(dsn, conn, effects,
 ])
 def test_usage_errors_are_one_line_with_exit_2(args: list[str], fragment: str) -> None:
     assert_one_line_error(pgflow_cli(*args), fragment, exit_code=2)
+
+
+def test_retry_resumes_a_failed_run_and_refuses_others(dsn: str, conn: psycopg.Connection[Any]
+                                                       ) -> None:
+    register_two_steps(dsn)
+    run_id = ok(pgflow_cli("start", "two_steps", "--input", "[1]", "--dsn", dsn)).strip()
+    assert_one_line_error(pgflow_cli("retry", run_id, "--dsn", dsn), "only failed runs")
+    conn.execute("update pgflow.runs set status = 'failed', finished_at = now(),"
+                 " error = '{\"type\": \"X\", \"message\": \"boom\"}' where id = %s", (run_id,))
+    assert "resume" in ok(pgflow_cli("retry", run_id, "--dsn", dsn))
+    assert conn.execute("select status, error from pgflow.runs where id = %s",
+                        (run_id,)).fetchone() == ("pending", None)
+    assert_one_line_error(pgflow_cli("retry", "00000000-0000-0000-0000-000000000000",
+                                     "--dsn", dsn), "unknown run")
+    assert_one_line_error(pgflow_cli("retry", "not-a-uuid", "--dsn", dsn), "not a run id")
