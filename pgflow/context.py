@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pgflow import codec, errors
+from pgflow.durations import as_timedelta
 from pgflow.retry import Retry
 
 if TYPE_CHECKING:
@@ -165,7 +166,7 @@ class Context:
 
         No process waits: the run is parked with a timer and resumed by replay.
         """
-        delta = _as_duration(duration, "sleep duration")
+        delta = as_timedelta(duration, "sleep duration")
         seq, entry = self._replay("sleep", "sleep")
         return self._durable(self._sleep(seq, entry, None, delta))
 
@@ -320,15 +321,6 @@ class Context:
         entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)
         self._journal[live.seq] = entry
         raise _step_failed(live.name, entry) from exc
-
-
-def _as_duration(value: timedelta | float, what: str) -> timedelta:
-    if isinstance(value, bool) or not isinstance(value, (timedelta, int, float)):
-        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {value!r}")
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if delta < timedelta(0):
-        raise ValueError(f"{what} must not be negative, got {value!r}")
-    return delta
 
 
 def _decode_datetime(data: Any) -> datetime:

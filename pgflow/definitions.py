@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 from pgflow import codec
+from pgflow.durations import as_timedelta
 from pgflow.retry import Retry
 
 __all__ = ["Step", "Workflow", "registered_workflows", "step", "workflow"]
@@ -38,12 +39,7 @@ def check_name(value: object, what: str) -> str:
 
 
 def _check_timeout(value: timedelta | float | None) -> timedelta | None:
-    if value is None:
-        return None
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if delta <= timedelta(0):
-        raise ValueError(f"timeout must be positive, got {value!r}")
-    return delta
+    return None if value is None else as_timedelta(value, "timeout", positive=True)
 
 
 def _check_retry(value: object) -> Retry | None:

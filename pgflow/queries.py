@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from pgflow import codec, definitions, errors, models
+from pgflow.durations import as_timedelta
 
 START = ("select pgflow.start(name => %s, input => %s::jsonb, key => %s, queue => %s,"
          " priority => %s, delay => %s, version => %s, timeout => %s)")
@@ -50,11 +51,7 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
     if not -2**31 <= priority < 2**31:
         raise ValueError(f"priority must fit in 32 bits, got {priority}")
     if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, (timedelta, int, float)):
-            raise TypeError(f"delay must be a timedelta or seconds, not {delay!r}")
-        delay = delay if isinstance(delay, timedelta) else timedelta(seconds=delay)
-        if delay < timedelta(0):
-            raise ValueError(f"delay must not be negative, got {delay}")
+        delay = as_timedelta(delay, "delay")
     if isinstance(workflow, definitions.Workflow):
         what = f"workflow {workflow.name!r}"
         data = workflow.signature.encode_args(args, kwargs, f"start of {what}")

@@ -10,16 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from pgflow.durations import as_timedelta
+
 __all__ = ["DEFAULT_RETRY", "Retry"]
-
-
-def _as_timedelta(value: timedelta | float, what: str) -> timedelta:
-    if isinstance(value, bool) or not isinstance(value, (timedelta, int, float)):
-        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {value!r}")
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if delta < timedelta(0):
-        raise ValueError(f"{what} must not be negative, got {value!r}")
-    return delta
 
 
 @dataclass(frozen=True)
@@ -44,8 +37,8 @@ class Retry:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         object.__setattr__(self, "initial_interval",
-                           _as_timedelta(self.initial_interval, "initial_interval"))
-        object.__setattr__(self, "max_interval", _as_timedelta(self.max_interval, "max_interval"))
+                           as_timedelta(self.initial_interval, "initial_interval"))
+        object.__setattr__(self, "max_interval", as_timedelta(self.max_interval, "max_interval"))
         if isinstance(self.backoff, bool) or not isinstance(self.backoff, (int, float)):
             raise TypeError(f"backoff must be a number, not {self.backoff!r}")
         if not self.backoff >= 1.0:

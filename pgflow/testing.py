@@ -11,19 +11,12 @@ from datetime import timedelta
 from typing import Any
 
 from pgflow import connections
+from pgflow.durations import as_timedelta
 
 __all__ = ["advance_time", "advance_time_async"]
 
 ADVANCE = "select pgflow.advance_time(%s)"
-
-
-def _as_delta(delta: timedelta | float) -> timedelta:
-    if isinstance(delta, bool) or not isinstance(delta, (timedelta, int, float)):
-        raise TypeError(f"delta must be a timedelta or a number of seconds, not {delta!r}")
-    value = delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
-    if value < timedelta(0):
-        raise ValueError(f"the clock only moves forward, got {delta!r}")
-    return value
+_WHAT = "advance_time's delta (the clock only moves forward)"
 
 
 def advance_time(conn: Any, delta: timedelta | float) -> int:
@@ -31,11 +24,11 @@ def advance_time(conn: Any, delta: timedelta | float) -> int:
 
     Runs in ``conn``'s transaction (use an autocommit connection, or commit).
     """
-    rows = connections.fetch(conn, ADVANCE, (_as_delta(delta),))
+    rows = connections.fetch(conn, ADVANCE, (as_timedelta(delta, _WHAT),))
     return int(rows[0][0])
 
 
 async def advance_time_async(conn: Any, delta: timedelta | float) -> int:
     """:func:`advance_time` for a ``psycopg.AsyncConnection``."""
-    rows = await connections.afetch(conn, ADVANCE, (_as_delta(delta),))
+    rows = await connections.afetch(conn, ADVANCE, (as_timedelta(delta, _WHAT),))
     return int(rows[0][0])

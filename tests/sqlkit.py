@@ -256,3 +256,20 @@ def worker_factory(dsn: str) -> Iterator[Callable[..., Worker]]:
     finally:
         for worker in made:
             worker.close()
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an ``EXPLAIN (format json)`` plan, depth first."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def assert_plan_uses(conn: Conn, explain: str, table: str, index: str) -> dict[str, Any]:
+    """Run ``explain`` (format json); assert ``index`` is used and ``table`` is never seq-scanned."""
+    plan = conn.execute(explain).fetchone()[0][0]["Plan"]
+    nodes = list(plan_nodes(plan))
+    seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == table]
+    assert seq_scans == [], f"sequential scan of {table} in {plan}"
+    assert index in {n.get("Index Name") for n in nodes}, f"{index} not used in {plan}"
+    return plan

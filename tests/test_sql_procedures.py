@@ -36,11 +36,13 @@ from tests.sqlkit import (
     Conn,
     Worker,
     advance_time,
+    assert_plan_uses,
     attempt_rows,
     count,
     engine_now,
     fire_timers,
     listener,
+    plan_nodes,
     raises_sqlstate,
     ready_payloads,
     recover,
@@ -719,37 +721,31 @@ def test_step_rows_that_break_the_state_machine_are_rejected(conn, columns, cons
 # 7. The claim's plan: independent of finished history
 # ---------------------------------------------------------------------------
 
-# The candidate query of pgflow.claim, copied, for a single queue.
+# The candidate query of pgflow.claim, copied: one ordered walk of runs_claimable per queue.
 CANDIDATES = """
-    select r.id
-    from pgflow.runs r
-    where r.status = 'pending'
-      and r.queue = any({queues})
-      and r.available_at <= {now}
-      and (r.name, r.version) in (select t.n, t.v from unnest({names}, {versions}) as t(n, v))
-    order by r.priority desc, r.available_at
+    select c.id
+    from unnest({queues}) as q(queue)
+    cross join lateral (
+        select r.id, r.priority, r.available_at
+        from pgflow.runs r
+        where r.status = 'pending'
+          and r.queue = q.queue
+          and r.available_at <= {now}
+          and (r.name, r.version) in (select t.n, t.v from unnest({names}, {versions}) as t(n, v))
+        order by r.priority desc, r.available_at
+        limit {limit}
+        for update skip locked
+    ) c
+    order by c.priority desc, c.available_at
     limit {limit}
-    for update skip locked
 """
 
 
-def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from plan_nodes(child)
-
-
 def assert_uses_runs_claimable(conn: Conn, explain: str) -> dict[str, Any]:
-    plan = conn.execute(explain).fetchone()[0][0]["Plan"]
-    nodes = list(plan_nodes(plan))
-    seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "runs"]
-    assert seq_scans == [], f"sequential scan of runs in {plan}"
-    indexes = {n.get("Index Name") for n in nodes}
-    assert "runs_claimable" in indexes, f"runs_claimable not used in {plan}"
-    return plan
+    return assert_plan_uses(conn, explain, "runs", "runs_claimable")
 
 
-def test_the_claim_uses_the_claimable_index_whatever_the_finished_history(conn, workers):
+def test_the_claim_uses_the_claimable_index_whatever_the_history_and_sleepers(conn, workers):
     worker = workers()
     conn.execute("""
         insert into pgflow.runs (name, version, queue, status, input, output, created_at,
@@ -757,8 +753,8 @@ def test_the_claim_uses_the_claimable_index_whatever_the_finished_history(conn, 
         select 'wf', '1', 'default', 'completed', '[]', 'null', t, t, t, t
         from generate_series(1, 200000) g, lateral (select now() - interval '1 day' as t) x""")
     conn.execute("""
-        insert into pgflow.runs (name, version, queue, input, created_at, available_at)
-        select 'wf', '1', 'default', '[]', now(), now() + interval '1 hour' + g * interval '1 ms'
+        insert into pgflow.runs (name, version, queue, status, input, created_at, available_at)
+        select 'wf', '1', 'default', 'sleeping', '[]', now(), now() + interval '1 hour'
         from generate_series(1, 50000) g""")
     ready = {start(conn, key=f"ready-{i}") for i in range(3)}
     conn.execute("analyze pgflow.runs")
@@ -766,6 +762,11 @@ def test_the_claim_uses_the_claimable_index_whatever_the_finished_history(conn, 
     candidates = CANDIDATES.format(queues="array['default']", now="pgflow.now()", names="array['wf']",
                                    versions="array['1']", limit="10")
     assert_uses_runs_claimable(conn, "explain (format json) " + candidates)
+    # several queues: still one index walk each, no sort of the backlog
+    two_queues = CANDIDATES.format(queues="array['default', 'other']", now="pgflow.now()",
+                                   names="array['wf']", versions="array['1']", limit="10")
+    plan = assert_uses_runs_claimable(conn, "explain (format json) " + two_queues)
+    assert not any(n["Node Type"] == "Seq Scan" for n in plan_nodes(plan))
     # Executed, it reads a small fraction of the table: none of the finished history.
     plan = assert_uses_runs_claimable(conn, "explain (analyze, buffers, format json) " + candidates)
     assert plan["Actual Rows"] == 3

@@ -31,6 +31,7 @@ from tests.sqlkit import (
     Conn,
     Worker,
     advance_time,
+    assert_plan_uses,
     attempt_rows,
     count,
     engine_now,
@@ -574,19 +575,9 @@ DUE = """
 """
 
 
-def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from plan_nodes(child)
-
 
 def assert_uses_timers_due(conn: Conn, explain: str) -> dict[str, Any]:
-    plan = conn.execute(explain).fetchone()[0][0]["Plan"]
-    nodes = list(plan_nodes(plan))
-    seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "timers"]
-    assert seq_scans == [], f"sequential scan of timers in {plan}"
-    assert "timers_due" in {n.get("Index Name") for n in nodes}, f"timers_due not used in {plan}"
-    return plan
+    return assert_plan_uses(conn, explain, "timers", "timers_due")
 
 
 def test_fire_timers_reads_only_the_due_timers_among_100k_sleeping_runs(dsn, conn):
