@@ -6,7 +6,7 @@ runs with :func:`start` inside your own transaction, and run them with
 """
 
 from pgflow import testing
-from pgflow.client import get, result, retry, start
+from pgflow.client import cancel, get, get_state, result, retry, signal, start
 from pgflow.context import Context
 from pgflow.definitions import Step, Workflow, step, workflow
 from pgflow.errors import (
@@ -59,9 +59,12 @@ __all__ = [
     "WorkflowFailed",
     "WorkflowNotFound",
     "WorkflowTimeout",
+    "cancel",
     "get",
+    "get_state",
     "result",
     "retry",
+    "signal",
     "start",
     "step",
     "testing",

@@ -12,7 +12,7 @@ import psycopg
 from pgflow import connections, definitions, errors, models, queries
 from pgflow.client import RECHECK_INTERVAL
 
-__all__ = ["get", "result", "retry", "start"]
+__all__ = ["cancel", "get", "get_state", "result", "retry", "signal", "start"]
 
 
 async def start(conn: Any, workflow: definitions.Workflow | str, *args: Any,
@@ -30,6 +30,23 @@ async def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
     rows = await connections.afetch(conn, queries.GET_RUN, (rid,))
     steps = await connections.afetch(conn, queries.GET_STEPS, (rid,)) if rows else []
     return queries.build_run(rows[0] if rows else None, steps, rid)
+
+
+async def signal(conn: Any, run_id: uuid.UUID | str, name: str, payload: Any = None) -> None:
+    """See :func:`pgflow.signal`."""
+    await connections.afetch(conn, queries.SIGNAL, queries.signal_params(run_id, name, payload))
+
+
+async def cancel(conn: Any, run_id: uuid.UUID | str) -> bool:
+    """See :func:`pgflow.cancel`."""
+    rows = await connections.afetch(conn, queries.CANCEL, (queries.run_id_param(run_id),))
+    return bool(rows[0][0])
+
+
+async def get_state(conn: Any, run_id: uuid.UUID | str, key: str) -> Any:
+    """See :func:`pgflow.get_state`."""
+    rid = queries.run_id_param(run_id)
+    return queries.state_value(await connections.afetch(conn, queries.GET_STATE, (key, rid)), rid)
 
 
 async def retry(conn: Any, run_id: uuid.UUID | str) -> None:
@@ -56,11 +73,16 @@ async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
     await query(f"listen {queries.DONE_CHANNEL}")
     try:
         await query(queries.WATCH, (wait.run_id,))
-        while not wait.finished(rows := await query(queries.RUN_STATUS, (wait.run_id,))):
+        while True:
+            rows = await query(queries.RUN_STATUS, (wait.run_id,))
+            if wait.follow(rows):
+                await query(queries.WATCH, (wait.run_id,))
+                continue
+            if wait.finished(rows):
+                return wait.outcome(rows)
             async for notify in conn.notifies(timeout=wait.next_wait(RECHECK_INTERVAL)):
                 if wait.is_ours(notify.payload):
                     break
-        return wait.outcome(rows)
     finally:
         if not conn.closed:
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:

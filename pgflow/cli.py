@@ -177,6 +177,30 @@ def list_runs(
 
 
 @app.command()
+def signal(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    name: Annotated[str, typer.Argument(help="Signal name.")],
+    payload: Annotated[str, typer.Option("--payload", help="JSON payload.")] = "null",
+    dsn: DsnOption = None,
+) -> None:
+    """Send a signal to a run."""
+    with _user_errors():
+        data = _parse_json(payload, "--payload")
+        with _connect(dsn) as conn:
+            client.signal(conn, run_id, name, data)
+    typer.echo(f"signal {name!r} sent to run {run_id}")
+
+
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None) -> None:
+    """Cancel a run (and its children) at its next durable point."""
+    with _user_errors(), _connect(dsn) as conn:
+        requested = client.cancel(conn, run_id)
+    typer.echo(f"cancellation of run {run_id} requested" if requested
+               else f"run {run_id} had already finished")
+
+
+@app.command()
 def retry(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None) -> None:
     """Resume a failed run from its last checkpoint."""
     with _user_errors(), _connect(dsn) as conn:

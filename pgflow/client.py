@@ -16,7 +16,7 @@ import psycopg
 
 from pgflow import connections, definitions, errors, models, queries
 
-__all__ = ["get", "result", "retry", "start"]
+__all__ = ["cancel", "get", "get_state", "result", "retry", "signal", "start"]
 
 RECHECK_INTERVAL = 5.0  # seconds; NOTIFY is a hint, the status query is the truth
 
@@ -40,6 +40,26 @@ def get(conn: Any, run_id: uuid.UUID | str) -> models.Run:
     rows = connections.fetch(conn, queries.GET_RUN, (rid,))
     steps = connections.fetch(conn, queries.GET_STEPS, (rid,)) if rows else []
     return queries.build_run(rows[0] if rows else None, steps, rid)
+
+
+def signal(conn: Any, run_id: uuid.UUID | str, name: str, payload: Any = None) -> None:
+    """Send signal ``name`` with a JSON ``payload`` to a run, in ``conn``'s transaction.
+
+    It waits in the run's mailbox until a ``ctx.wait_for_signal(name)`` takes it.
+    """
+    connections.fetch(conn, queries.SIGNAL, queries.signal_params(run_id, name, payload))
+
+
+def cancel(conn: Any, run_id: uuid.UUID | str) -> bool:
+    """Request cancellation of a run and its children; False if it had already finished."""
+    rows = connections.fetch(conn, queries.CANCEL, (queries.run_id_param(run_id),))
+    return bool(rows[0][0])
+
+
+def get_state(conn: Any, run_id: uuid.UUID | str, key: str) -> Any:
+    """The last value the run published under ``key`` with ``ctx.set_state`` (None if none)."""
+    rid = queries.run_id_param(run_id)
+    return queries.state_value(connections.fetch(conn, queries.GET_STATE, (key, rid)), rid)
 
 
 def retry(conn: Any, run_id: uuid.UUID | str) -> None:
@@ -77,11 +97,16 @@ def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> 
     query(f"listen {queries.DONE_CHANNEL}")
     try:
         query(queries.WATCH, (wait.run_id,))
-        while not wait.finished(rows := query(queries.RUN_STATUS, (wait.run_id,))):
+        while True:
+            rows = query(queries.RUN_STATUS, (wait.run_id,))
+            if wait.follow(rows):
+                query(queries.WATCH, (wait.run_id,))
+                continue
+            if wait.finished(rows):
+                return wait.outcome(rows)
             for notify in raw.notifies(timeout=wait.next_wait(RECHECK_INTERVAL)):
                 if wait.is_ours(notify.payload):
                     break
-        return wait.outcome(rows)
     finally:
         if not raw.closed:
             if raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:

@@ -60,6 +60,45 @@ class Abandon(BaseException):
     """
 
 
+class ContinueAsNew(BaseException):
+    """ctx.continue_as_new(): end this run and start the workflow again with new input."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("continue as new")
+        self.args_ = args
+        self.kwargs = kwargs
+
+
+class ChildHandle:
+    """A child run started by ``ctx.start_child``."""
+
+    def __init__(self, ctx: Context, run_id: uuid.UUID, workflow: Any) -> None:
+        self._ctx = ctx
+        self.run_id = run_id
+        self.workflow = workflow
+
+    def result(self) -> Any:
+        """Wait (durably: the parent holds no worker meanwhile) for the child's result.
+
+        Raises :class:`~pgflow.errors.ChildFailed` if the child failed or was cancelled.
+        """
+        seq, entry = self._ctx._replay("child", "child")
+        return self._ctx._durable(self._ctx._child_result(seq, entry, self))
+
+    def __repr__(self) -> str:
+        return f"<pgflow.ChildHandle {self.run_id}>"
+
+
+def _item_failed(step: str, index: int, item: dict[str, Any]) -> errors.StepFailed:
+    error = item.get("error") or {}
+    if item["status"] == "cancelled":
+        error = {"error_type": "pgflow.errors.WorkflowCancelled", "message": "cancelled"}
+    return errors.StepFailed(
+        step, str(error.get("error_type") or error.get("type", "Error")),
+        f"item {index}: {error.get('error_message') or error.get('message', '')}",
+        int(error.get("attempts") or 1), error.get("traceback"))
+
+
 @dataclass(frozen=True)
 class JournalEntry:
     seq: int
@@ -98,6 +137,7 @@ class RunSession(Protocol):
     """What the context needs from the worker running it."""
 
     run_id: uuid.UUID
+    queue: str
     default_retry: Retry
 
     @property
@@ -105,12 +145,19 @@ class RunSession(Protocol):
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any: ...
     async def complete_step(self, seq: int, name: str, kind: str, output: Any,
-                            duration: timedelta) -> None: ...
+                            duration: timedelta) -> bool: ...
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool, policy: Retry) -> FailOutcome: ...
     async def sleep(self, seq: int, name: str, until: datetime | None,
                     duration: timedelta | None) -> bool: ...
     async def record_value(self, seq: int, kind: str, value: Any) -> Any: ...
+    async def wait_signal(self, seq: int, name: str,
+                          timeout: timedelta | None) -> tuple[str, Any]: ...
+    async def set_state(self, key: str, value: Any) -> bool: ...
+    async def start_child(self, seq: int, start: tuple[Any, ...]) -> uuid.UUID: ...
+    async def wait_child(self, seq: int, child_id: uuid.UUID) -> dict[str, Any] | None: ...
+    async def map(self, seq: int, name: str, inputs: list[Any], queue: str,
+                  version: str) -> dict[str, Any] | None: ...
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
@@ -118,11 +165,15 @@ def error_json(exc: BaseException) -> dict[str, Any]:
     cls = type(exc)
     module = cls.__module__
     type_name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-    return {
+    data: dict[str, Any] = {
         "type": type_name,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
     }
+    if isinstance(exc, errors.StepFailed):  # keep the step's own error for parents (ctx.map)
+        data.update(step=exc.step, error_type=exc.error_type, error_message=exc.message,
+                    attempts=exc.attempts)
+    return data
 
 
 def _step_failed(name: str, entry: JournalEntry) -> errors.StepFailed:
@@ -141,12 +192,17 @@ class Context:
     """
 
     def __init__(self, session: RunSession, journal: list[JournalEntry], *, is_async: bool,
-                 workflow_retry: Retry | None = None) -> None:
+                 workflow_retry: Retry | None = None, cancel_requested: bool = False) -> None:
         self._session = session
         self._journal = {entry.seq: entry for entry in journal}
         self._is_async = is_async
         self._workflow_retry = workflow_retry
         self._seq = 0
+        # The last journal position recorded before this claim: below it, the
+        # workflow is replaying and publishes nothing again (see set_state).
+        self._replay_until = max(self._journal, default=-1)
+        self._cancel_requested = cancel_requested
+        self._cancel_raised = False
 
     @property
     def workflow_id(self) -> uuid.UUID:
@@ -189,6 +245,69 @@ class Context:
         """A float in [0, 1), recorded once."""
         return self._recorded_value("random", random.random(), float)
 
+    def wait_for_signal(self, name: str, timeout: timedelta | float | None = None) -> Any:
+        """Wait (durably) for signal ``name`` and return its payload.
+
+        Signals sent earlier wait in the run's mailbox and are taken in order,
+        each once. Raises :class:`~pgflow.errors.SignalTimeout` after ``timeout``.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"signal name must be a non-empty string, got {name!r}")
+        limit = None if timeout is None else as_timedelta(timeout, "signal timeout")
+        seq, entry = self._replay(name, "signal")
+        return self._durable(self._wait_signal(seq, entry, name, limit))
+
+    def set_state(self, key: str, value: Any) -> Any:
+        """Publish ``value`` under ``key``: ``pgflow.get_state`` and view ``pgflow.run_state``."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"state key must be a non-empty string, got {key!r}")
+        data = codec.to_json(value, f"state {key!r}")
+        return self._durable(self._set_state(key, data))
+
+    def start_child(self, workflow: Any, *args: Any, key: str | None = None,
+                    **kwargs: Any) -> Any:
+        """Start a child run; returns a :class:`ChildHandle` (awaited in async workflows)."""
+        from pgflow import queries
+
+        start = queries.start_params(workflow, args, kwargs, key, None, 0, None)
+        seq, entry = self._replay(start[0], "start_child")
+        return self._durable(self._start_child(seq, entry, workflow, start))
+
+    def call(self, workflow: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a child workflow and return its result; :class:`~pgflow.errors.ChildFailed` if it fails."""
+        if self._is_async:
+            async def call_async() -> Any:
+                handle = await self.start_child(workflow, *args, **kwargs)
+                return await handle.result()
+            return call_async()
+        return self.start_child(workflow, *args, **kwargs).result()
+
+    def map(self, step: Any, items: Any) -> Any:
+        """Run ``step(item)`` for every item in parallel, each claimable by any worker.
+
+        Returns the results in item order. An item that fails after its
+        retries raises :class:`~pgflow.errors.StepFailed` once all have finished.
+        """
+        from pgflow import definitions
+
+        if not isinstance(step, definitions.Step):
+            raise TypeError(f"ctx.map needs a @pgflow.step function, not {step!r}")
+        inputs = [codec.to_json([item], f"item {i} of ctx.map({step.name})")
+                  for i, item in enumerate(items)]
+        target = definitions.map_workflow(step)
+        seq, entry = self._replay(target.name, "map")
+        return self._durable(self._map(seq, entry, step, target, inputs))
+
+    def continue_as_new(self, *args: Any, **kwargs: Any) -> Any:
+        """End this run here and start the workflow afresh with this input (same key)."""
+        raise ContinueAsNew(args, kwargs)
+
+    def saga(self) -> Any:
+        """``with ctx.saga() as saga:`` (``async with`` in async workflows): see :class:`pgflow.saga.Saga`."""
+        from pgflow.saga import Saga
+
+        return Saga(self)
+
     def _recorded_value(self, kind: str, value: Any, decode: Callable[[Any], Any]) -> Any:
         seq, entry = self._replay(kind, kind)
         return self._durable(self._value(seq, entry, kind, value, decode))
@@ -208,9 +327,17 @@ class Context:
             raise errors.NonDeterminismError(
                 f"run {self.workflow_id}: durable call #{seq} is {kind} {name!r} in the code "
                 f"but {entry.kind} {entry.name!r} in the journal")
-        if entry is None and self._session.draining:
-            raise Release()
+        if entry is None or entry.status in ("retrying", "sleeping", "waiting"):
+            self._live_point()
         return seq, entry
+
+    def _live_point(self) -> None:
+        """The workflow is about to act for real: cancel or give the run back here."""
+        if self._cancel_requested and not self._cancel_raised:
+            self._cancel_raised = True  # once: cleanup and compensations then proceed
+            raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
+        if self._session.draining:
+            raise Release()
 
     async def _report(self, what: str, report: Coroutine[Any, Any, Any]) -> Any:
         """Await a report; any failure to make it ends the run here (see :class:`Abandon`)."""
@@ -237,6 +364,78 @@ class Context:
             entry = JournalEntry(seq, kind, kind, "completed", 1, recorded, None)
             self._journal[seq] = entry
         return decode(entry.output)
+
+    async def _wait_signal(self, seq: int, entry: JournalEntry | None, name: str,
+                           timeout: timedelta | None) -> Any:
+        if entry is None or entry.status != "completed":
+            outcome, payload = await self._report(
+                f"waiting for signal {name!r}",
+                self._session.wait_signal(seq, name, timeout))
+            if outcome == "waiting":
+                raise Suspend()
+            output = {"timed_out": True} if outcome == "timed_out" else {"payload": payload}
+            entry = JournalEntry(seq, name, "signal", "completed", 1, output, None)
+            self._journal[seq] = entry
+        if isinstance(entry.output, dict) and entry.output.get("timed_out"):
+            raise errors.SignalTimeout(f"signal {name!r} did not arrive in time")
+        return entry.output.get("payload") if isinstance(entry.output, dict) else None
+
+    async def _set_state(self, key: str, data: Any) -> None:
+        if self._seq <= self._replay_until:
+            return  # replaying: this value was published when the code first ran here
+        if await self._report(f"publishing state {key!r}",
+                              self._session.set_state(key, data)):
+            self._cancel_requested = True
+
+    async def _start_child(self, seq: int, entry: JournalEntry | None, workflow: Any,
+                           start: tuple[Any, ...]) -> ChildHandle:
+        if entry is not None:
+            child_id = uuid.UUID(str(entry.output["run_id"]))
+        else:
+            child_id = await self._report(f"starting child {start[0]!r}",
+                                          self._session.start_child(seq, start))
+            self._journal[seq] = JournalEntry(seq, start[0], "start_child", "completed", 1,
+                                              {"run_id": str(child_id)}, None)
+        return ChildHandle(self, child_id, workflow)
+
+    async def _child_result(self, seq: int, entry: JournalEntry | None, handle: ChildHandle) -> Any:
+        if entry is None or entry.status != "completed":
+            outcome = await self._report("waiting for a child",
+                                         self._session.wait_child(seq, handle.run_id))
+            if outcome is None:
+                raise Suspend()
+            entry = JournalEntry(seq, "child", "child", "completed", 1, outcome, None)
+            self._journal[seq] = entry
+        outcome = entry.output
+        child_id = uuid.UUID(str(outcome["run_id"]))
+        if outcome["status"] == "completed":
+            signature = getattr(handle.workflow, "signature", None)
+            if signature is None:
+                return outcome["output"]
+            return signature.decode_result(outcome["output"], f"the result of child {child_id}")
+        error = outcome.get("error") or {}
+        if outcome["status"] == "cancelled":
+            error = {"type": "pgflow.errors.WorkflowCancelled",
+                     "message": f"child run {child_id} was cancelled"}
+        raise errors.ChildFailed(child_id, error)
+
+    async def _map(self, seq: int, entry: JournalEntry | None, step: Any, target: Any,
+                   inputs: list[Any]) -> list[Any]:
+        if entry is None or entry.status != "completed":
+            queue = step.queue or self._session.queue  # items go where this run's workers are
+            outcome = await self._report(f"ctx.map({step.name})", self._session.map(
+                seq, target.name, inputs, queue, target.version))
+            if outcome is None:
+                raise Suspend()
+            entry = JournalEntry(seq, target.name, "map", "completed", 1, outcome, None)
+            self._journal[seq] = entry
+        results = []
+        for index, item in enumerate(entry.output["items"]):
+            if item["status"] != "completed":
+                raise _item_failed(step.name, index, item)
+            results.append(step.signature.decode_result(
+                item["output"], f"the result of {step.name!r} for item {index}"))
+        return results
 
     # -- durable steps ------------------------------------------------------
 
@@ -304,8 +503,9 @@ class Context:
 
     async def _checkpoint(self, live: _LiveStep, output: Any, started: float) -> None:
         duration = timedelta(seconds=time.monotonic() - started)
-        await self._report(f"checkpoint of step {live.name!r}", self._session.complete_step(
-            live.seq, live.name, "step", output, duration))
+        if await self._report(f"checkpoint of step {live.name!r}", self._session.complete_step(
+                live.seq, live.name, "step", output, duration)):
+            self._cancel_requested = True
         self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
                                                output, None)
 

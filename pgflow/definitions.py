@@ -25,6 +25,11 @@ DEFAULT_QUEUE = "default"
 DEFAULT_VERSION = "1"
 
 _registry: dict[tuple[str, str], Workflow] = {}
+# Steps by name, for ctx.map: each item of a map is a run of an internal
+# workflow "pgflow.map:<step>" that any worker with the step's code can claim.
+_steps: dict[str, Step | None] = {}  # None: two different steps share the name
+MAP_PREFIX = "pgflow.map:"
+MAP_VERSION = "map"
 
 
 MAX_NAME_LENGTH = 200  # characters; the schema enforces the same bound
@@ -129,7 +134,9 @@ def step(fn: Any = None, /, *, name: str | None = None, retry: Retry | None = No
     """Declare a step: its result is checkpointed when called inside a workflow."""
 
     def decorate(f: Callable[..., Any]) -> Step:
-        return Step(f, name=name, retry=retry, timeout=timeout, queue=queue)
+        defined = Step(f, name=name, retry=retry, timeout=timeout, queue=queue)
+        _register_step(defined)
+        return defined
 
     return decorate(fn) if fn is not None else decorate
 
@@ -146,9 +153,56 @@ def _register(wf: Workflow) -> None:
     _registry[key] = wf
 
 
+def _register_step(defined: Step) -> None:
+    existing = _steps.get(defined.name, defined)
+    same = existing is not None and (existing.fn.__module__, existing.fn.__qualname__) == (
+        defined.fn.__module__, defined.fn.__qualname__)
+    _steps[defined.name] = defined if same else None
+
+
 def registered_workflows() -> list[Workflow]:
     """Every workflow declared in this process so far."""
     return list(_registry.values())
+
+
+def map_workflows() -> list[Workflow]:
+    """The internal workflows that run ctx.map items, one per uniquely named step."""
+    return [map_workflow(s) for s in _steps.values() if s is not None]
+
+
+_map_workflows: dict[str, Workflow] = {}
+
+
+def map_workflow(defined: Step) -> Workflow:
+    """The internal workflow that runs one ctx.map item of ``defined``."""
+    if _steps.get(defined.name) is not defined:
+        raise ValueError(f"ctx.map needs a step with a unique name: {defined.name!r} names "
+                         "several steps (give them name=...)")
+    found = _map_workflows.get(defined.name)
+    if found is None:
+        found = Workflow(_map_item_runner(defined), name=MAP_PREFIX + defined.name,
+                         version=MAP_VERSION, queue=defined.queue or DEFAULT_QUEUE, retry=None,
+                         timeout=None)
+        _map_workflows[defined.name] = found
+    return found
+
+
+def _map_item_runner(defined: Step) -> Callable[..., Any]:
+    """A workflow body running the step once for one item, typed by the step's hints."""
+
+    def decode(args: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any]]:
+        return defined.signature.decode_args(list(args), f"an item of ctx.map({defined.name})")
+
+    if defined.is_async:
+        async def run_item_async(ctx: Any, *args: Any) -> Any:
+            positional, named = decode(args)
+            return await ctx._call_step(defined, defined.name, tuple(positional), named)
+        return run_item_async
+
+    def run_item(ctx: Any, *args: Any) -> Any:
+        positional, named = decode(args)
+        return ctx._call_step(defined, defined.name, tuple(positional), named)
+    return run_item
 
 
 def lookup(name: str, version: str) -> Workflow | None:

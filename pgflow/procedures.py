@@ -38,6 +38,7 @@ class ClaimedRun:
     input: Any
     lease_token: int
     journal: list[JournalEntry]
+    cancel_requested: bool = False
 
 
 @asynccontextmanager
@@ -97,18 +98,21 @@ class Procedures:
         names = [name for name, _ in workflows]
         versions = [version for _, version in workflows]
         rows = await self._execute(
-            "select run_id, name, version, input, lease_token, journal"
+            "select run_id, name, version, input, lease_token, journal, cancel_requested"
             " from pgflow.claim(%s, %s, %s, %s, %s)",
             (worker_id, queues, names, versions, limit))
         return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
-                           journal=[JournalEntry.from_json(e) for e in r[5]])
+                           journal=[JournalEntry.from_json(e) for e in r[5]],
+                           cancel_requested=r[6])
                 for r in rows]
 
     async def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
-                            output: Any, duration: timedelta) -> None:
-        await self._execute("select pgflow.complete_step(%s, %s, %s, %s, %s, %s, %s)",
-                            (run_id, token, seq, name, kind, Jsonb(output), duration),
-                            duplicate_is_success=True)
+                            output: Any, duration: timedelta) -> bool:
+        """Checkpoint; returns whether cancellation was requested (a duplicate on retry: no)."""
+        rows = await self._execute("select pgflow.complete_step(%s, %s, %s, %s, %s, %s, %s)",
+                                   (run_id, token, seq, name, kind, Jsonb(output), duration),
+                                   duplicate_is_success=True)
+        return bool(rows and rows[0][0])
 
     async def fail_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
                         error: dict[str, Any], duration: timedelta, retryable: bool,
@@ -131,6 +135,47 @@ class Procedures:
         rows = await self._execute("select pgflow.record_value(%s, %s, %s, %s, %s)",
                                    (run_id, token, seq, kind, Jsonb(value)))
         return rows[0][0]
+
+    async def wait_signal(self, run_id: uuid.UUID, token: int, seq: int, name: str,
+                          timeout: timedelta | None) -> tuple[str, Any]:
+        rows = await self._execute(
+            "select outcome, payload from pgflow.wait_signal(%s, %s, %s, %s, %s)",
+            (run_id, token, seq, name, timeout))
+        return rows[0][0], rows[0][1]
+
+    async def set_state(self, run_id: uuid.UUID, token: int, key: str, value: Any) -> bool:
+        rows = await self._execute("select pgflow.set_state(%s, %s, %s, %s)",
+                                   (run_id, token, key, Jsonb(value)))
+        return bool(rows[0][0])
+
+    async def start_child(self, run_id: uuid.UUID, token: int, seq: int,
+                          start: tuple[Any, ...]) -> uuid.UUID:
+        name, input_text, key, queue, _priority, _delay, version, timeout = start
+        rows = await self._execute(
+            "select pgflow.start_child(%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+            (run_id, token, seq, name, input_text, key, queue, version, timeout))
+        return rows[0][0]
+
+    async def wait_child(self, run_id: uuid.UUID, token: int, seq: int,
+                         child_id: uuid.UUID) -> dict[str, Any] | None:
+        rows = await self._execute("select pgflow.wait_child(%s, %s, %s, %s)",
+                                   (run_id, token, seq, child_id))
+        return rows[0][0]
+
+    async def map(self, run_id: uuid.UUID, token: int, seq: int, name: str, inputs: list[Any],
+                  queue: str, version: str) -> dict[str, Any] | None:
+        """None: the run waits for the items; else their outcomes ``{items: [...]}``."""
+        rows = await self._execute("select pgflow.map(%s, %s, %s, %s, %s, %s, %s)",
+                                   (run_id, token, seq, name, Jsonb(inputs), queue, version))
+        return rows[0][0]
+
+    async def continue_as_new(self, run_id: uuid.UUID, token: int, input: Any) -> uuid.UUID:
+        rows = await self._execute("select pgflow.continue_as_new(%s, %s, %s)",
+                                   (run_id, token, Jsonb(input)))
+        return rows[0][0]
+
+    async def cancel_run(self, run_id: uuid.UUID, token: int) -> None:
+        await self._execute("select pgflow.cancel_run(%s, %s)", (run_id, token))
 
     async def complete_run(self, run_id: uuid.UUID, token: int, output: Any) -> None:
         await self._execute("select pgflow.complete_run(%s, %s, %s)",

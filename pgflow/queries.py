@@ -26,13 +26,31 @@ GET_STEPS = ("select seq, name, kind, status, attempts, output, error, started_a
 
 RETRY = "select pgflow.retry(%s)"
 
-RUN_STATUS = "select status, output, error from pgflow.runs where id = %s"
+RUN_STATUS = "select status, output, error, continued_as from pgflow.runs where id = %s"
+
+SIGNAL = "select pgflow.signal(%s, %s, %s::jsonb)"
+CANCEL = "select pgflow.cancel(%s)"
+GET_STATE = ("select r.id, s.value from pgflow.runs r"
+             " left join pgflow.run_state s on s.run_id = r.id and s.key = %s where r.id = %s")
 
 MAX_KEY_BYTES = 1024  # the schema enforces the same bound
 
 DONE_CHANNEL = "pgflow_done"
 # After LISTEN: ask the engine to NOTIFY when this run finishes.
 WATCH = "select pgflow.watch(%s)"
+
+
+def signal_params(run_id: uuid.UUID | str, name: str, payload: Any) -> tuple[Any, ...]:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"signal name must be a non-empty string, got {name!r}")
+    definitions.check_name(name, "signal name")
+    return (run_id_param(run_id), name, codec.dumps(payload, f"the payload of signal {name!r}"))
+
+
+def state_value(rows: list[tuple[Any, ...]], run_id: uuid.UUID) -> Any:
+    if not rows:
+        raise errors.RunNotFound(f"unknown run {run_id}")
+    return rows[0][1]
 
 
 def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
@@ -105,8 +123,15 @@ class ResultWait:
             raise errors.RunNotFound(f"unknown run {self.run_id}")
         return rows[0][0] in models.FINAL_STATUSES
 
+    def follow(self, rows: list[tuple[Any, ...]]) -> bool:
+        """The run continued as new: wait for its successor instead (True)."""
+        if rows and rows[0][3] is not None:
+            self.run_id = as_uuid(rows[0][3])
+            return True
+        return False
+
     def outcome(self, rows: list[tuple[Any, ...]]) -> Any:
-        return outcome(self.run_id, rows[0])
+        return outcome(self.run_id, rows[0][:3])
 
     def next_wait(self, recheck: float) -> float:
         """Seconds to wait for a NOTIFY before querying again; raises at the deadline."""

@@ -35,6 +35,7 @@ class RunExecution:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
+        self.queue = workflow.queue
         self.default_retry = default_retry
         self._procedures = procedures
         self._loop = loop
@@ -56,9 +57,9 @@ class RunExecution:
         return await self._loop.run_in_executor(self._executor, fn)
 
     async def complete_step(self, seq: int, name: str, kind: str, output: Any,
-                            duration: timedelta) -> None:
-        await self._procedures.complete_step(self.run_id, self.claimed.lease_token, seq, name,
-                                             kind, output, duration)
+                            duration: timedelta) -> bool:
+        return await self._procedures.complete_step(self.run_id, self.claimed.lease_token, seq,
+                                                    name, kind, output, duration)
 
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool,
@@ -75,11 +76,33 @@ class RunExecution:
         return await self._procedures.record_value(self.run_id, self.claimed.lease_token, seq,
                                                    kind, value)
 
+    async def wait_signal(self, seq: int, name: str,
+                          timeout: timedelta | None) -> tuple[str, Any]:
+        return await self._procedures.wait_signal(self.run_id, self.claimed.lease_token, seq,
+                                                  name, timeout)
+
+    async def set_state(self, key: str, value: Any) -> bool:
+        return await self._procedures.set_state(self.run_id, self.claimed.lease_token, key, value)
+
+    async def start_child(self, seq: int, start: tuple[Any, ...]) -> uuid.UUID:
+        return await self._procedures.start_child(self.run_id, self.claimed.lease_token, seq,
+                                                  start)
+
+    async def wait_child(self, seq: int, child_id: uuid.UUID) -> dict[str, Any] | None:
+        return await self._procedures.wait_child(self.run_id, self.claimed.lease_token, seq,
+                                                 child_id)
+
+    async def map(self, seq: int, name: str, inputs: list[Any], queue: str,
+                  version: str) -> dict[str, Any] | None:
+        return await self._procedures.map(self.run_id, self.claimed.lease_token, seq, name,
+                                          inputs, queue, version)
+
     # -- driving the workflow -----------------------------------------------
 
     async def execute(self) -> None:
         ctx = context.Context(self, self.claimed.journal, is_async=self.workflow.is_async,
-                              workflow_retry=self.workflow.retry)
+                              workflow_retry=self.workflow.retry,
+                              cancel_requested=self.claimed.cancel_requested)
         token = self.claimed.lease_token
         try:
             result = await self._invoke(ctx)
@@ -89,6 +112,13 @@ class RunExecution:
         except context.Release:
             await self._report(self._procedures.release_run(self.run_id, token))
             logger.info("run %s released while draining", self.run_id)
+            return
+        except errors.Cancelled:
+            logger.info("run %s cancelled", self.run_id)
+            await self._report(self._procedures.cancel_run(self.run_id, token))
+            return
+        except context.ContinueAsNew as again:
+            await self._continue_as_new(token, again)
             return
         except context.Abandon as exc:
             logger.warning("run %s abandoned: %s", self.run_id, exc)
@@ -101,6 +131,17 @@ class RunExecution:
                                                          context.error_json(exc)))
             return
         await self._report(self._procedures.complete_run(self.run_id, token, output))
+
+    async def _continue_as_new(self, token: int, again: context.ContinueAsNew) -> None:
+        what = f"continue_as_new of workflow {self.workflow.name!r}"
+        try:
+            data = self.workflow.signature.encode_args(again.args_, again.kwargs, what)
+        except Exception as exc:  # bad new input: the run fails, clearly
+            await self._report(self._procedures.fail_run(self.run_id, token,
+                                                         context.error_json(exc)))
+            return
+        await self._report(self._procedures.continue_as_new(self.run_id, token, data))
+        logger.info("run %s continued as new", self.run_id)
 
     async def _invoke(self, ctx: context.Context) -> Any:
         fn = self.workflow.fn

@@ -79,6 +79,10 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         # Every worker may lead timer scheduling; one at a time does (see scheduler.py).
         self.scheduler = Scheduler(dsn) if schedule_timers else None
+        # Items of ctx.map run as internal workflows, one per step this process knows.
+        self.workflows += [wf for wf in definitions.map_workflows()
+                           if (wf.name, wf.version) not in {(w.name, w.version)
+                                                            for w in self.workflows}]
         self._by_key = {(wf.name, wf.version): wf for wf in self.workflows}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

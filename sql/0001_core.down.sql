@@ -1,6 +1,18 @@
 -- Undo revision 0001. The schema itself stays: it holds Alembic's version table.
 drop view if exists pgflow.waits;
 drop function if exists
+    pgflow.continue_as_new(uuid, bigint, jsonb),
+    pgflow.map(uuid, bigint, integer, text, jsonb, text, text),
+    pgflow.wait_child(uuid, bigint, integer, uuid),
+    pgflow.start_child(uuid, bigint, integer, text, jsonb, text, text, text, interval),
+    pgflow._child_finished(uuid),
+    pgflow.cancel_run(uuid, bigint),
+    pgflow.cancel(uuid),
+    pgflow.set_state(uuid, bigint, text, jsonb),
+    pgflow.wait_signal(uuid, bigint, integer, text, interval),
+    pgflow._deliver_signal(uuid, integer, text),
+    pgflow.signal(uuid, text, jsonb),
+    pgflow._wake(uuid),
     pgflow.retry(uuid),
     pgflow.advance_time(interval),
     pgflow.next_timer_in(),
@@ -26,7 +38,7 @@ drop function if exists
     pgflow._notify_ready(text),
     pgflow._check_lease(uuid, bigint),
     pgflow._lock_run(uuid);
-drop table if exists pgflow.timers, pgflow.step_attempts, pgflow.workers, pgflow.steps,
+drop table if exists pgflow.run_state, pgflow.signals, pgflow.timers, pgflow.step_attempts, pgflow.workers, pgflow.steps,
     pgflow.runs, pgflow.workflows;
 drop sequence if exists pgflow.worker_lock_key_seq;
 drop function if exists pgflow.uuid_v7(), pgflow.now();

@@ -26,7 +26,16 @@
 --   pgflow.next_timer_in()        seconds until the earliest timer
 --   pgflow.advance_time(delta)    move the engine clock and fire what came due
 --
--- Operator procedures:
+-- Interaction and composition (worker side):
+--   pgflow.wait_signal(...)       take a queued signal, or wait for one
+--   pgflow.set_state(...)         publish a value (pgflow.run_state)
+--   pgflow.start_child(...), pgflow.wait_child(...), pgflow.map(...)
+--   pgflow.continue_as_new(...)   finish this run, start its successor
+--   pgflow.cancel_run(...)        the workflow ended by cancellation
+--
+-- Operator procedures (public):
+--   pgflow.signal(run, name, payload)  deliver a signal
+--   pgflow.cancel(run)            cancel a run and its children
 --   pgflow.retry(run)             resume a failed run from its last checkpoint
 --
 -- Fencing: a claim bumps runs.lease_token and hands it to the worker. Every
@@ -114,6 +123,11 @@ create table pgflow.workflows (
 --   sleeping  -> pending            fire_timers (its timer came due)
 --   failed    -> pending            retry
 --   any unfinished -> failed        fire_timers (its deadline timer: WorkflowTimeout)
+--   running   -> waiting            wait_signal, wait_child, map
+--   waiting   -> pending            signal, a child finishing, fire_timers (signal timeout)
+--   running   -> cancelled          cancel_run (the workflow let pgflow.Cancelled through)
+--   unstarted -> cancelled          cancel (a run that never ran has nothing to clean up)
+--   running   -> completed          continue_as_new (continued_as names the new run)
 -- A delayed start begins as sleeping.
 -- The hot columns are updated in place (no indexed column changes on a
 -- checkpoint), so fillfactor leaves room for HOT updates.
@@ -129,6 +143,10 @@ create table pgflow.runs (
     output       jsonb,
     error        jsonb,                      -- {type, message, traceback}
     parent_id    uuid,
+    parent_seq   integer,                    -- the parent's journal entry that waits for it (map)
+    parent_index integer,                    -- its position among that entry's children (map)
+    cancel_requested boolean not null default false,
+    continued_as uuid,                       -- continue_as_new: the run that carries on
     timeout      interval,                   -- fail the run if it is not finished this long after start
     created_at   timestamptz not null,
     available_at timestamptz not null,       -- not claimable before this (delay, back-off)
@@ -165,7 +183,8 @@ create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
     where status = 'pending';
 -- Recovery: runs held by workers.
 create index runs_leased on pgflow.runs (lease_owner) where status = 'running';
-create index runs_parent on pgflow.runs (parent_id) where parent_id is not null;
+create index runs_parent on pgflow.runs (parent_id, parent_seq, parent_index)
+    where parent_id is not null;
 -- Listing recent runs by name / status.
 create index runs_name_created on pgflow.runs (name, created_at desc);
 create index runs_status_created on pgflow.runs (status, created_at desc);
@@ -179,7 +198,7 @@ create table pgflow.steps (
     seq         integer not null,
     name        text not null,
     kind        text not null default 'step',
-    status      text not null,     -- completed | failed | retrying (backing off) | sleeping
+    status      text not null,     -- completed | failed | retrying | sleeping | waiting
     attempts    integer not null default 1,
     output      jsonb,
     error       jsonb,             -- last attempt's {type, message, traceback}
@@ -187,10 +206,11 @@ create table pgflow.steps (
     finished_at timestamptz not null,
     primary key (run_id, seq),
     constraint steps_status_known check (
-        status in ('completed', 'failed', 'retrying', 'sleeping')),
+        status in ('completed', 'failed', 'retrying', 'sleeping', 'waiting')),
     constraint steps_seq_positive check (seq >= 0),
     constraint steps_attempts_positive check (attempts >= 1),
-    constraint steps_failure_has_error check (status in ('completed', 'sleeping') or error is not null)
+    constraint steps_failure_has_error check (
+        status in ('completed', 'sleeping', 'waiting') or error is not null)
 );
 
 -- Every failed attempt of a step, insert-only: what went wrong, each time.
@@ -210,6 +230,7 @@ create index step_attempts_run on pgflow.step_attempts (run_id, seq);
 --   retry  a step's back-off before its next attempt (seq: the step)
 --   start     a delayed start
 --   deadline  the run's timeout: it fails if still unfinished
+--   signal    the timeout of a signal wait (seq: the wait)
 -- The scheduler reads them in due order only, so its cost does not depend on
 -- how many runs sleep.
 create table pgflow.timers (
@@ -219,13 +240,37 @@ create table pgflow.timers (
     seq        integer,
     due_at     timestamptz not null,
     created_at timestamptz not null,
-    constraint timers_kind_known check (kind in ('sleep', 'retry', 'start', 'deadline'))
+    constraint timers_kind_known check (
+        kind in ('sleep', 'retry', 'start', 'deadline', 'signal'))
 ) with (
     -- Insert-then-delete churn: the scheduler reads the head of timers_due, which
     -- fills with dead entries unless vacuum comes often.
     autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000
 );
 create index timers_due on pgflow.timers (due_at);
+
+-- Each run's mailbox: signals in the order they were sent. A wait takes the
+-- oldest unconsumed one of its name and records its journal position in it,
+-- so every signal is delivered once.
+create table pgflow.signals (
+    id           bigint generated always as identity primary key,
+    run_id       uuid not null,
+    name         text not null,
+    payload      jsonb not null default 'null'::jsonb,
+    sent_at      timestamptz not null,
+    consumed_seq integer,          -- the wait that received it; null while in the mailbox
+    constraint signals_name_length check (char_length(name) between 1 and 200)
+);
+create index signals_mailbox on pgflow.signals (run_id, name, id) where consumed_seq is null;
+
+-- Values a workflow publishes with ctx.set_state, readable by anyone.
+create table pgflow.run_state (
+    run_id     uuid not null,
+    key        text not null,
+    value      jsonb not null,
+    updated_at timestamptz not null,
+    primary key (run_id, key)
+);
 create index timers_run on pgflow.timers (run_id);
 
 -- Live workers. Each holds the session advisory lock (7366502, lock_key) on
@@ -557,7 +602,7 @@ create function pgflow.claim(
     p_versions  text[],
     p_limit     integer
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
-                 journal jsonb)
+                 journal jsonb, cancel_requested boolean)
 language plpgsql
 as $$
 #variable_conflict use_column
@@ -600,7 +645,7 @@ begin
             started_at = coalesce(r.started_at, v_now)
         from candidates c
         where r.id = c.id
-        returning r.id, r.name, r.version, r.input, r.lease_token
+        returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested
     )
     select c.id, c.name, c.version, c.input, c.lease_token,
            coalesce((select jsonb_agg(jsonb_build_object(
@@ -608,7 +653,8 @@ begin
                                  'attempts', s.attempts, 'output', s.output, 'error', s.error)
                              order by s.seq)
                      from pgflow.steps s where s.run_id = c.id),
-                    '[]'::jsonb)
+                    '[]'::jsonb),
+           c.cancel_requested
     from claimed c;
 end;
 $$;
@@ -619,6 +665,7 @@ $$;
 
 -- Checkpoint a step's result. p_duration is the step's run time measured by
 -- the worker's monotonic clock; both timestamps come from the engine clock.
+-- Returns whether cancellation was requested meanwhile.
 create function pgflow.complete_step(
     p_run_id      uuid,
     p_lease_token bigint,
@@ -627,14 +674,15 @@ create function pgflow.complete_step(
     p_kind        text,
     p_output      jsonb,
     p_duration    interval
-) returns void
+) returns boolean
 language plpgsql
 as $$
 declare
     v_now timestamptz := pgflow.now();
+    v_run pgflow.runs;
 begin
     perform pgflow._lock_run(p_run_id);
-    perform pgflow._check_lease(p_run_id, p_lease_token);
+    v_run := pgflow._check_lease(p_run_id, p_lease_token);
 
     insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
                                    started_at, finished_at)
@@ -648,6 +696,7 @@ begin
         raise exception using errcode = 'PF004',
             message = format('step %s (%s) of run %s is already recorded', p_seq, p_name, p_run_id);
     end if;
+    return v_run.cancel_requested;  -- the worker raises pgflow.Cancelled at the next durable point
 end;
 $$;
 
@@ -751,6 +800,7 @@ begin
     where r.id = p_run_id;
     delete from pgflow.timers t where t.run_id = p_run_id;
     perform pgflow._notify_done(p_run_id);
+    perform pgflow._child_finished(p_run_id);
 end;
 $$;
 
@@ -767,6 +817,7 @@ begin
     where r.id = p_run_id;
     delete from pgflow.timers t where t.run_id = p_run_id;
     perform pgflow._notify_done(p_run_id);
+    perform pgflow._child_finished(p_run_id);
 end;
 $$;
 
@@ -936,7 +987,13 @@ begin
         delete from pgflow.timers t using expired e where t.run_id = e.id
     )
     select coalesce(array_agg(e.id), '{}') into v_expired from expired e;
-    perform pgflow._notify_done(x) from pg_catalog.unnest(v_expired) x;
+    perform pgflow._notify_done(x), pgflow._child_finished(x) from pg_catalog.unnest(v_expired) x;
+
+    -- Signal waits that timed out: the wait is over, without a payload.
+    update pgflow.steps s
+    set status = 'completed', output = jsonb_build_object('timed_out', true), finished_at = v_now
+    from unnest(v_runs, v_kinds, v_seqs) as f(run_id, kind, seq)
+    where f.kind = 'signal' and s.run_id = f.run_id and s.seq = f.seq and s.status = 'waiting';
 
     update pgflow.steps s set status = 'completed', finished_at = v_now
     from unnest(v_runs, v_kinds, v_seqs) as f(run_id, kind, seq)
@@ -945,8 +1002,9 @@ begin
     -- available_at = when it was due, so a run woken late keeps its place in line.
     with woken as (
         update pgflow.runs r set status = 'pending', available_at = f.due_at
-        from unnest(v_runs, v_dues) as f(run_id, due_at)
-        where r.id = f.run_id and r.status = 'sleeping'
+        from unnest(v_runs, v_dues, v_kinds) as f(run_id, due_at, kind)
+        where r.id = f.run_id and f.kind <> 'deadline'
+          and (r.status = 'sleeping' or (r.status = 'waiting' and f.kind = 'signal'))
         returning r.queue
     )
     select coalesce(array_agg(distinct w.queue), '{}') into v_queues from woken w;
@@ -1025,5 +1083,497 @@ begin
         perform pgflow._add_timer(p_run_id, 'deadline', null, pgflow.now() + v_run.timeout);
     end if;
     perform pgflow._notify_ready(v_run.queue);
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Interaction: signals, published state, cancellation
+-- ---------------------------------------------------------------------------
+--
+-- Parent and child runs: a finishing child locks its parent's run *row*
+-- (FOR UPDATE), never the parent's advisory lock; every procedure that makes
+-- a parent wait locks the parent's row first; cancel cascades to children
+-- before it touches the parent's row. So a child's wake-up can neither be
+-- lost nor deadlock with its parent.
+
+-- A suspended run becomes claimable again (woken by a signal, a child, a
+-- timer, or a cancel).
+create function pgflow._wake(p_run_id uuid) returns void
+language plpgsql
+as $$
+declare
+    v_queue text;
+begin
+    update pgflow.runs r set status = 'pending', available_at = pgflow.now()
+    where r.id = p_run_id and r.status in ('sleeping', 'waiting')
+    returning r.queue into v_queue;
+    if found then
+        perform pgflow._notify_ready(v_queue);
+    end if;
+end;
+$$;
+
+-- Send signal `name` to a run. It waits in the run's mailbox until a
+-- ctx.wait_for_signal(name) takes it, oldest first; if the run waits for it
+-- now, it is delivered in this transaction and the run woken. Sending to a
+-- finished run is an error (PF006): nobody would ever read it.
+create function pgflow.signal(run_id uuid, name text, payload jsonb default 'null'::jsonb)
+returns void
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_run  pgflow.runs;
+    v_wait pgflow.steps;
+    v_id   bigint;
+begin
+    if signal.name is null or pg_catalog.btrim(signal.name) = '' then
+        raise exception using errcode = 'PF002', message = 'signal name must not be empty';
+    end if;
+    perform pgflow._lock_run(signal.run_id);
+    select r.* into v_run from pgflow.runs r where r.id = signal.run_id;
+    if not found then
+        raise exception using errcode = 'PF404', message = format('unknown run %s', signal.run_id);
+    end if;
+    if v_run.status in ('completed', 'failed', 'cancelled') then
+        raise exception using errcode = 'PF006',
+            message = format('run %s is %s: it receives no more signals', signal.run_id, v_run.status);
+    end if;
+
+    insert into pgflow.signals (run_id, name, payload, sent_at)
+    values (signal.run_id, signal.name, coalesce(signal.payload, 'null'::jsonb), pgflow.now())
+    returning id into v_id;
+
+    -- Deliver at once if the run waits for this signal and none older is queued.
+    select s.* into v_wait from pgflow.steps s
+    where s.run_id = signal.run_id and s.kind = 'signal' and s.name = signal.name
+      and s.status = 'waiting';
+    if found then
+        perform pgflow._deliver_signal(signal.run_id, v_wait.seq, signal.name);
+        perform pgflow._wake(signal.run_id);
+    end if;
+end;
+$$;
+
+-- Hand the oldest queued signal `name` to the wait at journal entry p_seq.
+-- Returns false if the mailbox holds none. Call under the run's lock.
+create function pgflow._deliver_signal(p_run_id uuid, p_seq integer, p_name text)
+returns boolean
+language plpgsql
+as $$
+declare
+    v_signal pgflow.signals;
+begin
+    select g.* into v_signal from pgflow.signals g
+    where g.run_id = p_run_id and g.name = p_name and g.consumed_seq is null
+    order by g.id
+    limit 1
+    for update;
+    if not found then
+        return false;
+    end if;
+    update pgflow.signals g set consumed_seq = p_seq where g.id = v_signal.id;
+    insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
+                                   started_at, finished_at)
+    values (p_run_id, p_seq, p_name, 'signal', 'completed', 1,
+            jsonb_build_object('payload', v_signal.payload), pgflow.now(), pgflow.now())
+    on conflict (run_id, seq) do update
+        set status = 'completed', output = excluded.output, finished_at = excluded.finished_at
+        where s.status = 'waiting';
+    delete from pgflow.timers t where t.run_id = p_run_id and t.kind = 'signal' and t.seq = p_seq;
+    return true;
+end;
+$$;
+
+-- ctx.wait_for_signal: take the oldest queued signal `name` (journal entry
+-- p_seq, outcome 'received'), or suspend the run as waiting, with a timeout
+-- timer if p_timeout is given (outcome 'waiting'). Idempotent at p_seq: a
+-- wait already recorded returns its outcome ('received' or 'timed_out').
+create function pgflow.wait_signal(
+    p_run_id      uuid,
+    p_lease_token bigint,
+    p_seq         integer,
+    p_name        text,
+    p_timeout     interval,
+    out outcome   text,
+    out payload   jsonb
+)
+language plpgsql
+as $$
+declare
+    v_step pgflow.steps;
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    perform 1 from pgflow.runs r where r.id = p_run_id for update;
+
+    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+    if found and (v_step.kind <> 'signal' or v_step.name <> p_name) then
+        raise exception using errcode = 'PF004',
+            message = format('journal entry %s of run %s is %s %s, not signal %s',
+                             p_seq, p_run_id, v_step.kind, v_step.name, p_name);
+    end if;
+    if found and v_step.status = 'completed' then
+        outcome := case when v_step.output ? 'timed_out' then 'timed_out' else 'received' end;
+        payload := v_step.output -> 'payload';
+        return;
+    end if;
+
+    if pgflow._deliver_signal(p_run_id, p_seq, p_name) then
+        outcome := 'received';
+        select s.output -> 'payload' into payload
+        from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+        return;
+    end if;
+
+    if v_step.seq is null then
+        insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                                  started_at, finished_at)
+        values (p_run_id, p_seq, p_name, 'signal', 'waiting', 1,
+                jsonb_build_object('timeout', p_timeout), pgflow.now(),
+                pgflow.now() + coalesce(p_timeout, interval '0'));
+        if p_timeout is not null then
+            perform pgflow._add_timer(p_run_id, 'signal', p_seq, pgflow.now() + p_timeout);
+        end if;
+    end if;
+    update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+    outcome := 'waiting';
+end;
+$$;
+
+-- ctx.set_state: publish a value under `key` for readers (pgflow.run_state).
+-- Returns whether cancellation was requested.
+create function pgflow.set_state(p_run_id uuid, p_lease_token bigint, p_key text, p_value jsonb)
+returns boolean
+language plpgsql
+as $$
+declare
+    v_run pgflow.runs;
+begin
+    if p_key is null or p_key = '' then
+        raise exception using errcode = 'PF002', message = 'state key must not be empty';
+    end if;
+    perform pgflow._lock_run(p_run_id);
+    v_run := pgflow._check_lease(p_run_id, p_lease_token);
+    insert into pgflow.run_state as s (run_id, key, value, updated_at)
+    values (p_run_id, p_key, coalesce(p_value, 'null'::jsonb), pgflow.now())
+    on conflict (run_id, key) do update set value = excluded.value, updated_at = excluded.updated_at;
+    return v_run.cancel_requested;
+end;
+$$;
+
+-- Cancel a run and, first, its unfinished children. A run that never ran
+-- ends cancelled at once. Any other unfinished run is flagged: a running one
+-- sees the flag in its next checkpoint's answer; a sleeping or waiting one
+-- loses its timers (not its deadline) and is woken, so that pgflow.Cancelled
+-- is raised at its next durable point and cleanup and sagas run. Returns
+-- false if the run had already finished.
+create function pgflow.cancel(run_id uuid) returns boolean
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_run   pgflow.runs;
+    v_child uuid;
+begin
+    perform pgflow._lock_run(cancel.run_id);
+    select r.* into v_run from pgflow.runs r where r.id = cancel.run_id;
+    if not found then
+        raise exception using errcode = 'PF404', message = format('unknown run %s', cancel.run_id);
+    end if;
+    if v_run.status in ('completed', 'failed', 'cancelled') then
+        return false;
+    end if;
+
+    for v_child in
+        select c.id from pgflow.runs c
+        where c.parent_id = cancel.run_id and c.status not in ('completed', 'failed', 'cancelled')
+        order by c.id
+    loop
+        perform pgflow.cancel(v_child);
+    end loop;
+
+    if v_run.status in ('pending', 'sleeping')
+       and not exists (select 1 from pgflow.steps s where s.run_id = cancel.run_id) then
+        update pgflow.runs r
+        set status = 'cancelled', cancel_requested = true, finished_at = pgflow.now(),
+            lease_token = r.lease_token + 1
+        where r.id = cancel.run_id;
+        delete from pgflow.timers t where t.run_id = cancel.run_id;
+        perform pgflow._notify_done(cancel.run_id);
+        perform pgflow._child_finished(cancel.run_id);
+        return true;
+    end if;
+
+    update pgflow.runs r set cancel_requested = true where r.id = cancel.run_id;
+    delete from pgflow.timers t where t.run_id = cancel.run_id and t.kind <> 'deadline';
+    perform pgflow._wake(cancel.run_id);
+    return true;
+end;
+$$;
+
+-- The workflow let pgflow.Cancelled through: the run ends cancelled.
+create function pgflow.cancel_run(p_run_id uuid, p_lease_token bigint) returns void
+language plpgsql
+as $$
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    update pgflow.runs r
+    set status = 'cancelled', finished_at = pgflow.now(), lease_owner = null
+    where r.id = p_run_id;
+    delete from pgflow.timers t where t.run_id = p_run_id;
+    perform pgflow._notify_done(p_run_id);
+    perform pgflow._child_finished(p_run_id);
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Composition: children, parallel map, continue-as-new
+-- ---------------------------------------------------------------------------
+
+-- A run has just finished: if its parent waits for it (ctx.call, a child
+-- handle's result(), or a ctx.map entry), record its outcome there and wake
+-- the parent when nothing else is awaited. Locks the parent's row only (see
+-- the lock rule above).
+create function pgflow._child_finished(p_child_id uuid) returns void
+language plpgsql
+as $$
+declare
+    v_child     pgflow.runs;
+    v_parent    pgflow.runs;
+    v_outcome   jsonb;
+    v_remaining integer;
+    v_woken     boolean := false;
+begin
+    select r.* into v_child from pgflow.runs r where r.id = p_child_id;
+    if v_child.parent_id is null then
+        return;
+    end if;
+    select r.* into v_parent from pgflow.runs r where r.id = v_child.parent_id for update;
+    if not found then
+        return;
+    end if;
+    v_outcome := jsonb_build_object('run_id', v_child.id, 'status', v_child.status,
+                                    'output', v_child.output, 'error', v_child.error);
+
+    update pgflow.steps s
+    set status = 'completed', output = v_outcome, finished_at = pgflow.now()
+    where s.run_id = v_parent.id and s.kind = 'child' and s.status = 'waiting'
+      and s.output ->> 'run_id' = v_child.id::text;
+    v_woken := found;
+
+    if v_child.parent_seq is not null then
+        update pgflow.steps s
+        set output = jsonb_set(s.output, '{remaining}',
+                               to_jsonb((s.output ->> 'remaining')::integer - 1))
+        where s.run_id = v_parent.id and s.seq = v_child.parent_seq and s.kind = 'map'
+          and s.status = 'waiting'
+        returning (s.output ->> 'remaining')::integer into v_remaining;
+        if v_remaining = 0 then
+            update pgflow.steps s
+            set status = 'completed', finished_at = pgflow.now(),
+                output = jsonb_build_object('items', (
+                    select coalesce(jsonb_agg(jsonb_build_object(
+                               'run_id', c.id, 'status', c.status, 'output', c.output,
+                               'error', c.error) order by c.parent_index), '[]'::jsonb)
+                    from pgflow.runs c
+                    where c.parent_id = v_parent.id and c.parent_seq = v_child.parent_seq))
+            where s.run_id = v_parent.id and s.seq = v_child.parent_seq;
+            v_woken := true;
+        end if;
+    end if;
+
+    if v_woken and v_parent.status = 'waiting' then
+        perform pgflow._wake(v_parent.id);
+    end if;
+end;
+$$;
+
+-- ctx.start_child: start run `p_name` as a child of this run, recorded at
+-- journal entry p_seq so that a replay gets the same child. Returns its id.
+create function pgflow.start_child(
+    p_run_id      uuid,
+    p_lease_token bigint,
+    p_seq         integer,
+    p_name        text,
+    p_input       jsonb,
+    p_key         text,
+    p_queue       text,
+    p_version     text,
+    p_timeout     interval
+) returns uuid
+language plpgsql
+as $$
+declare
+    v_child uuid;
+    v_step  pgflow.steps;
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+    if found then
+        if v_step.kind <> 'start_child' or v_step.name <> p_name then
+            raise exception using errcode = 'PF004',
+                message = format('journal entry %s of run %s is %s %s, not start_child %s',
+                                 p_seq, p_run_id, v_step.kind, v_step.name, p_name);
+        end if;
+        return (v_step.output ->> 'run_id')::uuid;
+    end if;
+    v_child := pgflow.start(p_name, p_input, key => p_key, queue => p_queue, version => p_version,
+                            parent_id => p_run_id, timeout => p_timeout);
+    insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                              started_at, finished_at)
+    values (p_run_id, p_seq, p_name, 'start_child', 'completed', 1,
+            jsonb_build_object('run_id', v_child), pgflow.now(), pgflow.now());
+    return v_child;
+end;
+$$;
+
+-- A child handle's result(): the child's outcome {run_id, status, output,
+-- error} if it has finished (outcome recorded at journal entry p_seq), else
+-- null and the run waits until the child finishes.
+create function pgflow.wait_child(p_run_id uuid, p_lease_token bigint, p_seq integer,
+                                  p_child_id uuid) returns jsonb
+language plpgsql
+as $$
+declare
+    v_child pgflow.runs;
+    v_step  pgflow.steps;
+begin
+    perform pgflow._lock_run(p_run_id);
+    perform pgflow._check_lease(p_run_id, p_lease_token);
+    perform 1 from pgflow.runs r where r.id = p_run_id for update;  -- see the lock rule
+    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+    if found and v_step.status = 'completed' then
+        return v_step.output;
+    end if;
+    select r.* into v_child from pgflow.runs r where r.id = p_child_id;
+    if not found then
+        raise exception using errcode = 'PF404', message = format('unknown run %s', p_child_id);
+    end if;
+    -- A child that continued as new is followed to the run that carries on.
+    while v_child.continued_as is not null loop
+        select r.* into v_child from pgflow.runs r where r.id = v_child.continued_as;
+    end loop;
+    if v_child.status in ('completed', 'failed', 'cancelled') then
+        insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
+                                       started_at, finished_at)
+        values (p_run_id, p_seq, 'child', 'child', 'completed', 1,
+                jsonb_build_object('run_id', v_child.id, 'status', v_child.status,
+                                   'output', v_child.output, 'error', v_child.error),
+                pgflow.now(), pgflow.now())
+        on conflict (run_id, seq) do update set status = 'completed', output = excluded.output,
+            finished_at = excluded.finished_at;
+        return (select s.output from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq);
+    end if;
+    if v_step.seq is null then
+        insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                                  started_at, finished_at)
+        values (p_run_id, p_seq, 'child', 'child', 'waiting', 1,
+                jsonb_build_object('run_id', v_child.id), pgflow.now(), pgflow.now());
+    end if;
+    update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+    return null;
+end;
+$$;
+
+-- ctx.map: one child run of workflow p_name a item (each claimable by any
+-- worker), recorded at journal entry p_seq; the run waits until the last one
+-- finishes, then the entry holds every outcome in item order. Returns null
+-- if the run now waits, else the entry's outcome {items: [...]} (no items, or
+-- met again on replay after the last item finished).
+create function pgflow.map(
+    p_run_id      uuid,
+    p_lease_token bigint,
+    p_seq         integer,
+    p_name        text,
+    p_inputs      jsonb,     -- an array of input arrays, one per item
+    p_queue       text,
+    p_version     text
+) returns jsonb
+language plpgsql
+as $$
+declare
+    v_run   pgflow.runs;
+    v_step  pgflow.steps;
+    v_count integer := jsonb_array_length(p_inputs);
+    v_now   timestamptz := pgflow.now();
+begin
+    perform pgflow._lock_run(p_run_id);
+    v_run := pgflow._check_lease(p_run_id, p_lease_token);
+    perform 1 from pgflow.runs r where r.id = p_run_id for update;
+    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+    if found then  -- met again on replay: done, or wait on
+        if v_step.kind <> 'map' or v_step.name <> p_name then
+            raise exception using errcode = 'PF004',
+                message = format('journal entry %s of run %s is %s %s, not map %s',
+                                 p_seq, p_run_id, v_step.kind, v_step.name, p_name);
+        end if;
+        if v_step.status = 'completed' then
+            return v_step.output;
+        end if;
+        update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+        return null;
+    end if;
+    if v_count = 0 then
+        insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                                  started_at, finished_at)
+        values (p_run_id, p_seq, p_name, 'map', 'completed', 1,
+                jsonb_build_object('items', '[]'::jsonb), v_now, v_now);
+        return jsonb_build_object('items', '[]'::jsonb);
+    end if;
+
+    insert into pgflow.runs (name, version, queue, priority, input, parent_id, parent_seq,
+                             parent_index, created_at, available_at)
+    select p_name, p_version, p_queue, v_run.priority, i.input, p_run_id, p_seq,
+           (i.ordinality - 1)::integer, v_now, v_now
+    from jsonb_array_elements(p_inputs) with ordinality as i(input, ordinality);
+    insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
+                              started_at, finished_at)
+    values (p_run_id, p_seq, p_name, 'map', 'waiting', 1,
+            jsonb_build_object('children', v_count, 'remaining', v_count), v_now, v_now);
+    update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+    perform pgflow._notify_ready(p_queue);
+    return null;
+end;
+$$;
+
+-- ctx.continue_as_new: this run completes (continued_as names its successor)
+-- and a new run of the same workflow starts with p_input and a fresh
+-- journal, under the same key, parent and time limit. Returns the new id.
+create function pgflow.continue_as_new(p_run_id uuid, p_lease_token bigint, p_input jsonb)
+returns uuid
+language plpgsql
+as $$
+declare
+    v_run pgflow.runs;
+    v_new uuid := pgflow.uuid_v7();
+    v_now timestamptz := pgflow.now();
+begin
+    perform pgflow._lock_run(p_run_id);
+    v_run := pgflow._check_lease(p_run_id, p_lease_token);
+    -- The key moves to the new run: release it first (it is unique).
+    update pgflow.runs r
+    set status = 'completed', output = 'null'::jsonb, finished_at = v_now, lease_owner = null,
+        key = null, continued_as = v_new
+    where r.id = p_run_id;
+    delete from pgflow.timers t where t.run_id = p_run_id;
+    insert into pgflow.runs (id, name, version, queue, key, priority, input, parent_id, parent_seq,
+                             parent_index, timeout, created_at, available_at)
+    values (v_new, v_run.name, v_run.version, v_run.queue, v_run.key, v_run.priority, p_input,
+            v_run.parent_id, v_run.parent_seq, v_run.parent_index, v_run.timeout, v_now, v_now);
+    if v_run.timeout is not null then
+        perform pgflow._add_timer(v_new, 'deadline', null, v_now + v_run.timeout);
+    end if;
+    -- A parent waiting for this run now waits for its successor.
+    if v_run.parent_id is not null then
+        update pgflow.steps s set output = jsonb_set(s.output, '{run_id}', to_jsonb(v_new))
+        where s.run_id = v_run.parent_id and s.kind = 'child' and s.status = 'waiting'
+          and s.output ->> 'run_id' = p_run_id::text;
+    end if;
+    perform pgflow._notify_ready(v_run.queue);
+    perform pgflow._notify_done(p_run_id);
+    return v_new;
 end;
 $$;
