@@ -192,7 +192,8 @@ class Context:
     """
 
     def __init__(self, session: RunSession, journal: list[JournalEntry], *, is_async: bool,
-                 workflow_retry: Retry | None = None, cancel_requested: bool = False) -> None:
+                 workflow_retry: Retry | None = None, cancel_requested: bool = False,
+                 cancel_seq: int | None = None) -> None:
         self._session = session
         self._journal = {entry.seq: entry for entry in journal}
         self._is_async = is_async
@@ -202,6 +203,7 @@ class Context:
         # workflow is replaying and publishes nothing again (see set_state).
         self._replay_until = max(self._journal, default=-1)
         self._cancel_requested = cancel_requested
+        self._cancel_seq = cancel_seq  # the suspension the cancel interrupted, if any
         self._cancel_raised = False
 
     @property
@@ -327,7 +329,8 @@ class Context:
             raise errors.NonDeterminismError(
                 f"run {self.workflow_id}: durable call #{seq} is {kind} {name!r} in the code "
                 f"but {entry.kind} {entry.name!r} in the journal")
-        if entry is None or entry.status in ("retrying", "sleeping", "waiting"):
+        if (entry is None or entry.status in ("retrying", "sleeping", "waiting")
+                or (self._cancel_seq is not None and seq >= self._cancel_seq)):
             self._live_point()
         return seq, entry
 

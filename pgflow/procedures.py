@@ -39,6 +39,7 @@ class ClaimedRun:
     lease_token: int
     journal: list[JournalEntry]
     cancel_requested: bool = False
+    cancel_seq: int | None = None
 
 
 @asynccontextmanager
@@ -98,12 +99,12 @@ class Procedures:
         names = [name for name, _ in workflows]
         versions = [version for _, version in workflows]
         rows = await self._execute(
-            "select run_id, name, version, input, lease_token, journal, cancel_requested"
-            " from pgflow.claim(%s, %s, %s, %s, %s)",
+            "select run_id, name, version, input, lease_token, journal, cancel_requested,"
+            " cancel_seq from pgflow.claim(%s, %s, %s, %s, %s)",
             (worker_id, queues, names, versions, limit))
         return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
                            journal=[JournalEntry.from_json(e) for e in r[5]],
-                           cancel_requested=r[6])
+                           cancel_requested=r[6], cancel_seq=r[7])
                 for r in rows]
 
     async def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,

@@ -102,7 +102,8 @@ class RunExecution:
     async def execute(self) -> None:
         ctx = context.Context(self, self.claimed.journal, is_async=self.workflow.is_async,
                               workflow_retry=self.workflow.retry,
-                              cancel_requested=self.claimed.cancel_requested)
+                              cancel_requested=self.claimed.cancel_requested,
+                              cancel_seq=self.claimed.cancel_seq)
         token = self.claimed.lease_token
         try:
             result = await self._invoke(ctx)

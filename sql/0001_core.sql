@@ -146,6 +146,7 @@ create table pgflow.runs (
     parent_seq   integer,                    -- the parent's journal entry that waits for it (map)
     parent_index integer,                    -- its position among that entry's children (map)
     cancel_requested boolean not null default false,
+    cancel_seq   integer,                    -- the journal entry it was suspended on when cancelled
     continued_as uuid,                       -- continue_as_new: the run that carries on
     timeout      interval,                   -- fail the run if it is not finished this long after start
     created_at   timestamptz not null,
@@ -602,7 +603,7 @@ create function pgflow.claim(
     p_versions  text[],
     p_limit     integer
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
-                 journal jsonb, cancel_requested boolean)
+                 journal jsonb, cancel_requested boolean, cancel_seq integer)
 language plpgsql
 as $$
 #variable_conflict use_column
@@ -645,7 +646,8 @@ begin
             started_at = coalesce(r.started_at, v_now)
         from candidates c
         where r.id = c.id
-        returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested
+        returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
+                  r.cancel_seq
     )
     select c.id, c.name, c.version, c.input, c.lease_token,
            coalesce((select jsonb_agg(jsonb_build_object(
@@ -654,7 +656,7 @@ begin
                              order by s.seq)
                      from pgflow.steps s where s.run_id = c.id),
                     '[]'::jsonb),
-           c.cancel_requested
+           c.cancel_requested, c.cancel_seq
     from claimed c;
 end;
 $$;
@@ -1305,7 +1307,13 @@ begin
         return true;
     end if;
 
-    update pgflow.runs r set cancel_requested = true where r.id = cancel.run_id;
+    -- A suspended run is cancelled at the entry it waits on, even if that wait
+    -- completes meanwhile (a child cancelled by this very cascade finishes it).
+    update pgflow.runs r
+    set cancel_requested = true,
+        cancel_seq = case when r.status in ('sleeping', 'waiting')
+                          then (select max(s.seq) from pgflow.steps s where s.run_id = r.id) end
+    where r.id = cancel.run_id;
     delete from pgflow.timers t where t.run_id = cancel.run_id and t.kind <> 'deadline';
     perform pgflow._wake(cancel.run_id);
     return true;
