@@ -145,6 +145,7 @@ create table pgflow.runs (
     parent_id    uuid,
     parent_seq   integer,                    -- the parent's journal entry that waits for it (map)
     parent_index integer,                    -- its position among that entry's children (map)
+    parent_notified boolean not null default false,  -- counted by its parent's map entry
     cancel_requested boolean not null default false,
     cancel_seq   integer,                    -- the journal entry it was suspended on when cancelled
     continued_as uuid,                       -- continue_as_new: the run that carries on
@@ -1132,6 +1133,9 @@ begin
     if signal.name is null or pg_catalog.btrim(signal.name) = '' then
         raise exception using errcode = 'PF002', message = 'signal name must not be empty';
     end if;
+    if char_length(signal.name) > 200 then
+        raise exception using errcode = 'PF002', message = 'signal name must be at most 200 characters';
+    end if;
     perform pgflow._lock_run(signal.run_id);
     select r.* into v_run from pgflow.runs r where r.id = signal.run_id;
     if not found then
@@ -1275,18 +1279,25 @@ language plpgsql
 as $$
 #variable_conflict use_column
 declare
-    v_run   pgflow.runs;
-    v_child uuid;
+    v_before pgflow.runs;
+    v_run    pgflow.runs;
+    v_child  uuid;
 begin
     perform pgflow._lock_run(cancel.run_id);
-    select r.* into v_run from pgflow.runs r where r.id = cancel.run_id;
+    select r.* into v_before from pgflow.runs r where r.id = cancel.run_id;
     if not found then
         raise exception using errcode = 'PF404', message = format('unknown run %s', cancel.run_id);
     end if;
-    if v_run.status in ('completed', 'failed', 'cancelled') then
+    if v_before.status in ('completed', 'failed', 'cancelled') then
         return false;
     end if;
 
+    -- Children first (see the lock rule): take all their locks before cancelling
+    -- any, so that no child's cancellation (which locks this run's row) waits
+    -- on a sibling that is finishing and waiting for this run's row.
+    perform pgflow._lock_run(c.id) from pgflow.runs c
+    where c.parent_id = cancel.run_id and c.status not in ('completed', 'failed', 'cancelled')
+    order by c.id;
     for v_child in
         select c.id from pgflow.runs c
         where c.parent_id = cancel.run_id and c.status not in ('completed', 'failed', 'cancelled')
@@ -1294,6 +1305,12 @@ begin
     loop
         perform pgflow.cancel(v_child);
     end loop;
+
+    -- Now this run's row, locked: a claim may have taken it meanwhile.
+    select r.* into v_run from pgflow.runs r where r.id = cancel.run_id for update;
+    if v_run.status in ('completed', 'failed', 'cancelled') then
+        return false;
+    end if;
 
     if v_run.status in ('pending', 'sleeping')
        and not exists (select 1 from pgflow.steps s where s.run_id = cancel.run_id) then
@@ -1307,11 +1324,13 @@ begin
         return true;
     end if;
 
-    -- A suspended run is cancelled at the entry it waits on, even if that wait
-    -- completes meanwhile (a child cancelled by this very cascade finishes it).
+    -- A suspended run is cancelled at the entry it waited on, even if that wait
+    -- completed meanwhile (a child cancelled by the cascade above finishes it
+    -- and wakes this run: hence the status from before the cascade).
     update pgflow.runs r
     set cancel_requested = true,
-        cancel_seq = case when r.status in ('sleeping', 'waiting')
+        cancel_seq = case when v_before.status in ('sleeping', 'waiting')
+                               or r.status in ('sleeping', 'waiting')
                           then (select max(s.seq) from pgflow.steps s where s.run_id = r.id) end
     where r.id = cancel.run_id;
     delete from pgflow.timers t where t.run_id = cancel.run_id and t.kind <> 'deadline';
@@ -1372,6 +1391,13 @@ begin
     v_woken := found;
 
     if v_child.parent_seq is not null then
+        -- Each item counts once, on its first finish (a retried item does not
+        -- reopen or recount the map).
+        update pgflow.runs r set parent_notified = true
+        where r.id = v_child.id and not r.parent_notified;
+        if not found then
+            return;
+        end if;
         update pgflow.steps s
         set output = jsonb_set(s.output, '{remaining}',
                                to_jsonb((s.output ->> 'remaining')::integer - 1))
@@ -1386,7 +1412,8 @@ begin
                                'run_id', c.id, 'status', c.status, 'output', c.output,
                                'error', c.error) order by c.parent_index), '[]'::jsonb)
                     from pgflow.runs c
-                    where c.parent_id = v_parent.id and c.parent_seq = v_child.parent_seq))
+                    where c.parent_id = v_parent.id and c.parent_seq = v_child.parent_seq
+                      and c.continued_as is null))
             where s.run_id = v_parent.id and s.seq = v_child.parent_seq;
             v_woken := true;
         end if;
@@ -1574,8 +1601,10 @@ begin
     if v_run.timeout is not null then
         perform pgflow._add_timer(v_new, 'deadline', null, v_now + v_run.timeout);
     end if;
-    -- A parent waiting for this run now waits for its successor.
+    -- A parent waiting for this run now waits for its successor (its row locked
+    -- first, as a finishing child does, so a concurrent wait_child is seen).
     if v_run.parent_id is not null then
+        perform 1 from pgflow.runs r where r.id = v_run.parent_id for update;
         update pgflow.steps s set output = jsonb_set(s.output, '{run_id}', to_jsonb(v_new))
         where s.run_id = v_run.parent_id and s.kind = 'child' and s.status = 'waiting'
           and s.output ->> 'run_id' = p_run_id::text;

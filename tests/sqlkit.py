@@ -273,3 +273,33 @@ def assert_plan_uses(conn: Conn, explain: str, table: str, index: str) -> dict[s
     assert seq_scans == [], f"sequential scan of {table} in {plan}"
     assert index in {n.get("Index Name") for n in nodes}, f"{index} not used in {plan}"
     return plan
+
+
+def received(listen: Conn, conn: Conn, channel: str) -> list[str]:
+    """Payloads of ``channel`` notifications committed so far, in order.
+
+    Sends a marker on ``channel`` from ``conn`` and reads up to it: notifications
+    arrive in commit order, so whatever came before the marker is everything
+    committed before this call, without waiting for a timeout.
+    """
+    conn.execute("select pg_notify(%s, 'marker')", (channel,))
+    found = []
+    for notify in listen.notifies(timeout=5):
+        if notify.channel != channel:
+            continue
+        if notify.payload == "marker":
+            return found
+        found.append(notify.payload)
+    raise AssertionError(f"the {channel} marker did not arrive")
+
+
+def is_blocked(conn: Conn, pid: int) -> bool:
+    """Whether backend ``pid`` waits for a heavyweight lock (row, transaction, advisory)."""
+    return conn.execute("select 1 from pg_stat_activity where pid = %s and wait_event_type = 'Lock'",
+                        (pid,)).fetchone() is not None
+
+
+def wait_until_blocked(conn: Conn, pid: int, what: str = "a lock") -> None:
+    """Wait until backend ``pid`` waits for a heavyweight lock."""
+    wait_for(lambda: is_blocked(conn, pid), timeout=10, interval=0.01,
+             what=f"backend {pid} to wait for {what}")

@@ -316,3 +316,70 @@ def test_retry_resumes_a_failed_run_and_refuses_others(dsn: str, conn: psycopg.C
     assert_one_line_error(pgflow_cli("retry", "00000000-0000-0000-0000-000000000000",
                                      "--dsn", dsn), "unknown run")
     assert_one_line_error(pgflow_cli("retry", "not-a-uuid", "--dsn", dsn), "not a run id")
+
+
+# --- signal / cancel -------------------------------------------------------------------
+
+def _started_two_steps(dsn: str, conn: psycopg.Connection[Any]) -> str:
+    """A pending (never claimed) run of two_steps, started in SQL: its id as text."""
+    register_two_steps(dsn)
+    row = conn.execute("select pgflow.start('two_steps', '[1]'::jsonb)").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _finish(conn: psycopg.Connection[Any], run_id: str) -> None:
+    conn.execute("update pgflow.runs set status = 'completed', output = '1', finished_at = now()"
+                 " where id = %s", (run_id,))
+
+
+def _mailbox(conn: psycopg.Connection[Any], run_id: str) -> list[tuple[Any, ...]]:
+    return conn.execute("select name, payload, consumed_seq from pgflow.signals where run_id = %s"
+                        " order by id", (run_id,)).fetchall()
+
+
+def test_signal_queues_the_payload_for_the_run(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    run_id = _started_two_steps(dsn, conn)
+    out = ok(pgflow_cli("signal", run_id, "approve", "--payload", '{"by": "ann", "n": [1, 2]}',
+                        "--dsn", dsn))
+    assert out.strip() == f"signal 'approve' sent to run {run_id}"
+    ok(pgflow_cli("signal", run_id, "ping", "--dsn", dsn))  # no --payload: JSON null
+    assert _mailbox(conn, run_id) == [("approve", {"by": "ann", "n": [1, 2]}, None),
+                                      ("ping", None, None)]
+    assert conn.execute("select status from pgflow.runs where id = %s", (run_id,)).fetchone() == (
+        "pending",)
+
+
+def test_signal_refuses_bad_json_unknown_and_finished_runs(dsn: str,
+                                                           conn: psycopg.Connection[Any]) -> None:
+    run_id = _started_two_steps(dsn, conn)
+    assert_one_line_error(pgflow_cli("signal", run_id, "approve", "--payload", "{nope",
+                                     "--dsn", dsn), "--payload is not valid JSON")
+    unknown = "00000000-0000-4000-8000-000000000002"
+    assert_one_line_error(pgflow_cli("signal", unknown, "approve", "--dsn", dsn),
+                          f"unknown run {unknown}")
+    _finish(conn, run_id)
+    assert_one_line_error(pgflow_cli("signal", run_id, "approve", "--payload", "1", "--dsn", dsn),
+                          run_id, "completed")
+    assert _mailbox(conn, run_id) == []
+
+
+def test_cancel_ends_a_pending_run_and_reports_finished_and_unknown_ones(
+        dsn: str, conn: psycopg.Connection[Any]) -> None:
+    run_id = _started_two_steps(dsn, conn)
+    out = ok(pgflow_cli("cancel", run_id, "--dsn", dsn))
+    assert out.strip() == f"cancellation of run {run_id} requested"
+    # it never ran: cancelled at once
+    assert conn.execute("select status, cancel_requested, finished_at is not null from pgflow.runs"
+                        " where id = %s", (run_id,)).fetchone() == ("cancelled", True, True)
+    again = ok(pgflow_cli("cancel", run_id, "--dsn", dsn))
+    assert again.strip() == f"run {run_id} had already finished"
+
+    done = _started_two_steps(dsn, conn)
+    _finish(conn, done)
+    assert "had already finished" in ok(pgflow_cli("cancel", done, "--dsn", dsn))
+    assert conn.execute("select status, cancel_requested from pgflow.runs where id = %s",
+                        (done,)).fetchone() == ("completed", False)
+    unknown = "00000000-0000-4000-8000-000000000003"
+    assert_one_line_error(pgflow_cli("cancel", unknown, "--dsn", dsn), f"unknown run {unknown}")
+    assert_one_line_error(pgflow_cli("cancel", "not-a-uuid", "--dsn", dsn), "not a run id")

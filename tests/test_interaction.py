@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-import pgflow
 import pytest
+
+import pgflow
 from pgflow.testing import advance_time
 from tests.helpers import wait_for, wait_status
 from tests.workflows.effects import record
