@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import psycopg
@@ -147,32 +148,91 @@ def show(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption 
     typer.echo(json.dumps(_run_json(run), default=str, indent=2) if as_json else _render_run(run))
 
 
+StatusOption = Annotated[str | None, typer.Option("--status", help="Only runs in this status.")]
+NameOption = Annotated[str | None, typer.Option("--name", help="Only runs of this workflow.")]
+KeyOption = Annotated[str | None, typer.Option("--key", help="Only the run with this key.")]
+SinceOption = Annotated[str | None, typer.Option(
+    "--since", help="Only runs created since: 30m, 2h, 7d, or an ISO date/time.")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """The --status/--name/--key/--since filters, as SQL over pgflow.runs r."""
+
+    status: str | None = None
+    name: str | None = None
+    key: str | None = None
+    since: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in _STATUSES:
+            raise ValueError(f"unknown status {self.status!r}; one of: {', '.join(_STATUSES)}")
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.status, self.name, self.key, self.since))
+
+    def sql(self) -> tuple[str, dict[str, Any]]:
+        where = " and ".join([
+            "(%(status)s::text is null or r.status = %(status)s)",
+            "(%(name)s::text is null or r.name = %(name)s)",
+            "(%(key)s::text is null or r.key = %(key)s)",
+            "(%(since)s::timestamptz is null or r.created_at >= %(since)s)"])
+        since = None if self.since is None else _parse_since(self.since)
+        return where, {"status": self.status, "name": self.name, "key": self.key, "since": since}
+
+
+def _parse_since(text: str) -> datetime:
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    number, unit = text[:-1], text[-1:]
+    if unit in units and number.isdigit():
+        return datetime.now(timezone.utc) - timedelta(**{units[unit]: int(number)})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use 30m, 2h, 7d or an ISO date/time") from None
+    return when if when.tzinfo else when.astimezone()
+
+
+# A run nobody can serve: unfinished, and no live worker has its (name, version) on its queue.
+_UNSERVED = ("r.status in ('pending', 'sleeping', 'waiting') and not exists (select 1 from"
+             " pgflow.workers w where r.queue = any(w.queues) and w.workflows @>"
+             " jsonb_build_array(jsonb_build_object('name', r.name, 'version', r.version)))")
+
+
 @app.command("list")
 def list_runs(
-    status: Annotated[str | None, typer.Option("--status", help="Only runs in this status.")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Only runs of this workflow.")] = None,
+    status: StatusOption = None,
+    name: NameOption = None,
+    key: KeyOption = None,
+    since: SinceOption = None,
+    unserved: Annotated[bool, typer.Option(
+        "--unserved", help="Only runs that no live worker can serve.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
     dsn: DsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List runs, newest first."""
+    """List runs, newest first; runs no live worker can serve are marked."""
     with _user_errors():
-        if status is not None and status not in _STATUSES:
-            raise ValueError(f"unknown status {status!r}; one of: {', '.join(_STATUSES)}")
+        where, params = RunFilter(status, name, key, since).sql()
+        if unserved:
+            where += f" and {_UNSERVED}"
         with _connect(dsn) as conn:
             rows = conn.execute(
-                "select id, name, version, status, key, created_at, finished_at from pgflow.runs"
-                " where (%(status)s::text is null or status = %(status)s)"
-                "   and (%(name)s::text is null or name = %(name)s)"
-                " order by created_at desc, id desc limit %(limit)s",
-                {"status": status, "name": name, "limit": limit}).fetchall()
+                "select r.id, r.name, r.version, r.status, r.key, r.created_at, r.finished_at,"
+                f" {_UNSERVED} from pgflow.runs r where {where}"
+                " order by r.created_at desc, r.id desc limit %(limit)s",
+                {**params, "limit": limit}).fetchall()
     if as_json:
-        keys = ("id", "name", "version", "status", "key", "created_at", "finished_at")
+        keys = ("id", "name", "version", "status", "key", "created_at", "finished_at", "unserved")
         for row in rows:
             typer.echo(json.dumps(dict(zip(keys, row, strict=True)), default=str))
         return
     table = [("ID", "WORKFLOW", "STATUS", "CREATED", "KEY")]
-    table += [(str(r[0]), f"{r[1]} v{r[2]}", r[3], _time(r[5]), r[4] or "") for r in rows]
+    for r in rows:
+        marker = f"  (no worker for v{r[2]})" if r[7] else ""
+        table.append((str(r[0]), f"{r[1]} v{r[2]}", f"{r[3]}{marker}", _time(r[5]), r[4] or ""))
     typer.echo(_columns(table))
 
 
@@ -191,21 +251,74 @@ def signal(
     typer.echo(f"signal {name!r} sent to run {run_id}")
 
 
-@app.command()
-def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None) -> None:
-    """Cancel a run (and its children) at its next durable point."""
-    with _user_errors(), _connect(dsn) as conn:
-        requested = client.cancel(conn, run_id)
-    typer.echo(f"cancellation of run {run_id} requested" if requested
-               else f"run {run_id} had already finished")
+RunIdArgument = Annotated[str | None, typer.Argument(
+    help="Run id; or leave it out and select runs with the filters.")]
 
 
 @app.command()
-def retry(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None) -> None:
-    """Resume a failed run from its last checkpoint."""
+def cancel(run_id: RunIdArgument = None, status: StatusOption = None, name: NameOption = None,
+           key: KeyOption = None, since: SinceOption = None, yes: YesOption = False,
+           dsn: DsnOption = None) -> None:
+    """Cancel a run (and its children) at its next durable point, or every run that matches."""
     with _user_errors(), _connect(dsn) as conn:
-        client.retry(conn, run_id)
-    typer.echo(f"run {run_id} will resume from its last checkpoint")
+        if run_id is not None:
+            _no_filters_with_an_id(status, name, key, since)
+            requested = client.cancel(conn, run_id)
+            typer.echo(f"cancellation of run {run_id} requested" if requested
+                       else f"run {run_id} had already finished")
+            return
+        ids = _select(conn, RunFilter(status, name, key, since),
+                      "r.status not in ('completed', 'failed', 'cancelled')", "cancel")
+        _confirm(f"Cancel {len(ids)} unfinished run(s)?", len(ids), yes, "cancel")
+        done = sum(client.cancel(conn, rid) for rid in ids)
+        typer.echo(f"cancellation requested for {done} run(s)")
+
+
+@app.command()
+def retry(run_id: RunIdArgument = None, status: StatusOption = None, name: NameOption = None,
+          key: KeyOption = None, since: SinceOption = None, yes: YesOption = False,
+          dsn: DsnOption = None) -> None:
+    """Resume a failed run from its last checkpoint, or every failed run that matches."""
+    with _user_errors(), _connect(dsn) as conn:
+        if run_id is not None:
+            _no_filters_with_an_id(status, name, key, since)
+            client.retry(conn, run_id)
+            typer.echo(f"run {run_id} will resume from its last checkpoint")
+            return
+        if status not in (None, "failed"):
+            raise ValueError("only failed runs can be retried: leave --status out or say failed")
+        ids = _select(conn, RunFilter("failed", name, key, since), "true", "retry")
+        _confirm(f"Retry {len(ids)} failed run(s)?", len(ids), yes, "retry")
+        for rid in ids:
+            client.retry(conn, rid)
+        typer.echo(f"{len(ids)} run(s) will resume from their last checkpoint")
+
+
+def _no_filters_with_an_id(*filters: str | None) -> None:
+    if any(f is not None for f in filters):
+        raise ValueError("give a run id or filters (--status, --name, --key, --since), not both")
+
+
+def _select(conn: psycopg.Connection[Any], filters: RunFilter, condition: str,
+            verb: str) -> list[Any]:
+    if not filters.given:
+        raise ValueError(f"give a run id, or filters (--status, --name, --key, --since) to "
+                         f"{verb} several runs")
+    where, params = filters.sql()
+    rows = conn.execute(f"select r.id from pgflow.runs r where {where} and {condition}"
+                        " order by r.created_at", params).fetchall()
+    return [row[0] for row in rows]
+
+
+def _confirm(question: str, count: int, yes: bool, verb: str) -> None:
+    if count == 0:
+        raise ValueError(f"no run matches: nothing to {verb}")
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ValueError(f"{count} run(s) match: pass --yes to {verb} them (no terminal to ask)")
+    if not typer.confirm(question, default=False):
+        raise ValueError(f"not confirmed: nothing was done ({count} run(s) matched)")
 
 
 _STATUSES = ("pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled")

@@ -140,8 +140,8 @@ class RunSession(Protocol):
     queue: str
     default_retry: Retry
 
-    @property
-    def draining(self) -> bool: ...
+    def at_live_point(self) -> None:
+        """Called before each durable call that will act for real (may raise to stop)."""
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any: ...
     async def complete_step(self, seq: int, name: str, kind: str, output: Any,
@@ -150,7 +150,8 @@ class RunSession(Protocol):
                         duration: timedelta, retryable: bool, policy: Retry) -> FailOutcome: ...
     async def sleep(self, seq: int, name: str, until: datetime | None,
                     duration: timedelta | None) -> bool: ...
-    async def record_value(self, seq: int, kind: str, value: Any) -> Any: ...
+    async def record_value(self, seq: int, kind: str, value: Any,
+                           name: str | None = None) -> Any: ...
     async def wait_signal(self, seq: int, name: str,
                           timeout: timedelta | None) -> tuple[str, Any]: ...
     async def set_state(self, key: str, value: Any) -> bool: ...
@@ -247,6 +248,41 @@ class Context:
         """A float in [0, 1), recorded once."""
         return self._recorded_value("random", random.random(), float)
 
+    def patched(self, patch_id: str) -> Any:
+        """True on code paths recorded with this patch (and in new runs), False on replay of
+        a run recorded before it: ``if ctx.patched("x"): new() else: old()``.
+
+        The answer is recorded, so it is stable on every replay. Once no unfinished run
+        predates the patch (view ``pgflow.patches_in_use``), replace the ``if`` with
+        :meth:`deprecate_patch` and the new branch; once no unfinished run recorded the
+        patch either, delete that call too.
+        """
+        check_patch_id(patch_id)
+        entry = self._journal.get(self._seq)
+        if entry is not None and not (entry.kind == "patch" and entry.name == patch_id):
+            return self._answer(False)  # recorded before the patch: no position consumed
+        seq, entry = self._replay(patch_id, "patch")
+        if entry is not None:
+            return self._answer(True)
+        return self._durable(self._value(seq, None, "patch", True, bool, name=patch_id))
+
+    def deprecate_patch(self, patch_id: str) -> Any:
+        """Accept a patch marker where runs recorded one, and record nothing otherwise."""
+        check_patch_id(patch_id)
+        entry = self._journal.get(self._seq)
+        if entry is not None and entry.kind == "patch" and entry.name == patch_id:
+            self._seq += 1
+        return self._answer(None)
+
+    def _answer(self, value: Any) -> Any:
+        """``value`` as a durable call returns it: awaitable in async workflows."""
+        if not self._is_async:
+            return value
+
+        async def answer() -> Any:
+            return value
+        return answer()
+
     def wait_for_signal(self, name: str, timeout: timedelta | float | None = None) -> Any:
         """Wait (durably) for signal ``name`` and return its payload.
 
@@ -326,21 +362,22 @@ class Context:
         self._seq += 1
         entry = self._journal.get(seq)
         if entry is not None and (entry.name != name or entry.kind != kind):
+            hint = (f" (the code no longer calls ctx.patched or ctx.deprecate_patch"
+                    f"({entry.name!r}) here)" if entry.kind == "patch" else "")
             raise errors.NonDeterminismError(
                 f"run {self.workflow_id}: durable call #{seq} is {kind} {name!r} in the code "
-                f"but {entry.kind} {entry.name!r} in the journal")
+                f"but {entry.kind} {entry.name!r} in the journal{hint}")
         if (entry is None or entry.status in ("retrying", "sleeping", "waiting")
                 or (self._cancel_seq is not None and seq >= self._cancel_seq)):
             self._live_point()
         return seq, entry
 
     def _live_point(self) -> None:
-        """The workflow is about to act for real: cancel or give the run back here."""
+        """The workflow is about to act for real: cancel here, or let the session stop it."""
         if self._cancel_requested and not self._cancel_raised:
             self._cancel_raised = True  # once: cleanup and compensations then proceed
             raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
-        if self._session.draining:
-            raise Release()
+        self._session.at_live_point()
 
     async def _report(self, what: str, report: Coroutine[Any, Any, Any]) -> Any:
         """Await a report; any failure to make it ends the run here (see :class:`Abandon`)."""
@@ -360,11 +397,11 @@ class Context:
         self._journal[seq] = JournalEntry(seq, "sleep", "sleep", "completed", 1, None, None)
 
     async def _value(self, seq: int, entry: JournalEntry | None, kind: str, value: Any,
-                     decode: Callable[[Any], Any]) -> Any:
+                     decode: Callable[[Any], Any], name: str | None = None) -> Any:
         if entry is None:
             recorded = await self._report(
-                f"recording ctx.{kind}()", self._session.record_value(seq, kind, value))
-            entry = JournalEntry(seq, kind, kind, "completed", 1, recorded, None)
+                f"recording ctx.{kind}()", self._session.record_value(seq, kind, value, name))
+            entry = JournalEntry(seq, name or kind, kind, "completed", 1, recorded, None)
             self._journal[seq] = entry
         return decode(entry.output)
 
@@ -524,6 +561,12 @@ class Context:
         entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)
         self._journal[live.seq] = entry
         raise _step_failed(live.name, entry) from exc
+
+
+def check_patch_id(patch_id: object) -> None:
+    if not isinstance(patch_id, str) or not patch_id.strip() or len(patch_id) > 200:
+        raise ValueError(f"a patch id must be a non-empty string of at most 200 characters, "
+                         f"got {patch_id!r}")
 
 
 def _decode_datetime(data: Any) -> datetime:

@@ -132,9 +132,9 @@ class Procedures:
         return bool(rows[0][0])
 
     async def record_value(self, run_id: uuid.UUID, token: int, seq: int, kind: str,
-                           value: Any) -> Any:
-        rows = await self._execute("select pgflow.record_value(%s, %s, %s, %s, %s)",
-                                   (run_id, token, seq, kind, Jsonb(value)))
+                           value: Any, name: str | None = None) -> Any:
+        rows = await self._execute("select pgflow.record_value(%s, %s, %s, %s, %s, %s)",
+                                   (run_id, token, seq, kind, Jsonb(value), name))
         return rows[0][0]
 
     async def wait_signal(self, run_id: uuid.UUID, token: int, seq: int, name: str,

@@ -45,9 +45,9 @@ class RunExecution:
 
     # -- RunSession ---------------------------------------------------------
 
-    @property
-    def draining(self) -> bool:
-        return self._is_draining()
+    def at_live_point(self) -> None:
+        if self._is_draining():
+            raise context.Release()  # give the run back here, before acting
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` on the worker's loop from a workflow thread and wait for it."""
@@ -72,9 +72,10 @@ class RunExecution:
         return await self._procedures.sleep(self.run_id, self.claimed.lease_token, seq, name,
                                             until, duration)
 
-    async def record_value(self, seq: int, kind: str, value: Any) -> Any:
+    async def record_value(self, seq: int, kind: str, value: Any,
+                           name: str | None = None) -> Any:
         return await self._procedures.record_value(self.run_id, self.claimed.lease_token, seq,
-                                                   kind, value)
+                                                   kind, value, name)
 
     async def wait_signal(self, seq: int, name: str,
                           timeout: timedelta | None) -> tuple[str, Any]:

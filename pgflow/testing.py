@@ -3,6 +3,10 @@
 ``advance_time`` moves the engine clock (``pgflow.now()``) forward for the
 whole database and fires every timer that comes due, so a workflow that
 sleeps for weeks is tested in seconds, with a real worker running it.
+
+``check_replay`` / ``check_replays`` tell whether the current code still
+replays recorded runs (see :mod:`pgflow.replaycheck`): the test to run in CI
+before deploying a change to a workflow.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from typing import Any
 
 from pgflow import connections
 from pgflow.durations import as_timedelta
+from pgflow.replaycheck import ReplayCheck, check_replay, check_replays
 
-__all__ = ["advance_time", "advance_time_async"]
+__all__ = ["ReplayCheck", "advance_time", "advance_time_async", "check_replay", "check_replays"]
 
 ADVANCE = "select pgflow.advance_time(%s)"
 _WHAT = "advance_time's delta (the clock only moves forward)"

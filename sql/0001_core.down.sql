@@ -1,5 +1,5 @@
 -- Undo revision 0001. The schema itself stays: it holds Alembic's version table.
-drop view if exists pgflow.waits;
+drop view if exists pgflow.waits, pgflow.unserved_runs, pgflow.patches_in_use;
 drop function if exists
     pgflow.continue_as_new(uuid, bigint, jsonb),
     pgflow.map(uuid, bigint, integer, text, jsonb, text, text),
@@ -17,7 +17,7 @@ drop function if exists
     pgflow.advance_time(interval),
     pgflow.next_timer_in(),
     pgflow.fire_timers(integer),
-    pgflow.record_value(uuid, bigint, integer, text, jsonb),
+    pgflow.record_value(uuid, bigint, integer, text, jsonb, text),
     pgflow.sleep(uuid, bigint, integer, text, timestamptz, interval),
     pgflow._add_timer(uuid, text, integer, timestamptz),
     pgflow.release_run(uuid, bigint),

@@ -18,7 +18,7 @@
 --   pgflow.fail_run(...)          the workflow raised
 --   pgflow.release_run(...)       give a run back unfinished (draining worker)
 --   pgflow.sleep(...)             suspend a run until a time (durable timer)
---   pgflow.record_value(...)      journal ctx.now() / uuid4() / random()
+--   pgflow.record_value(...)      journal ctx.now() / uuid4() / random() / patched()
 --   pgflow.recover(stale_after)   give back runs of dead workers
 --
 -- Scheduler procedures (called by the one scheduler leader, and by tests):
@@ -906,7 +906,8 @@ create function pgflow.record_value(
     p_lease_token bigint,
     p_seq         integer,
     p_kind        text,
-    p_value       jsonb
+    p_value       jsonb,
+    p_name        text default null   -- the entry's name (a patch id); default: the kind
 ) returns jsonb
 language plpgsql
 as $$
@@ -918,8 +919,8 @@ begin
     perform pgflow._check_lease(p_run_id, p_lease_token);
     insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
                               started_at, finished_at)
-    values (p_run_id, p_seq, p_kind, p_kind, 'completed', 1, coalesce(v_value, 'null'::jsonb),
-            v_now, v_now)
+    values (p_run_id, p_seq, coalesce(p_name, p_kind), p_kind, 'completed', 1,
+            coalesce(v_value, 'null'::jsonb), v_now, v_now)
     on conflict (run_id, seq) do nothing;
     if not found then
         raise exception using errcode = 'PF004',
@@ -1614,3 +1615,30 @@ begin
     return v_new;
 end;
 $$;
+
+-- ---------------------------------------------------------------------------
+-- Versions and patches (operators' views)
+-- ---------------------------------------------------------------------------
+
+-- Unfinished runs that no live worker can serve: no registered worker has
+-- code for their (name, version) on their queue. Such a run waits until one
+-- is deployed; it is never claimed by code of another version.
+create view pgflow.unserved_runs as
+select r.id, r.name, r.version, r.queue, r.status, r.created_at
+from pgflow.runs r
+where r.status in ('pending', 'sleeping', 'waiting')
+  and not exists (
+        select 1 from pgflow.workers w
+        where r.queue = any(w.queues)
+          and w.workflows @> jsonb_build_array(
+                  jsonb_build_object('name', r.name, 'version', r.version)));
+
+-- Patches (ctx.patched) recorded by unfinished runs: a patch can be retired
+-- from the code (its old branch deleted, then the call itself) once its
+-- runs have drained.
+create view pgflow.patches_in_use as
+select s.name as patch, r.name as workflow, r.version, count(*) as runs
+from pgflow.steps s
+join pgflow.runs r on r.id = s.run_id
+where s.kind = 'patch' and r.status not in ('completed', 'failed', 'cancelled')
+group by s.name, r.name, r.version;

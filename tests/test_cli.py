@@ -211,7 +211,7 @@ def test_start_list_show(dsn: str, conn: psycopg.Connection[Any]) -> None:
     assert [r["id"] for r in records] == [str(kwargs_run), str(run_id)]
     assert records[1] | {"created_at": None} == {
         "id": str(run_id), "name": "two_steps", "version": "1", "status": "pending",
-        "key": "order-7", "created_at": None, "finished_at": None}
+        "key": "order-7", "created_at": None, "finished_at": None, "unserved": False}
 
     # filters
     filtered = ok(pgflow_cli("list", "--status", "pending", "--name", "two_steps", "--json",
