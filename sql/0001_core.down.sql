@@ -36,6 +36,8 @@ drop function if exists
     pgflow.watch(uuid),
     pgflow._notify_done(uuid),
     pgflow._notify_ready(text),
+    pgflow._suspend(uuid, text),
+    pgflow._entry(uuid, integer, text, text),
     pgflow._check_lease(uuid, bigint),
     pgflow._lock_run(uuid);
 drop table if exists pgflow.run_state, pgflow.signals, pgflow.timers, pgflow.step_attempts, pgflow.workers, pgflow.steps,

@@ -332,6 +332,33 @@ begin
 end;
 $$;
 
+-- The journal entry at p_seq, if any, which must be a p_kind named p_name:
+-- replayed code asking for something else at a recorded position is the
+-- caller's bug (PF004), never a silent overwrite.
+create function pgflow._entry(p_run_id uuid, p_seq integer, p_kind text, p_name text)
+returns pgflow.steps
+language plpgsql
+as $$
+declare
+    v_step pgflow.steps;
+begin
+    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
+    if found and (v_step.kind <> p_kind or v_step.name <> p_name) then
+        raise exception using errcode = 'PF004',
+            message = format('journal entry %s of run %s is %s %s, not %s %s',
+                             p_seq, p_run_id, v_step.kind, v_step.name, p_kind, p_name);
+    end if;
+    return v_step;
+end;
+$$;
+
+-- The run lets go of its worker until something wakes it (pgflow._wake).
+create function pgflow._suspend(p_run_id uuid, p_status text) returns void
+language sql
+as $$
+    update pgflow.runs r set status = p_status, lease_owner = null where r.id = p_run_id
+$$;
+
 -- Wake idle workers of a queue. Payload is the queue name only (NOTIFY
 -- payloads are capped at 8000 bytes; queue names at 200 characters).
 create function pgflow._notify_ready(p_queue text) returns void
@@ -878,17 +905,12 @@ begin
             jsonb_build_object('until', v_until), v_now, greatest(v_until, v_now))
     on conflict (run_id, seq) do nothing;
 
-    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
-    if v_step.kind <> 'sleep' or v_step.name <> p_name then
-        raise exception using errcode = 'PF004',
-            message = format('journal entry %s of run %s is %s %s, not sleep %s',
-                             p_seq, p_run_id, v_step.kind, v_step.name, p_name);
-    end if;
+    v_step := pgflow._entry(p_run_id, p_seq, 'sleep', p_name);
     if v_step.status = 'completed' then
         return false;
     end if;
 
-    update pgflow.runs r set status = 'sleeping', lease_owner = null where r.id = p_run_id;
+    perform pgflow._suspend(p_run_id, 'sleeping');
     if not exists (select 1 from pgflow.timers t
                    where t.run_id = p_run_id and t.kind = 'sleep' and t.seq = p_seq) then
         perform pgflow._add_timer(p_run_id, 'sleep', p_seq, (v_step.output ->> 'until')::timestamptz);
@@ -1214,13 +1236,8 @@ begin
     perform pgflow._check_lease(p_run_id, p_lease_token);
     perform 1 from pgflow.runs r where r.id = p_run_id for update;
 
-    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
-    if found and (v_step.kind <> 'signal' or v_step.name <> p_name) then
-        raise exception using errcode = 'PF004',
-            message = format('journal entry %s of run %s is %s %s, not signal %s',
-                             p_seq, p_run_id, v_step.kind, v_step.name, p_name);
-    end if;
-    if found and v_step.status = 'completed' then
+    v_step := pgflow._entry(p_run_id, p_seq, 'signal', p_name);
+    if v_step.status = 'completed' then
         outcome := case when v_step.output ? 'timed_out' then 'timed_out' else 'received' end;
         payload := v_step.output -> 'payload';
         return;
@@ -1243,7 +1260,7 @@ begin
             perform pgflow._add_timer(p_run_id, 'signal', p_seq, pgflow.now() + p_timeout);
         end if;
     end if;
-    update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+    perform pgflow._suspend(p_run_id, 'waiting');
     outcome := 'waiting';
 end;
 $$;
@@ -1447,13 +1464,8 @@ declare
 begin
     perform pgflow._lock_run(p_run_id);
     perform pgflow._check_lease(p_run_id, p_lease_token);
-    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
-    if found then
-        if v_step.kind <> 'start_child' or v_step.name <> p_name then
-            raise exception using errcode = 'PF004',
-                message = format('journal entry %s of run %s is %s %s, not start_child %s',
-                                 p_seq, p_run_id, v_step.kind, v_step.name, p_name);
-        end if;
+    v_step := pgflow._entry(p_run_id, p_seq, 'start_child', p_name);
+    if v_step.seq is not null then
         return (v_step.output ->> 'run_id')::uuid;
     end if;
     v_child := pgflow.start(p_name, p_input, key => p_key, queue => p_queue, version => p_version,
@@ -1509,7 +1521,7 @@ begin
         values (p_run_id, p_seq, 'child', 'child', 'waiting', 1,
                 jsonb_build_object('run_id', v_child.id), pgflow.now(), pgflow.now());
     end if;
-    update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+    perform pgflow._suspend(p_run_id, 'waiting');
     return null;
 end;
 $$;
@@ -1539,17 +1551,12 @@ begin
     perform pgflow._lock_run(p_run_id);
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
     perform 1 from pgflow.runs r where r.id = p_run_id for update;
-    select s.* into v_step from pgflow.steps s where s.run_id = p_run_id and s.seq = p_seq;
-    if found then  -- met again on replay: done, or wait on
-        if v_step.kind <> 'map' or v_step.name <> p_name then
-            raise exception using errcode = 'PF004',
-                message = format('journal entry %s of run %s is %s %s, not map %s',
-                                 p_seq, p_run_id, v_step.kind, v_step.name, p_name);
-        end if;
+    v_step := pgflow._entry(p_run_id, p_seq, 'map', p_name);
+    if v_step.seq is not null then  -- met again on replay: done, or wait on
         if v_step.status = 'completed' then
             return v_step.output;
         end if;
-        update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+        perform pgflow._suspend(p_run_id, 'waiting');
         return null;
     end if;
     if v_count = 0 then
@@ -1569,7 +1576,7 @@ begin
                               started_at, finished_at)
     values (p_run_id, p_seq, p_name, 'map', 'waiting', 1,
             jsonb_build_object('children', v_count, 'remaining', v_count), v_now, v_now);
-    update pgflow.runs r set status = 'waiting', lease_owner = null where r.id = p_run_id;
+    perform pgflow._suspend(p_run_id, 'waiting');
     perform pgflow._notify_ready(p_queue);
     return null;
 end;
