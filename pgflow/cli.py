@@ -188,8 +188,8 @@ def _parse_since(text: str) -> datetime:
     number, unit = text[:-1], text[-1:]
     if unit in units and number.isdigit():
         return datetime.now(timezone.utc) - timedelta(**{units[unit]: int(number)})
-    try:
-        when = datetime.fromisoformat(text)
+    try:  # Python 3.10's fromisoformat does not know a trailing Z
+        when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
         raise ValueError(f"--since {text!r}: use 30m, 2h, 7d or an ISO date/time") from None
     return when if when.tzinfo else when.astimezone()
@@ -287,11 +287,18 @@ def retry(run_id: RunIdArgument = None, status: StatusOption = None, name: NameO
             return
         if status not in (None, "failed"):
             raise ValueError("only failed runs can be retried: leave --status out or say failed")
+        _require_filters(RunFilter(status, name, key, since), "retry")  # before status is forced
         ids = _select(conn, RunFilter("failed", name, key, since), "true", "retry")
         _confirm(f"Retry {len(ids)} failed run(s)?", len(ids), yes, "retry")
+        resumed = 0
         for rid in ids:
-            client.retry(conn, rid)
-        typer.echo(f"{len(ids)} run(s) will resume from their last checkpoint")
+            try:
+                client.retry(conn, rid)
+                resumed += 1
+            except errors.RunStateError:  # retried or cancelled by someone else meanwhile
+                continue
+        skipped = f" ({len(ids) - resumed} no longer failed)" if resumed < len(ids) else ""
+        typer.echo(f"{resumed} run(s) will resume from their last checkpoint{skipped}")
 
 
 def _no_filters_with_an_id(*filters: str | None) -> None:
@@ -299,11 +306,15 @@ def _no_filters_with_an_id(*filters: str | None) -> None:
         raise ValueError("give a run id or filters (--status, --name, --key, --since), not both")
 
 
-def _select(conn: psycopg.Connection[Any], filters: RunFilter, condition: str,
-            verb: str) -> list[Any]:
+def _require_filters(filters: RunFilter, verb: str) -> None:
     if not filters.given:
         raise ValueError(f"give a run id, or filters (--status, --name, --key, --since) to "
                          f"{verb} several runs")
+
+
+def _select(conn: psycopg.Connection[Any], filters: RunFilter, condition: str,
+            verb: str) -> list[Any]:
+    _require_filters(filters, verb)
     where, params = filters.sql()
     rows = conn.execute(f"select r.id from pgflow.runs r where {where} and {condition}"
                         " order by r.created_at", params).fetchall()
@@ -383,6 +394,7 @@ def main() -> None:
             typer.echo(f"pgflow: error: {_one_line(exc.format_message())}{hint}", err=True)
             sys.exit(2)
         if "Abort" in names:
+            typer.echo("\npgflow: error: aborted", err=True)
             sys.exit(130)
         raise
     sys.exit(code if isinstance(code, int) else 0)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +387,226 @@ def test_cancel_ends_a_pending_run_and_reports_finished_and_unknown_ones(
     unknown = "00000000-0000-4000-8000-000000000003"
     assert_one_line_error(pgflow_cli("cancel", unknown, "--dsn", dsn), f"unknown run {unknown}")
     assert_one_line_error(pgflow_cli("cancel", "not-a-uuid", "--dsn", dsn), "not a run id")
+
+
+# --- list filters: --key, --since, --unserved -----------------------------------------
+
+def _start_sql(conn: psycopg.Connection[Any], name: str = "two_steps", **params: Any) -> str:
+    """A run started in SQL (pgflow.start's named parameters): its id as text."""
+    named = "".join(f", {p} => %({p})s" for p in params)
+    row = conn.execute(f"select pgflow.start(%(name)s, '[1]'::jsonb{named})",
+                       {"name": name, **params}).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _statuses(conn: psycopg.Connection[Any], *run_ids: str) -> list[str]:
+    return [conn.execute("select status from pgflow.runs where id = %s", (rid,)).fetchone()[0]
+            for rid in run_ids]
+
+
+def _listed(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    """Run ids printed by ``list --json ARGS``, in order."""
+    return [json.loads(line)["id"]
+            for line in ok(pgflow_cli("list", "--json", *args, env=env)).splitlines()]
+
+
+def test_list_filters_by_key_and_since(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    register_two_steps(dsn)
+    ages = {"now": None, "m90": "90 minutes", "d3": "3 days", "d10": "10 days"}
+    ids = {label: _start_sql(conn, key=f"k-{label}") for label in ages}
+    for label, age in ages.items():
+        if age is not None:
+            conn.execute("update pgflow.runs set created_at = now() - %s::interval where id = %s",
+                         (age, ids[label]))
+
+    def expect(*labels: str) -> list[str]:  # newest first, as list prints them
+        return [ids[label] for label in labels]
+
+    assert _listed("--key", "k-d3", "--dsn", dsn) == expect("d3")
+    assert _listed("--key", "k-d3", "--since", "2h", "--dsn", dsn) == []
+    assert _listed("--since", "30m", "--dsn", dsn) == expect("now")
+    assert _listed("--since", "2h", "--dsn", dsn) == expect("now", "m90")
+    assert _listed("--since", "7d", "--dsn", dsn) == expect("now", "m90", "d3")
+    now = datetime.now(timezone.utc)
+    # an ISO date/time with an offset
+    assert _listed("--since", (now - timedelta(days=2)).isoformat(), "--dsn", dsn) == \
+        expect("now", "m90")
+    # a bare date: midnight, local time
+    assert _listed("--since", (now - timedelta(days=5)).date().isoformat(), "--dsn", dsn) == \
+        expect("now", "m90", "d3")
+    # a naive date/time is local time (here UTC+5: read as UTC it would be 2 h in the future)
+    naive = (now + timedelta(hours=5) - timedelta(hours=3)).replace(tzinfo=None)
+    assert _listed("--since", naive.isoformat(timespec="seconds"), "--dsn", dsn,
+                   env=cli_env(TZ="XYZ-5")) == expect("now", "m90")
+    assert_one_line_error(pgflow_cli("list", "--since", "yesterday", "--dsn", dsn),
+                          "--since 'yesterday'", "30m")
+
+
+def test_list_unserved_marks_runs_no_live_worker_can_serve(dsn: str,
+                                                           conn: psycopg.Connection[Any]) -> None:
+    register_two_steps(dsn)  # a worker row serving two_steps v1 on queue default
+    served = _start_sql(conn)
+    v2 = _start_sql(conn, version="2")
+    other_queue = _start_sql(conn, queue="elsewhere")
+    finished_v2 = _start_sql(conn, version="2")
+    _finish(conn, finished_v2)
+
+    rows = {line.split()[0]: line for line in
+            ok(pgflow_cli("list", "--dsn", dsn)).splitlines()[1:]}
+    assert set(rows) == {served, v2, other_queue, finished_v2}
+    assert "two_steps v2  pending  (no worker for v2)" in rows[v2]
+    assert "two_steps v1  pending  (no worker for v1)" in rows[other_queue]
+    assert "(no worker" not in rows[served] and "pending" in rows[served]
+    assert "(no worker" not in rows[finished_v2] and "completed" in rows[finished_v2]
+
+    unserved = ok(pgflow_cli("list", "--unserved", "--dsn", dsn)).splitlines()
+    assert unserved[0].split() == ["ID", "WORKFLOW", "STATUS", "CREATED", "KEY"]
+    assert {line.split()[0] for line in unserved[1:]} == {v2, other_queue}
+    assert all("(no worker for v" in line for line in unserved[1:])
+    # the same runs as the view pgflow.unserved_runs
+    assert {str(r[0]) for r in conn.execute("select id from pgflow.unserved_runs")} == \
+        {v2, other_queue}
+
+    records = {r["id"]: r for r in map(json.loads, ok(pgflow_cli(
+        "list", "--json", "--dsn", dsn)).splitlines())}
+    assert {rid: r["unserved"] for rid, r in records.items()} == {
+        served: False, v2: True, other_queue: True, finished_v2: False}
+    assert records[v2]["version"] == "2"
+
+
+# --- bulk cancel / retry ---------------------------------------------------------------
+
+def pgflow_cli_no_tty(*args: str) -> subprocess.CompletedProcess[str]:
+    """Like :func:`pgflow_cli`, with stdin not a terminal (so it can never prompt)."""
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], cwd=REPO, env=cli_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def pgflow_cli_tty(*args: str, answer: str, prompt: bytes = b"[y/N]",
+                   timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal; type ``answer`` once ``prompt`` shows.
+
+    Returns the exit code and everything written to the terminal.
+    """
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pgflow", *args], cwd=REPO,
+                                env=cli_env(TERM="dumb"), stdin=slave, stdout=slave,
+                                stderr=slave, close_fds=True)
+    finally:
+        os.close(slave)
+    output = b""
+    answered = False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not answered and prompt in output:
+                os.write(master, answer.encode() + b"\n")
+                answered = True
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = output.decode(errors="replace").replace("\r\n", "\n")
+    assert answered, f"no prompt {prompt!r} seen:\n{text}"
+    return code, text
+
+
+def test_bulk_cancel_by_filter(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    register_two_steps(dsn)
+    pending = [_start_sql(conn), _start_sql(conn)]
+    sleeping = _start_sql(conn, delay=timedelta(hours=1))
+    other_name = _start_sql(conn, "other_flow", version="1")
+    completed = _start_sql(conn)
+    _finish(conn, completed)
+    bystanders = [sleeping, other_name, completed]
+    before = _statuses(conn, *bystanders)
+    assert before == ["sleeping", "pending", "completed"]
+    selection = ("--status", "pending", "--name", "two_steps", "--dsn", dsn)
+
+    # no --yes and no terminal to ask: refused, nothing done
+    assert_one_line_error(pgflow_cli_no_tty("cancel", *selection),
+                          "2 run(s) match", "--yes")
+    assert _statuses(conn, *pending) == ["pending", "pending"]
+
+    # a run id and filters together; neither: refused
+    assert_one_line_error(pgflow_cli_no_tty("cancel", pending[0], "--name", "two_steps", "--yes",
+                                            "--dsn", dsn), "not both")
+    assert_one_line_error(pgflow_cli_no_tty("cancel", "--yes", "--dsn", dsn),
+                          "give a run id, or filters", "cancel")
+    assert _statuses(conn, *pending) == ["pending", "pending"]
+
+    out = ok(pgflow_cli_no_tty("cancel", *selection, "--yes"))
+    assert out.strip() == "cancellation requested for 2 run(s)"
+    assert _statuses(conn, *pending) == ["cancelled", "cancelled"]
+    assert _statuses(conn, *bystanders) == before
+
+    # now nothing matches (finished runs are never selected)
+    assert_one_line_error(pgflow_cli_no_tty("cancel", *selection, "--yes"),
+                          "no run matches", "nothing to cancel")
+    assert _statuses(conn, *bystanders) == before
+
+
+def test_bulk_cancel_asks_on_a_terminal(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    register_two_steps(dsn)
+    pending = [_start_sql(conn), _start_sql(conn)]
+    other_name = _start_sql(conn, "other_flow", version="1")
+    selection = ("cancel", "--name", "two_steps", "--dsn", dsn)
+
+    code, text = pgflow_cli_tty(*selection, answer="n")
+    assert code == 1, text
+    assert "Cancel 2 unfinished run(s)?" in text
+    assert "pgflow: error: not confirmed" in text and "Traceback" not in text
+    assert _statuses(conn, *pending, other_name) == ["pending", "pending", "pending"]
+
+    code, text = pgflow_cli_tty(*selection, answer="y")
+    assert code == 0, text
+    assert "cancellation requested for 2 run(s)" in text and "Traceback" not in text
+    assert _statuses(conn, *pending, other_name) == ["cancelled", "cancelled", "pending"]
+
+
+def test_bulk_retry_resumes_only_failed_runs(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    register_two_steps(dsn)
+    failed = [_start_sql(conn), _start_sql(conn)]
+    other_failed = _start_sql(conn, "other_flow", version="1")
+    pending = _start_sql(conn)
+    cancelled = _start_sql(conn)
+    conn.execute("select pgflow.cancel(%s)", (cancelled,))
+    conn.execute("""update pgflow.runs set status = 'failed', finished_at = now(),
+                    error = '{"type": "X", "message": "m"}' where id = any(%s::uuid[])""",
+                 ([*failed, other_failed],))
+    bystanders = [other_failed, pending, cancelled]
+    assert _statuses(conn, *bystanders) == ["failed", "pending", "cancelled"]
+
+    assert_one_line_error(pgflow_cli_no_tty("retry", "--name", "two_steps", "--dsn", dsn),
+                          "2 run(s) match", "--yes")
+    assert_one_line_error(pgflow_cli_no_tty("retry", "--status", "pending", "--yes",
+                                            "--dsn", dsn), "only failed runs can be retried")
+    # no id and no filter: refused, even with --yes (not "every failed run")
+    assert_one_line_error(pgflow_cli_no_tty("retry", "--yes", "--dsn", dsn),
+                          "give a run id, or filters", "retry")
+    assert _statuses(conn, *failed) == ["failed", "failed"]
+    assert _statuses(conn, *bystanders) == ["failed", "pending", "cancelled"]
+
+    out = ok(pgflow_cli_no_tty("retry", "--name", "two_steps", "--yes", "--dsn", dsn))
+    assert out.strip() == "2 run(s) will resume from their last checkpoint"
+    assert conn.execute("select status, error, finished_at from pgflow.runs"
+                        " where id = any(%s::uuid[])", (failed,)).fetchall() == \
+        [("pending", None, None)] * 2
+    assert _statuses(conn, *bystanders) == ["failed", "pending", "cancelled"]
+    assert_one_line_error(pgflow_cli_no_tty("retry", "--name", "two_steps", "--yes",
+                                            "--dsn", dsn), "no run matches", "nothing to retry")
