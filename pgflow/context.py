@@ -206,6 +206,10 @@ class Context:
         self._cancel_requested = cancel_requested
         self._cancel_seq = cancel_seq  # the suspension the cancel interrupted, if any
         self._cancel_raised = False
+        # The last step's checkpoint, held until the workflow's next durable call
+        # (which sends it first) or its return (which sends it with the run's
+        # completion, one transaction instead of two).
+        self._unflushed: dict[str, Any] | None = None
 
     @property
     def workflow_id(self) -> uuid.UUID:
@@ -379,8 +383,40 @@ class Context:
             raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
         self._session.at_live_point()
 
-    async def _report(self, what: str, report: Coroutine[Any, Any, Any]) -> Any:
-        """Await a report; any failure to make it ends the run here (see :class:`Abandon`)."""
+    async def flush(self) -> None:
+        """Send the held-back step checkpoint, if any (before anything else acts)."""
+        pending, self._unflushed = self._unflushed, None
+        if pending is None:
+            return
+        try:
+            cancel = await self._session.complete_step(
+                pending["seq"], pending["name"], pending["kind"], pending["output"],
+                timedelta(seconds=pending["duration_s"]))
+        except Exception as exc:
+            raise Abandon(f"checkpoint of step {pending['name']!r} failed: {exc}") from exc
+        if cancel:
+            self._cancel_requested = True
+
+    def take_unflushed(self) -> dict[str, Any] | None:
+        """The held-back checkpoint, for the run's completion to carry (see flush)."""
+        pending, self._unflushed = self._unflushed, None
+        return pending
+
+    async def _report(self, what: str, report: Coroutine[Any, Any, Any],
+                      cancellable: bool = True) -> Any:
+        """Await a report; any failure to make it ends the run here (see :class:`Abandon`).
+
+        The held-back checkpoint goes first; if its answer says the run was cancelled,
+        a cancellable report (an action: sleeping, waiting, starting) is not made.
+        """
+        try:
+            await self.flush()
+            if cancellable and self._cancel_requested and not self._cancel_raised:
+                self._cancel_raised = True
+                raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
+        except BaseException:
+            report.close()  # never awaited
+            raise
         try:
             return await report
         except Exception as exc:
@@ -423,8 +459,9 @@ class Context:
     async def _set_state(self, key: str, data: Any) -> None:
         if self._seq <= self._replay_until:
             return  # replaying: this value was published when the code first ran here
+        # Not cancellable: it publishes what has already happened (e.g. progress).
         if await self._report(f"publishing state {key!r}",
-                              self._session.set_state(key, data)):
+                              self._session.set_state(key, data), cancellable=False):
             self._cancel_requested = True
 
     async def _start_child(self, seq: int, entry: JournalEntry | None, workflow: Any,
@@ -501,10 +538,19 @@ class Context:
         timeout = getattr(step, "timeout", None)
         return _LiveStep(seq, name, fn, is_async, decode, timeout), None
 
+    def _before_live_step(self) -> None:
+        """The previous step's checkpoint commits before this step acts (and may bring news
+        of a cancellation, honoured here)."""
+        if self._cancel_requested and not self._cancel_raised:
+            self._live_point()
+
     def _step_sync(self, step: Any, live: _LiveStep | None, recorded: Any,
                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if live is None:
             return recorded()
+        if self._unflushed is not None:
+            self._session.call(self.flush())
+            self._before_live_step()
         started = time.monotonic()
         try:
             if live.is_async:
@@ -516,13 +562,16 @@ class Context:
             output = codec.to_json(result, f"the result of step {live.name!r}")
         except Exception as exc:
             return self._session.call(self._failed(step, live, exc, started))
-        self._session.call(self._checkpoint(live, output, started))
+        self._hold(live, output, started)
         return live.decode(output)
 
     async def _step_async(self, step: Any, live: _LiveStep | None, recorded: Any,
                           args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if live is None:
             return recorded()
+        if self._unflushed is not None:
+            await self.flush()
+            self._before_live_step()
         started = time.monotonic()
         fn = live.fn
         try:
@@ -533,7 +582,7 @@ class Context:
             output = codec.to_json(result, f"the result of step {live.name!r}")
         except Exception as exc:
             return await self._failed(step, live, exc, started)
-        await self._checkpoint(live, output, started)
+        self._hold(live, output, started)
         return live.decode(output)
 
     def _recorded(self, name: str, entry: JournalEntry, decode: Callable[[Any], Any]) -> Any:
@@ -541,11 +590,15 @@ class Context:
             raise _step_failed(name, entry)
         return decode(entry.output)
 
-    async def _checkpoint(self, live: _LiveStep, output: Any, started: float) -> None:
-        duration = timedelta(seconds=time.monotonic() - started)
-        if await self._report(f"checkpoint of step {live.name!r}", self._session.complete_step(
-                live.seq, live.name, "step", output, duration)):
-            self._cancel_requested = True
+    def _hold(self, live: _LiveStep, output: Any, started: float) -> None:
+        """Keep the step's checkpoint until the next durable call or the end (see flush).
+
+        Nothing acts before it is sent, so a crash meanwhile only repeats this step,
+        as a crash during it would.
+        """
+        assert self._unflushed is None, "a checkpoint is sent before the next step runs"
+        self._unflushed = {"seq": live.seq, "name": live.name, "kind": "step",
+                           "output": output, "duration_s": time.monotonic() - started}
         self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
                                                output, None)
 
@@ -555,7 +608,7 @@ class Context:
         retryable = policy.is_retryable(exc) and not isinstance(exc, errors.EncodingError)
         error = error_json(exc)
         outcome = await self._report(f"failure report of step {live.name!r}", self._session.fail_step(
-            live.seq, live.name, "step", error, duration, retryable, policy))
+            live.seq, live.name, "step", error, duration, retryable, policy), cancellable=False)
         if outcome.outcome == "retry":
             raise Suspend()
         entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)

@@ -178,9 +178,12 @@ class Procedures:
     async def cancel_run(self, run_id: uuid.UUID, token: int) -> None:
         await self._execute("select pgflow.cancel_run(%s, %s)", (run_id, token))
 
-    async def complete_run(self, run_id: uuid.UUID, token: int, output: Any) -> None:
-        await self._execute("select pgflow.complete_run(%s, %s, %s)",
-                            (run_id, token, Jsonb(output)))
+    async def complete_run(self, run_id: uuid.UUID, token: int, output: Any,
+                           last_step: dict[str, Any] | None = None) -> None:
+        """Complete the run; ``last_step`` is a step checkpoint recorded with it."""
+        await self._execute("select pgflow.complete_run(%s, %s, %s, %s)",
+                            (run_id, token, Jsonb(output),
+                             None if last_step is None else Jsonb(last_step)))
 
     async def fail_run(self, run_id: uuid.UUID, token: int, error: dict[str, Any]) -> None:
         await self._execute("select pgflow.fail_run(%s, %s, %s)", (run_id, token, Jsonb(error)))

@@ -111,28 +111,41 @@ class RunExecution:
             output = codec.to_json(result, f"the result of workflow {self.workflow.name!r}")
         except context.Suspend:
             return
-        except context.Release:
+        except context.Abandon as exc:
+            self._abandon(exc)
+            return
+        except BaseException as exc:
+            await self._end_otherwise(ctx, token, exc)
+            return
+        await self._report(self._procedures.complete_run(self.run_id, token, output,
+                                                         ctx.take_unflushed()))
+
+    async def _end_otherwise(self, ctx: context.Context, token: int, exc: BaseException) -> None:
+        """Every ending but success: send the held-back checkpoint, then report it."""
+        try:
+            await ctx.flush()
+        except context.Abandon as lost:
+            self._abandon(lost)
+            return
+        if isinstance(exc, context.Release):
             await self._report(self._procedures.release_run(self.run_id, token))
             logger.info("run %s released while draining", self.run_id)
-            return
-        except errors.Cancelled:
+        elif isinstance(exc, errors.Cancelled):
             logger.info("run %s cancelled", self.run_id)
             await self._report(self._procedures.cancel_run(self.run_id, token))
-            return
-        except context.ContinueAsNew as again:
-            await self._continue_as_new(token, again)
-            return
-        except context.Abandon as exc:
-            logger.warning("run %s abandoned: %s", self.run_id, exc)
-            if not isinstance(exc.__cause__, errors.LeaseLost):
-                self._on_lost_contact()
-            return
-        except Exception as exc:
+        elif isinstance(exc, context.ContinueAsNew):
+            await self._continue_as_new(token, exc)
+        elif isinstance(exc, Exception):
             logger.info("run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
             await self._report(self._procedures.fail_run(self.run_id, token,
                                                          context.error_json(exc)))
-            return
-        await self._report(self._procedures.complete_run(self.run_id, token, output))
+        else:
+            raise exc  # KeyboardInterrupt, SystemExit: not the run's doing
+
+    def _abandon(self, exc: context.Abandon) -> None:
+        logger.warning("run %s abandoned: %s", self.run_id, exc)
+        if not isinstance(exc.__cause__, errors.LeaseLost):
+            self._on_lost_contact()
 
     async def _continue_as_new(self, token: int, again: context.ContinueAsNew) -> None:
         what = f"continue_as_new of workflow {self.workflow.name!r}"

@@ -22,7 +22,7 @@ drop function if exists
     pgflow._add_timer(uuid, text, integer, timestamptz),
     pgflow.release_run(uuid, bigint),
     pgflow.fail_run(uuid, bigint, jsonb),
-    pgflow.complete_run(uuid, bigint, jsonb),
+    pgflow.complete_run(uuid, bigint, jsonb, jsonb),
     pgflow._backoff(interval, double precision, interval, integer),
     pgflow.fail_step(uuid, bigint, integer, text, text, jsonb, interval, boolean, integer,
                      interval, double precision, interval),

@@ -816,14 +816,24 @@ begin
 end;
 $$;
 
--- The workflow returned: the run is completed with its output.
-create function pgflow.complete_run(p_run_id uuid, p_lease_token bigint, p_output jsonb)
+-- The workflow returned: the run is completed with its output. p_step, if
+-- given ({seq, name, kind, output, duration_s}), is the checkpoint of the
+-- step that ended the workflow, recorded in the same transaction: a one-step
+-- run costs one report, not two.
+create function pgflow.complete_run(p_run_id uuid, p_lease_token bigint, p_output jsonb,
+                                    p_step jsonb default null)
 returns void
 language plpgsql
 as $$
 begin
     perform pgflow._lock_run(p_run_id);
     perform pgflow._check_lease(p_run_id, p_lease_token);
+    if p_step is not null then
+        perform pgflow.complete_step(p_run_id, p_lease_token, (p_step ->> 'seq')::integer,
+                                     p_step ->> 'name', p_step ->> 'kind', p_step -> 'output',
+                                     (p_step ->> 'duration_s')::double precision
+                                         * interval '1 second');
+    end if;
     update pgflow.runs r
     set status = 'completed', output = coalesce(p_output, 'null'::jsonb), error = null,
         finished_at = pgflow.now(), lease_owner = null

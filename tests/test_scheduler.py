@@ -34,8 +34,10 @@ def test_one_leader_and_a_survivor_takes_over_after_sigkill(dsn, conn, effects, 
     leader = wait_for(lambda: _leader_pid(conn), what="a scheduler leader")
     assert leader in {w.pid for w in workers}
     # exactly one lock holder, whatever the number of processes
-    holders = conn.execute("select count(*) from pg_locks where locktype = 'advisory'"
-                           " and classid = 7366504 and granted").fetchone()[0]
+    holders = conn.execute(
+        "select count(*) from pg_locks where locktype = 'advisory' and classid = 7366504"
+        " and granted and database = (select oid from pg_database"
+        " where datname = current_database())").fetchone()[0]
     assert holders == 1
 
     runs = [pgflow.start(conn, nap, 1.5) for _ in range(20)]
