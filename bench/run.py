@@ -1,6 +1,6 @@
 """pgflow benchmark: one command, a fresh database, one JSON line per workload.
 
-    .venv/bin/python -m bench.run [--dsn ADMIN_DSN] [--quick] [--only pgbench,W1,W1b,W2,W3,W4,W4b]
+    .venv/bin/python -m bench.run [--dsn ADMIN_DSN] [--quick] [--only pgbench,W1,W5,W1b,W2,W3,W4,W4b]
 
 Creates database ``pgflow_bench_<random>`` on the admin server, migrates it,
 runs the selected workloads and drops it again, whatever happens. Progress
@@ -25,7 +25,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,14 @@ PGBENCH_ROWS = 100  # rows of the tiny table; each transaction updates one rando
 
 WORKER_CONCURRENCY = 10  # `pgflow worker -c`: runs in flight in the one worker process
 W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
+# W5: W1 again after loading this much history (finished runs, one step each) and these many
+# runs asleep on a timer due in a day, bulk-inserted before the worker starts.
+W5_HISTORY_RUNS = 1_000_000
+W5_SLEEPING_RUNS = 100_000
+W5_HISTORY_SPAN_DAYS = 30  # history runs are created evenly over this many days before the load
+W5_SLEEP_DUE_DAYS = 1  # the sleepers' timers come due this many days after the load
+W5_RATIO_TARGET = 0.8  # W5 per_sec / W1 per_sec should be at least this (within 20 %)
+W5_PLAN_PENDING = WORKER_CONCURRENCY  # pending runs (uncommitted) under the claim EXPLAIN
 W1B_RUNS = 5000  # W1b: runs queued before the worker starts
 PRELOAD_BATCH = 1000  # W1b/W2: runs started per transaction when queueing ahead
 W2_RUNS = 1000  # W2: runs of ten_steps queued before the worker starts
@@ -107,6 +116,7 @@ class Bench:
     dsn: str
     quick: bool
     tmp: Path
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # W1's line, for W5
 
     def count(self, full: int) -> int:
         return max(1, full // QUICK_DIVISOR) if self.quick else full
@@ -142,7 +152,11 @@ def reset(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("truncate pgflow.runs, pgflow.steps, pgflow.timers")
         conn.execute("delete from pgflow.workers")
-        conn.execute("vacuum analyze pgflow.runs, pgflow.steps, pgflow.timers, pgflow.workers")
+        # No ANALYZE of the emptied tables: statistics saying "0 rows" make every
+        # procedure's cached plan a sequential scan for the rest of the workload (plans
+        # are kept per connection). TRUNCATE leaves the size unknown, as a fresh install
+        # does, and the planner picks the indexes.
+        conn.execute("vacuum pgflow.workers")
 
 
 def preload(dsn: str, workflow: pgflow.Workflow, n: int) -> None:
@@ -164,11 +178,13 @@ class Stats:
     commits: int
     calls: dict[str, int]
     total_ms: dict[str, float]
+    seq_tup_read: dict[str, int]  # rows read by sequential scans, per pgflow table
 
     def minus(self, other: Stats) -> Stats:
         return Stats(self.commits - other.commits,
                      {k: v - other.calls.get(k, 0) for k, v in self.calls.items()},
-                     {k: v - other.total_ms.get(k, 0.0) for k, v in self.total_ms.items()})
+                     {k: v - other.total_ms.get(k, 0.0) for k, v in self.total_ms.items()},
+                     {k: v - other.seq_tup_read.get(k, 0) for k, v in self.seq_tup_read.items()})
 
 
 def read_stats(dsn: str) -> Stats:
@@ -179,8 +195,11 @@ def read_stats(dsn: str) -> Stats:
             "select xact_commit from pg_stat_database where datname = current_database()").fetchone()
         rows = conn.execute("select funcname, calls, total_time from pg_stat_user_functions"
                             " where schemaname = 'pgflow'").fetchall()
+        tables = conn.execute("select relname, seq_tup_read from pg_stat_user_tables"
+                              " where schemaname = 'pgflow'").fetchall()
     assert row is not None
-    return Stats(int(row[0]), {r[0]: int(r[1]) for r in rows}, {r[0]: float(r[2]) for r in rows})
+    return Stats(int(row[0]), {r[0]: int(r[1]) for r in rows}, {r[0]: float(r[2]) for r in rows},
+                 {r[0]: int(r[1]) for r in tables})
 
 
 def db_work(delta: Stats, n: int, polls: int, producer_commits: int,
@@ -362,10 +381,18 @@ def produce_sleepers(dsn: str, n: int, seconds: float, batch: int) -> float:
 
 
 def wait_finished(conn: psycopg.Connection[Any], n: int, worker: subprocess.Popen[bytes],
-                  pending: Future[Any] | None = None) -> int:
-    """Poll until ``n`` runs are finished; returns the number of polls (one commit each)."""
-    return _wait_count(conn, "select count(*) from pgflow.runs where finished_at is not null",
-                       n, "finished", worker, pending)
+                  pending: Future[Any] | None = None, since: datetime | None = None) -> int:
+    """Poll until ``n`` runs are finished; returns the number of polls (one commit each).
+
+    With ``since``, only runs created from then on count (W5: not the preloaded history); the
+    query walks runs_status_created, so its cost does not grow with the history either.
+    """
+    if since is None:
+        return _wait_count(conn, "select count(*) from pgflow.runs where finished_at is not null",
+                           n, "finished", worker, pending)
+    return _wait_count(conn, "select count(*) from pgflow.runs"
+                       " where status in ('completed', 'failed', 'cancelled') and created_at >= %s",
+                       n, "finished", worker, pending, (since,))
 
 
 def wait_asleep(conn: psycopg.Connection[Any], n: int, worker: subprocess.Popen[bytes],
@@ -381,11 +408,12 @@ def wait_asleep(conn: psycopg.Connection[Any], n: int, worker: subprocess.Popen[
 
 
 def _wait_count(conn: psycopg.Connection[Any], query: str, n: int, what: str,
-                worker: subprocess.Popen[bytes], pending: Future[Any] | None) -> int:
+                worker: subprocess.Popen[bytes], pending: Future[Any] | None,
+                params: tuple[Any, ...] = ()) -> int:
     deadline = time.monotonic() + RUNS_TIMEOUT_S
     polls = 0
     while True:
-        row = conn.execute(query).fetchone()
+        row = conn.execute(query, params).fetchone()
         polls += 1
         if row and row[0] >= n:
             return polls
@@ -417,15 +445,17 @@ class Spans:
     latencies_ms: list[float]  # finished_at - created_at of each run
 
 
-def spans(conn: psycopg.Connection[Any]) -> Spans:
+def spans(conn: psycopg.Connection[Any], since: datetime | None = None) -> Spans:
+    """Figures of every run, or (``since``) of the runs created from then on only."""
+    where, params = ("", None) if since is None else (" where created_at >= %s", (since,))
     row = conn.execute(
         "select count(*), count(*) filter (where status <> 'completed'),"
         " extract(epoch from max(finished_at) - min(created_at))::float8,"
         " extract(epoch from max(finished_at) - min(started_at))::float8"
-        " from pgflow.runs").fetchone()
+        " from pgflow.runs" + where, params).fetchone()
     assert row is not None
     lat = conn.execute("select extract(epoch from finished_at - created_at)::float8 * 1000"
-                       " from pgflow.runs").fetchall()
+                       " from pgflow.runs" + where, params).fetchall()
     return Spans(int(row[0]), int(row[1]), float(row[2]), float(row[3]), [r[0] for r in lat])
 
 
@@ -546,25 +576,214 @@ def _grab(pattern: str, text: str) -> str:
     return found.group(1)
 
 
+def _one_step_live(b: Bench, workload: str, label: str, n: int,
+                   since: datetime | None = None) -> dict[str, Any]:
+    """W1's measurement: a running worker, a producer starting ``n`` one_step runs one per commit.
+
+    With ``since``, only runs created from then on are waited for and measured (W5's history
+    and sleepers are older).
+    """
+    before = read_stats(b.dsn)
+    with worker_process(b, label) as worker, producer() as pool, \
+            psycopg.connect(b.dsn, autocommit=True) as conn:
+        meter = CpuMeter(worker.pid, conn)
+        future = pool.submit(produce_committed, b.dsn, n)
+        polls = wait_finished(conn, n, worker, future, since)
+        producer_s = future.result()
+        cpu = meter.report(conn, n)
+    delta = read_stats(b.dsn).minus(before)
+    with psycopg.connect(b.dsn, autocommit=True) as conn:  # after the reading: not in seq_tup_read
+        s = spans(conn, since)
+    work = db_work(delta, n, polls, producer_commits=n)
+    # Sequential scans of the engine's tables, nearly all by procedures (W1's completion polls
+    # also scan runs; W5's use an index): a procedure whose cost grows with the table shows here.
+    seq = {k: round(delta.seq_tup_read.get(k, 0) / n, 1) for k in ("runs", "steps", "timers")}
+    return line(workload, n, s.from_created_s, n / s.from_created_s,
+                percentile(s.latencies_ms, 0.50), percentile(s.latencies_ms, 0.99),
+                concurrency=WORKER_CONCURRENCY, failed=s.failed,
+                producer_per_sec=round(n / producer_s, 1), **cpu, **work, seq_tup_read_per_run=seq)
+
+
 def w1_one_step(b: Bench) -> list[dict[str, Any]]:
     """A running worker; a producer starts runs one per transaction; runs/s first start to last finish."""
     n = b.count(W1_RUNS)
     reset(b.dsn)
-    before = read_stats(b.dsn)
     log(f"W1: worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per commit")
-    with worker_process(b, "w1") as worker, producer() as pool, \
-            psycopg.connect(b.dsn, autocommit=True) as conn:
-        meter = CpuMeter(worker.pid, conn)
-        future = pool.submit(produce_committed, b.dsn, n)
-        polls = wait_finished(conn, n, worker, future)
-        producer_s = future.result()
-        cpu = meter.report(conn, n)
-        s = spans(conn)
-    work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=n)
-    return [line("W1_one_step", n, s.from_created_s, n / s.from_created_s,
-                 percentile(s.latencies_ms, 0.50), percentile(s.latencies_ms, 0.99),
-                 concurrency=WORKER_CONCURRENCY, failed=s.failed,
-                 producer_per_sec=round(n / producer_s, 1), **cpu, **work)]
+    result = _one_step_live(b, "W1_one_step", "w1", n)
+    b.results["W1"] = result
+    return [result]
+
+
+# W5's preload. Ids are version-7 UUIDs of each run's created_at, as pgflow.uuid_v7() would
+# have made them then (pgflow.uuid_v7() itself stamps the clock of the insert).
+UUID_V7_AT_SQL = """
+create or replace function bench_uuid_v7(p_at timestamptz) returns uuid
+language sql volatile
+as $$
+    select encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
+                  placing substring(int8send((extract(epoch from p_at) * 1000)::bigint) from 3)
+                  from 1 for 6), 52, 1), 53, 1), 'hex')::uuid
+$$
+"""
+# Finished one_step runs, created evenly over the last W5_HISTORY_SPAN_DAYS, oldest first, each
+# with its one completed step entry, the way worker and engine leave them.
+HISTORY_SQL = """
+with made as (
+    insert into pgflow.runs (id, name, version, queue, status, priority, input, output,
+                             created_at, available_at, started_at, finished_at, lease_owner,
+                             lease_token)
+    select bench_uuid_v7(h.at), %(name)s, %(version)s, %(queue)s, 'completed', 0,
+           jsonb_build_array(h.i), to_jsonb(h.i + 1), h.at, h.at, h.at + interval '4 ms',
+           h.at + interval '9 ms', null, 1
+    from (select i, pgflow.now() - %(days)s * interval '1 day' * (1 - i::float8 / %(n)s) as at
+          from generate_series(0, %(n)s - 1) i) h
+    order by h.i
+    returning id, output, started_at, finished_at
+)
+insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output, started_at,
+                          finished_at)
+select m.id, 0, %(step)s, 'step', 'completed', 1, m.output, m.started_at + interval '1 ms',
+       m.finished_at - interval '2 ms'
+from made m
+"""
+# Sleeper runs started evenly over the last hour, each asleep at journal entry 0 for
+# W5_SLEEP_DUE_DAYS: status 'sleeping', the 'sleeping' sleep entry, the timer (as pgflow.sleep).
+SLEEPERS_SQL = """
+with made as (
+    insert into pgflow.runs (id, name, version, queue, status, priority, input, created_at,
+                             available_at, started_at, lease_owner, lease_token)
+    select bench_uuid_v7(h.at), %(name)s, %(version)s, %(queue)s, 'sleeping', 0,
+           jsonb_build_array(h.i, %(days)s * 86400), h.at, h.at, h.at + interval '4 ms', null, 1
+    from (select i, pgflow.now() - interval '1 hour' * (1 - i::float8 / %(n)s) as at
+          from generate_series(0, %(n)s - 1) i) h
+    order by h.i
+    returning id, started_at + interval '1 ms' as slept_at,
+              started_at + interval '1 ms' + %(days)s * interval '1 day' as due_at
+), journal as (
+    insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output, started_at,
+                              finished_at)
+    select m.id, 0, 'sleep', 'sleep', 'sleeping', 1, jsonb_build_object('until', m.due_at),
+           m.slept_at, m.due_at
+    from made m
+)
+insert into pgflow.timers (run_id, kind, seq, due_at, created_at)
+select m.id, 'sleep', 0, m.due_at, m.slept_at from made m
+"""
+# The claim's candidate query (pgflow.claim), run as the worker's claim would: its queues, the
+# (name, version) pairs it has code for, a limit of its concurrency.
+CLAIM_CANDIDATES_EXPLAIN = """
+explain (analyze, buffers, format json)
+select c.id
+from pg_catalog.unnest(%(queues)s::text[]) as q(queue)
+cross join lateral (
+    select r.id, r.priority, r.available_at
+    from pgflow.runs r
+    where r.status = 'pending'
+      and r.queue = q.queue
+      and r.available_at <= pgflow.now()
+      and (r.name, r.version) in (select t.n, t.v
+                                  from unnest(%(names)s::text[], %(versions)s::text[]) as t(n, v))
+    order by r.priority desc, r.available_at
+    limit %(limit)s
+    for update skip locked
+) c
+order by c.priority desc, c.available_at
+limit %(limit)s
+"""
+TABLE_SIZES_SQL = ("select pg_total_relation_size('pgflow.runs'), pg_total_relation_size('pgflow.steps'),"
+                   " pg_total_relation_size('pgflow.timers')")
+
+
+def preload_history(dsn: str, history: int, sleeping: int) -> dict[str, Any]:
+    """Bulk-load W5's finished and sleeping runs, vacuum analyze, checkpoint; seconds of each."""
+    one, sleeper = workflows.one_step, workflows.sleeper
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(UUID_V7_AT_SQL)
+        started = time.perf_counter()
+        conn.execute(HISTORY_SQL, {"name": one.name, "version": one.version, "queue": one.queue,
+                                   "step": workflows.bump.name, "n": history,
+                                   "days": W5_HISTORY_SPAN_DAYS})
+        conn.execute(SLEEPERS_SQL, {"name": sleeper.name, "version": sleeper.version,
+                                    "queue": sleeper.queue, "n": sleeping, "days": W5_SLEEP_DUE_DAYS})
+        inserted = time.perf_counter()
+        conn.execute("vacuum analyze pgflow.runs, pgflow.steps, pgflow.timers")
+        vacuumed = time.perf_counter()
+        # The load's dirty pages and WAL: written now, not by a checkpoint during the workload.
+        conn.execute("checkpoint")
+        done = time.perf_counter()
+        row = conn.execute(TABLE_SIZES_SQL).fetchone()
+    assert row is not None
+    return {"preload_s": round(done - started, 3), "preload_insert_s": round(inserted - started, 3),
+            "preload_vacuum_analyze_s": round(vacuumed - inserted, 3),
+            "preload_checkpoint_s": round(done - vacuumed, 3),
+            "table_mb": {k: round(v / 2**20, 1) for k, v in zip(("runs", "steps", "timers"), row,
+                                                                   strict=True)}}
+
+
+def claim_plan(dsn: str) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the claim's candidate query (no worker running).
+
+    W5_PLAN_PENDING one_step runs are started in the same transaction, so there is something
+    to claim, and rolled back afterwards.
+    """
+    defined = (workflows.one_step, workflows.ten_steps, workflows.wake_probe, workflows.sleeper)
+    with psycopg.connect(dsn) as conn:
+        for i in range(W5_PLAN_PENDING):
+            pgflow.start(conn, workflows.one_step, i)
+        row = conn.execute(CLAIM_CANDIDATES_EXPLAIN, {
+            "queues": sorted({w.queue for w in defined}), "names": [w.name for w in defined],
+            "versions": [w.version for w in defined], "limit": WORKER_CONCURRENCY}).fetchone()
+        conn.rollback()
+    assert row is not None
+    plan = row[0][0]
+    top = plan["Plan"]
+    indexes: list[str] = []
+    nodes = [top]
+    while nodes:
+        node = nodes.pop()
+        if "Index Name" in node and node["Index Name"] not in indexes:
+            indexes.append(node["Index Name"])
+        nodes.extend(node.get("Plans", []))
+    return {"rows": top["Actual Rows"], "indexes": indexes,
+            "shared_hit": top.get("Shared Hit Blocks", 0), "shared_read": top.get("Shared Read Blocks", 0),
+            "execution_ms": plan["Execution Time"], "planning_ms": plan["Planning Time"]}
+
+
+def w5_history(b: Bench) -> list[dict[str, Any]]:
+    """W1 on a database holding a lot of history and many sleeping runs; compared with W1."""
+    n = b.count(W1_RUNS)
+    history, sleeping = b.count(W5_HISTORY_RUNS), b.count(W5_SLEEPING_RUNS)
+    reset(b.dsn)
+    log(f"W5: loading {history} finished runs and {sleeping} sleeping runs")
+    load = preload_history(b.dsn, history, sleeping)
+    log(f"W5: loaded in {load['preload_s']:.1f}s, table sizes {load['table_mb']} MB;"
+        f" worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per commit")
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        row = conn.execute("select pgflow.now()").fetchone()
+    assert row is not None
+    w1 = b.results.get("W1")
+    if w1 is None:
+        log("W5: no W1 result in this run to compare with")
+    result = _one_step_live(b, "W5_history", "w5", n, since=row[0])
+    w1_per_sec = None if w1 is None else w1["per_sec"]
+    result = {
+        **{k: result[k] for k in ("workload", "n", "seconds", "per_sec", "p50_ms", "p99_ms")},
+        "w1_per_sec": w1_per_sec,
+        "ratio_to_w1": None if not w1_per_sec else round(result["per_sec"] / w1_per_sec, 3),
+        "w1_p50_ms": None if w1 is None else w1["p50_ms"],
+        "w1_p99_ms": None if w1 is None else w1["p99_ms"],
+        "claim_ms_per_call": result["proc_ms_per_call"].get("claim"),
+        "w1_claim_ms_per_call": None if w1 is None else w1["proc_ms_per_call"].get("claim"),
+        "history_runs": history, "sleeping_runs": sleeping, **load,
+        "claim_plan": claim_plan(b.dsn),
+        **{k: v for k, v in result.items() if k not in ("workload", "n", "seconds", "per_sec",
+                                                          "p50_ms", "p99_ms")},
+    }
+    if result["ratio_to_w1"] is not None:
+        verdict = "within" if result["ratio_to_w1"] >= W5_RATIO_TARGET else "BELOW"
+        log(f"W5: {result['per_sec']} runs/s, {result['ratio_to_w1']} of W1's {w1_per_sec}:"
+            f" {verdict} the target (at least {W5_RATIO_TARGET})")
+    return [result]
 
 
 def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int | None = None
@@ -710,6 +929,7 @@ def _first_due_in(conn: psycopg.Connection[Any]) -> float:
 WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "pgbench": pgbench_baseline,
     "W1": w1_one_step,
+    "W5": w5_history,  # right after W1, whose per_sec it is compared with
     "W1b": w1b_drain,
     "W2": w2_ten_steps,
     "W3": w3_wake_latency,
@@ -730,6 +950,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def selected(only: str | None) -> list[str]:
+    """The workloads to run, in order; W5 brings W1 along (run first), whose figure it compares with."""
     if not only:
         return list(WORKLOADS)
     by_lower = {name.lower(): name for name in WORKLOADS}
@@ -737,7 +958,11 @@ def selected(only: str | None) -> list[str]:
     unknown = [name for name in names if name.lower() not in by_lower]
     if unknown:
         raise SystemExit(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
-    return [by_lower[name.lower()] for name in names]
+    names = [by_lower[name.lower()] for name in names]
+    if "W5" in names and "W1" not in names[:names.index("W5")]:
+        names = [name for name in names if name != "W1"]
+        names.insert(names.index("W5"), "W1")
+    return names
 
 
 def run_all(b: Bench, names: list[str]) -> bool:
