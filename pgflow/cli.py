@@ -184,10 +184,8 @@ class RunFilter:
 
 
 def _parse_since(text: str) -> datetime:
-    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-    number, unit = text[:-1], text[-1:]
-    if unit in units and number.isdigit():
-        return datetime.now(timezone.utc) - timedelta(**{units[unit]: int(number)})
+    with contextlib.suppress(ValueError):
+        return datetime.now(timezone.utc) - _parse_age(text, "--since")
     try:  # Python 3.10's fromisoformat does not know a trailing Z
         when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
@@ -330,6 +328,33 @@ def _confirm(question: str, count: int, yes: bool, verb: str) -> None:
         raise ValueError(f"{count} run(s) match: pass --yes to {verb} them (no terminal to ask)")
     if not typer.confirm(question, default=False):
         raise ValueError(f"not confirmed: nothing was done ({count} run(s) matched)")
+
+
+@app.command()
+def purge(
+    older_than: Annotated[str, typer.Option(
+        "--older-than", help="Delete runs that finished longer ago than this: 30m, 12h, 30d, 2w.")],
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Runs deleted a transaction.")] = 1000,
+    dsn: DsnOption = None,
+) -> None:
+    """Delete finished runs and all their rows, in short batches that never wait for workers."""
+    with _user_errors():
+        age = _parse_age(older_than, "--older-than")
+        total = 0
+        with _connect(dsn) as conn:
+            while deleted := conn.execute("select pgflow.purge(%s, %s)", (age, batch)).fetchone()[0]:
+                total += deleted
+    typer.echo(f"purged {total} run(s) that finished more than {older_than} ago")
+
+
+_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _parse_age(text: str, option: str) -> timedelta:
+    number, unit = text[:-1], text[-1:]
+    if unit not in _AGE_UNITS or not number.isdigit():
+        raise ValueError(f"{option} {text!r}: use a whole number and a unit, e.g. 30m, 12h, 30d, 2w")
+    return timedelta(**{_AGE_UNITS[unit]: int(number)})
 
 
 _STATUSES = ("pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled")

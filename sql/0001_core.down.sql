@@ -1,6 +1,7 @@
 -- Undo revision 0001. The schema itself stays: it holds Alembic's version table.
 drop view if exists pgflow.waits, pgflow.unserved_runs, pgflow.patches_in_use;
 drop function if exists
+    pgflow.purge(interval, integer),
     pgflow.continue_as_new(uuid, bigint, jsonb),
     pgflow.map(uuid, bigint, integer, text, jsonb, text, text),
     pgflow.wait_child(uuid, bigint, integer, uuid),

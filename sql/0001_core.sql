@@ -37,6 +37,7 @@
 --   pgflow.signal(run, name, payload)  deliver a signal
 --   pgflow.cancel(run)            cancel a run and its children
 --   pgflow.retry(run)             resume a failed run from its last checkpoint
+--   pgflow.purge(older_than, batch)  delete old finished runs, one bounded batch a call
 --
 -- Fencing: a claim bumps runs.lease_token and hands it to the worker. Every
 -- report names that token; a report whose token is no longer current (the
@@ -190,6 +191,8 @@ create index runs_parent on pgflow.runs (parent_id, parent_seq, parent_index)
 -- Listing recent runs by name / status.
 create index runs_name_created on pgflow.runs (name, created_at desc);
 create index runs_status_created on pgflow.runs (status, created_at desc);
+-- Retention: the oldest finished runs first.
+create index runs_finished on pgflow.runs (finished_at) where finished_at is not null;
 
 -- The journal: one row a durable call of a run, in call order (seq).
 -- Insert-mostly; replay reads it in the same round trip as the claim.
@@ -264,6 +267,7 @@ create table pgflow.signals (
     constraint signals_name_length check (char_length(name) between 1 and 200)
 );
 create index signals_mailbox on pgflow.signals (run_id, name, id) where consumed_seq is null;
+create index signals_run on pgflow.signals (run_id);  -- retention deletes by run
 
 -- Values a workflow publishes with ctx.set_state, readable by anyone.
 create table pgflow.run_state (
@@ -1659,3 +1663,45 @@ from pgflow.steps s
 join pgflow.runs r on r.id = s.run_id
 where s.kind = 'patch' and r.status not in ('completed', 'failed', 'cancelled')
 group by s.name, r.name, r.version;
+
+
+-- ---------------------------------------------------------------------------
+-- Retention
+-- ---------------------------------------------------------------------------
+
+-- Delete up to p_batch runs that finished more than p_older_than ago (engine
+-- clock), oldest first, with everything recorded about them. One bounded
+-- batch a call keeps each transaction short, and SKIP LOCKED means it never
+-- waits for anyone: call it until it returns 0 (`pgflow purge` does).
+-- Returns how many runs it deleted.
+create function pgflow.purge(p_older_than interval, p_batch integer default 1000)
+returns integer
+language plpgsql
+as $$
+declare
+    v_ids uuid[];
+begin
+    if p_older_than is null or p_older_than < interval '0' then
+        raise exception using errcode = 'PF002', message = 'older_than must not be negative';
+    end if;
+    if p_batch is null or p_batch < 1 then
+        raise exception using errcode = 'PF002', message = 'purge batch must be at least 1';
+    end if;
+    select coalesce(array_agg(o.id), '{}') into v_ids
+    from (
+        select r.id from pgflow.runs r
+        where r.finished_at < pgflow.now() - p_older_than
+          and r.status in ('completed', 'failed', 'cancelled')
+        order by r.finished_at
+        limit p_batch
+        for update skip locked
+    ) o;
+    delete from pgflow.steps s where s.run_id = any(v_ids);
+    delete from pgflow.step_attempts a where a.run_id = any(v_ids);
+    delete from pgflow.signals g where g.run_id = any(v_ids);
+    delete from pgflow.run_state v where v.run_id = any(v_ids);
+    delete from pgflow.timers t where t.run_id = any(v_ids);
+    delete from pgflow.runs r where r.id = any(v_ids);
+    return cardinality(v_ids);
+end;
+$$;
