@@ -38,6 +38,7 @@ from tests.sqlkit import (
     fire_timers,
     listener,
     raises_sqlstate,
+    received,
     run_row,
     set_clock,
     start,
@@ -67,24 +68,6 @@ def next_timer_in(conn: Conn) -> float | None:
     row = conn.execute("select pgflow.next_timer_in()").fetchone()
     assert row is not None
     return row[0]
-
-
-def received(listen: Conn, conn: Conn, channel: str) -> list[str]:
-    """Payloads of ``channel`` notifications committed so far, in order.
-
-    Sends a marker on ``channel`` from ``conn`` and reads up to it: notifications
-    arrive in commit order, so whatever came before the marker is everything
-    committed before this call, without waiting for a timeout.
-    """
-    conn.execute("select pg_notify(%s, 'marker')", (channel,))
-    payloads = []
-    for notify in listen.notifies(timeout=5):
-        if notify.channel != channel:
-            continue
-        if notify.payload == "marker":
-            return payloads
-        payloads.append(notify.payload)
-    raise AssertionError(f"the {channel} marker did not arrive")
 
 
 def sleeping_runs(conn: Conn, n: int, first_due: timedelta, spacing: timedelta) -> None:
