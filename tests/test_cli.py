@@ -18,6 +18,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -81,9 +82,13 @@ def register_two_steps(dsn: str) -> None:
 
 
 def as_url(conninfo: str, scheme: str = "postgresql") -> str:
+    """``conninfo`` as a URL; a socket directory (the embedded server) goes in ?host=."""
     parts = conninfo_to_dict(conninfo)
     auth = parts.get("user", "postgres")
-    return f"{scheme}://{auth}@{parts['host']}:{parts.get('port', 5432)}/{parts['dbname']}"
+    host, port = parts.get("host", ""), parts.get("port", 5432)
+    if host.startswith("/"):
+        return f"{scheme}://{auth}@/{parts['dbname']}?host={quote(host)}&port={port}"
+    return f"{scheme}://{auth}@{host}:{port}/{parts['dbname']}"
 
 
 # --- error paths -----------------------------------------------------------------------
