@@ -23,7 +23,7 @@ import typer
 
 from pgflow import client, errors, models, schema
 from pgflow import dsn as dsn_resolution
-from pgflow.worker import DEFAULT_CONCURRENCY, Worker
+from pgflow.worker import DEFAULT_CONCURRENCY, STALE_AFTER, Worker
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Durable workflows on PostgreSQL.")
@@ -97,6 +97,11 @@ def worker(
         "-q", "--queue", help="Queue to serve (repeatable) [default: the workflows' queues]")] = None,
     concurrency: Annotated[int, typer.Option(
         "-c", "--concurrency", min=1, help="Runs in flight at once.")] = DEFAULT_CONCURRENCY,
+    stale_after: Annotated[float, typer.Option(
+        "--stale-after", min=1.0,
+        help="Seconds without a heartbeat after which this worker declares another dead "
+             "(a killed worker is noticed at once, by its lost connection).")
+    ] = STALE_AFTER.total_seconds(),
     dsn: DsnOption = None,
 ) -> None:
     """Run the workflows defined in MODULES until SIGTERM/SIGINT, then drain."""
@@ -112,7 +117,8 @@ def worker(
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        Worker(target, queues=queue or None, concurrency=concurrency).run()
+        Worker(target, queues=queue or None, concurrency=concurrency,
+               stale_after=timedelta(seconds=stale_after)).run()
 
 
 @app.command()

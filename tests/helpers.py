@@ -86,14 +86,15 @@ class Processes:
         self.logs: list[Path] = []
 
     def worker(self, dsn: str, *modules: str, concurrency: int = 10,
-               extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+               extra_env: dict[str, str] | None = None,
+               extra_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         log = Path(tempfile.mkstemp(prefix="pgflow-worker-", suffix=".log")[1])
         env = {**os.environ, "PYTHONPATH": str(REPO), EFFECTS_DSN_ENV: dsn,
                "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         env.pop("PGFLOW_DSN", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "pgflow", "worker", *modules, "--dsn", dsn,
-             "-c", str(concurrency)],
+             "-c", str(concurrency), *extra_args],
             cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         self.procs.append(proc)
         self.logs.append(log)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 import pgflow
@@ -34,3 +36,29 @@ def test_worker_connections_terminated_mid_step(dsn, conn, effects, processes):
     assert [(s.name, s.status) for s in steps] == [
         ("charge_card", "completed"), ("create_account", "completed"),
         ("send_welcome", "completed")]
+
+
+def test_a_frozen_worker_is_declared_dead_and_its_late_reports_are_refused(dsn, conn, effects,
+                                                                           processes):
+    frozen = processes.worker(dsn, "tests.workflows.provisioning",
+                              extra_env={"PGFLOW_TEST_BLOCK_SECONDS": "3"})
+    wait_registered(conn, 1)
+    run_id = pgflow.start(conn, provision_order, "cust-f", 300)
+    wait_for(lambda: effects.count(run_id, "create_account") == 1, what="step 2 running")
+    frozen.send_signal(signal.SIGSTOP)  # alive, connected, holding its lock: but silent
+
+    # A survivor that declares a worker dead after 2 s without a heartbeat takes the run over.
+    processes.worker(dsn, "tests.workflows.provisioning", extra_args=("--stale-after", "2"))
+    wait_status(conn, run_id, "completed", timeout=30)
+    frozen.send_signal(signal.SIGCONT)  # its step finishes, and it tries to checkpoint it
+
+    wait_for(lambda: "abandoned" in processes.log_of(frozen), timeout=20,
+             what="the frozen worker's report refused")
+    assert "lease lost" in processes.log_of(frozen)
+    assert frozen.poll() is None, "it lives on, re-registered under a new id"
+    steps = pgflow.get(conn, run_id).steps
+    assert [(s.name, s.status, s.attempts) for s in steps] == [
+        ("charge_card", "completed", 1), ("create_account", "completed", 1),
+        ("send_welcome", "completed", 1)]
+    # step 2 ran in both workers (it was never checkpointed by the frozen one); 1 and 3 once
+    assert effects.per_step(run_id) == {"charge_card": 1, "create_account": 2, "send_welcome": 1}
