@@ -37,6 +37,7 @@ from psycopg.conninfo import make_conninfo
 import pgflow
 from bench import workflows
 from pgflow import schema
+from pgflow.worker import DEFAULT_CONCURRENCY
 
 # -- knobs ------------------------------------------------------------------
 
@@ -50,7 +51,9 @@ PGBENCH_SECONDS = 5  # -T of each baseline
 PGBENCH_SECONDS_QUICK = 1  # -T of each baseline with --quick
 PGBENCH_ROWS = 100  # rows of the tiny table; each transaction updates one random row
 
-WORKER_CONCURRENCY = 10  # `pgflow worker -c`: runs in flight in the one worker process
+# `pgflow worker -c`: runs in flight in the one worker process; the worker's default
+# unless PGFLOW_BENCH_CONCURRENCY says otherwise (the targets are for default settings).
+WORKER_CONCURRENCY = int(os.environ.get("PGFLOW_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY))
 W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
 # W5: W1 again after loading this much history (finished runs, one step each) and these many
 # runs asleep on a timer due in a day, bulk-inserted before the worker starts.

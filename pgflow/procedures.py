@@ -11,11 +11,11 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -40,6 +40,20 @@ class ClaimedRun:
     journal: list[JournalEntry]
     cancel_requested: bool = False
     cancel_seq: int | None = None
+
+
+class BatchReport(Protocol):
+    """One element of ``pgflow.complete_batch`` (see :class:`pgflow.reporter.Report`)."""
+
+    run_id: uuid.UUID
+    token: int
+    seq: int | None
+    name: str | None
+    kind: str | None
+    output: Any
+    duration_s: float | None
+    finish: bool
+    result: Any
 
 
 @asynccontextmanager
@@ -72,6 +86,13 @@ class Procedures:
 
     async def _execute(self, sql: str, params: tuple[Any, ...],
                        duplicate_is_success: bool = False) -> list[tuple[Any, ...]]:
+        rows, _retried = await self._execute_retrying(sql, params, duplicate_is_success)
+        return rows
+
+    async def _execute_retrying(self, sql: str, params: tuple[Any, ...],
+                                duplicate_is_success: bool = False,
+                                ) -> tuple[list[tuple[Any, ...]], bool]:
+        """Rows, and whether the call had to be repeated (its first try may have committed)."""
         deadline = time.monotonic() + self.retry_for
         delay = 0.05
         retried = False
@@ -79,12 +100,12 @@ class Procedures:
             try:
                 async with _translated(), self.pool.connection() as conn:
                     cur = await conn.execute(sql, params)
-                    return await cur.fetchall() if cur.description else []
+                    return (await cur.fetchall() if cur.description else []), retried
             except psycopg.errors.UniqueViolation:
                 raise
             except psycopg.Error as exc:
                 if retried and duplicate_is_success and exc.sqlstate == "PF004":
-                    return []
+                    return [], retried
                 if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
                     raise
                 if time.monotonic() + delay > deadline:
@@ -114,6 +135,27 @@ class Procedures:
                                    (run_id, token, seq, name, kind, Jsonb(output), duration),
                                    duplicate_is_success=True)
         return bool(rows and rows[0][0])
+
+    async def complete_batch(self, reports: Sequence[BatchReport]) -> dict[uuid.UUID, str]:
+        """Checkpoints and completions of many runs in one transaction: outcome by run.
+
+        A step found already recorded on a repeated call (the first try committed
+        but its answer was lost) is the success it is.
+        """
+        rows, retried = await self._execute_retrying(
+            "select run_id, outcome from pgflow.complete_batch(%s::uuid[], %s::bigint[],"
+            " %s::integer[], %s::text[], %s::text[], %s::jsonb[], %s::float8[], %s::boolean[],"
+            " %s::jsonb[])",
+            ([r.run_id for r in reports], [r.token for r in reports], [r.seq for r in reports],
+             [r.name for r in reports], [r.kind for r in reports],
+             [None if r.seq is None else Jsonb(r.output) for r in reports],
+             [r.duration_s for r in reports], [r.finish for r in reports],
+             [Jsonb(r.result) if r.finish else None for r in reports]))
+        outcomes = {row[0]: row[1] for row in rows}
+        if retried:
+            outcomes = {run: "ok" if outcome == "duplicate" else outcome
+                        for run, outcome in outcomes.items()}
+        return outcomes
 
     async def fail_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
                         error: dict[str, Any], duration: timedelta, retryable: bool,

@@ -21,6 +21,7 @@ from typing import Any
 from pgflow import codec, context, errors
 from pgflow.definitions import Workflow
 from pgflow.procedures import ClaimedRun, Procedures
+from pgflow.reporter import Reporter
 from pgflow.retry import Retry
 
 logger = logging.getLogger("pgflow.worker")
@@ -30,14 +31,16 @@ class RunExecution:
     """One claimed run on one worker; the :class:`context.RunSession` of its context."""
 
     def __init__(self, claimed: ClaimedRun, workflow: Workflow, procedures: Procedures,
-                 loop: asyncio.AbstractEventLoop, executor: Executor, default_retry: Retry,
-                 is_draining: Callable[[], bool], on_lost_contact: Callable[[], None]) -> None:
+                 reporter: Reporter, loop: asyncio.AbstractEventLoop, executor: Executor,
+                 default_retry: Retry, is_draining: Callable[[], bool],
+                 on_lost_contact: Callable[[], None]) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
         self.queue = workflow.queue
         self.default_retry = default_retry
         self._procedures = procedures
+        self._reporter = reporter  # checkpoints and completions, batched with other runs'
         self._loop = loop
         self._executor = executor
         self._is_draining = is_draining
@@ -58,8 +61,8 @@ class RunExecution:
 
     async def complete_step(self, seq: int, name: str, kind: str, output: Any,
                             duration: timedelta) -> bool:
-        return await self._procedures.complete_step(self.run_id, self.claimed.lease_token, seq,
-                                                    name, kind, output, duration)
+        return await self._reporter.complete_step(self.run_id, self.claimed.lease_token, seq,
+                                                  name, kind, output, duration)
 
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool,
@@ -117,8 +120,8 @@ class RunExecution:
         except BaseException as exc:
             await self._end_otherwise(ctx, token, exc)
             return
-        await self._report(self._procedures.complete_run(self.run_id, token, output,
-                                                         ctx.take_unflushed()))
+        await self._report(self._reporter.complete_run(self.run_id, token, output,
+                                                       ctx.take_unflushed()))
 
     async def _end_otherwise(self, ctx: context.Context, token: int, exc: BaseException) -> None:
         """Every ending but success: send the held-back checkpoint, then report it."""

@@ -31,6 +31,7 @@ from pgflow import definitions, schema
 from pgflow.definitions import Workflow
 from pgflow.membership import Membership
 from pgflow.procedures import ClaimedRun, Procedures
+from pgflow.reporter import Reporter
 from pgflow.retry import DEFAULT_RETRY, Retry
 from pgflow.runner import RunExecution
 from pgflow.scheduler import Scheduler
@@ -39,7 +40,7 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger("pgflow.worker")
 
-DEFAULT_CONCURRENCY = 10
+DEFAULT_CONCURRENCY = 32  # runs in flight per worker process (and threads for sync code)
 POLL_INTERVAL = 2.0  # seconds between claims when no NOTIFY arrives
 HEARTBEAT_INTERVAL = 1.0  # seconds; also how often dead workers are looked for
 STALE_AFTER = timedelta(seconds=30)  # a worker silent this long is presumed dead
@@ -143,6 +144,7 @@ class Worker:
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")
         await pool.open(wait=True)
         procedures = Procedures(pool)
+        self._reporter = Reporter(procedures)
         await self._membership.connect()
         membership_task = asyncio.create_task(self._membership.run(self._stop))
         scheduler_task = (asyncio.create_task(self.scheduler.run(self._stop))
@@ -201,7 +203,7 @@ class Worker:
                        executor: ThreadPoolExecutor) -> None:
         assert self._loop is not None
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
-                                 self._loop, executor, self.retry, self._stopping.is_set,
+                                 self._reporter, self._loop, executor, self.retry, self._stopping.is_set,
                                  self._membership.request_reset)
         try:
             await execution.execute()

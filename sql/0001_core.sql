@@ -15,6 +15,7 @@
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up
 --   pgflow.complete_run(...)      the workflow returned
+--   pgflow.complete_batch(...)    many runs' checkpoints and completions, one transaction
 --   pgflow.fail_run(...)          the workflow raised
 --   pgflow.release_run(...)       give a run back unfinished (draining worker)
 --   pgflow.sleep(...)             suspend a run until a time (durable timer)
@@ -845,6 +846,111 @@ begin
     delete from pgflow.timers t where t.run_id = p_run_id;
     perform pgflow._notify_done(p_run_id);
     perform pgflow._child_finished(p_run_id);
+end;
+$$;
+
+-- Group commit: the checkpoints and completions of many runs in one call and
+-- one transaction. A worker sends what its runs reported while its previous
+-- batch was committing, so concurrent runs share round trips and commits
+-- instead of paying one each. Element i is run p_run_ids[i] under lease
+-- p_tokens[i]:
+--   p_seqs[i] not null   record step (p_seqs, p_names, p_kinds, p_outputs,
+--                        p_durations in seconds) as complete_step does;
+--   p_finish[i]          then complete the run with p_results[i], as
+--                        complete_run does.
+-- Each element is fenced on its own and never fails the others; the outcome
+-- says what happened to it:
+--   ok          recorded;
+--   cancel      recorded, and cancellation was requested (a step only);
+--   lease_lost  the token is not current (nothing written; PF001 elsewhere);
+--   duplicate   the step is already recorded (nothing written; PF004);
+--   unknown     no such run (PF404).
+-- A run appears at most once in a batch (it waits for its report).
+create function pgflow.complete_batch(
+    p_run_ids   uuid[],
+    p_tokens    bigint[],
+    p_seqs      integer[],
+    p_names     text[],
+    p_kinds     text[],
+    p_outputs   jsonb[],
+    p_durations double precision[],
+    p_finish    boolean[],
+    p_results   jsonb[]
+) returns table (run_id uuid, outcome text)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_now      timestamptz := pgflow.now();
+    v_ids      uuid[];
+    v_outcomes text[];
+    v_finished uuid[];
+    v_watched  uuid[];
+    v_children uuid[];
+begin
+    -- Every run's lock, in id order: two batches (or a batch and a cancel
+    -- cascade, which also locks in order) cannot deadlock on each other.
+    perform pgflow._lock_run(b.id)
+    from pg_catalog.unnest(p_run_ids) as b(id)
+    order by b.id;
+
+    -- Multi-array unnest is FROM-clause syntax (ROWS FROM), hence unqualified.
+    with report as (
+        select *
+        from unnest(p_run_ids, p_tokens, p_seqs, p_names, p_kinds, p_outputs,
+                               p_durations, p_finish, p_results)
+             as b(id, token, seq, name, kind, output, duration_s, finish, result)
+    ), fenced as (
+        select b.*, r.id is not null as known,
+               coalesce(r.status = 'running' and r.lease_token = b.token, false) as leased,
+               coalesce(r.cancel_requested, false) as cancel_requested
+        from report b
+        left join pgflow.runs r on r.id = b.id
+    ), recorded as (
+        insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
+                                       started_at, finished_at)
+        select f.id, f.seq, f.name, f.kind, 'completed', 1, coalesce(f.output, 'null'::jsonb),
+               v_now - f.duration_s * interval '1 second', v_now
+        from fenced f
+        where f.leased and f.seq is not null
+        on conflict (run_id, seq) do update
+            set status = 'completed', attempts = s.attempts + 1, output = excluded.output,
+                error = null, started_at = excluded.started_at,
+                finished_at = excluded.finished_at
+            where s.status = 'retrying' and s.name = excluded.name
+        returning s.run_id
+    ), finished as (
+        update pgflow.runs r
+        set status = 'completed', output = coalesce(f.result, 'null'::jsonb), error = null,
+            finished_at = v_now, lease_owner = null
+        from fenced f
+        where r.id = f.id and f.leased and f.finish
+          and (f.seq is null or f.id in (select d.run_id from recorded d))
+        returning r.id, r.watched, r.parent_id
+    )
+    select pg_catalog.array_agg(f.id),
+           pg_catalog.array_agg(case
+               when not f.known then 'unknown'
+               when not f.leased then 'lease_lost'
+               when f.seq is not null and f.id not in (select d.run_id from recorded d)
+                   then 'duplicate'
+               when f.cancel_requested and not f.finish then 'cancel'
+               else 'ok' end),
+           (select pg_catalog.array_agg(e.id) from finished e),
+           (select pg_catalog.array_agg(e.id) from finished e where e.watched),
+           (select pg_catalog.array_agg(e.id) from finished e where e.parent_id is not null)
+    into v_ids, v_outcomes, v_finished, v_watched, v_children
+    from fenced f;
+
+    -- What complete_run does after the update, for the runs completed here.
+    if v_finished is not null then
+        delete from pgflow.timers t where t.run_id = any (v_finished);
+        perform pg_catalog.pg_notify('pgflow_done', w::text)
+        from pg_catalog.unnest(v_watched) as w;
+        perform pgflow._child_finished(c) from pg_catalog.unnest(v_children) as c;
+    end if;
+
+    return query select * from unnest(v_ids, v_outcomes);
 end;
 $$;
 
