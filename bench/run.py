@@ -93,14 +93,16 @@ STATS_SETTLE_S = 1.5
 # 'pl' counts only PL/pgSQL functions; 'all' also counts LANGUAGE sql ones
 # (heartbeat, _lock_run, now, _notify_ready). Built-in functions are never counted.
 TRACK_FUNCTIONS = "all"
-# The worker's procedures: one autocommit call, so one transaction, each.
-WORKER_PROCEDURES = ("claim", "complete_step", "complete_run", "fail_step", "fail_run", "release_run",
-                     "sleep")
+# The worker's procedures: one autocommit call, so one transaction, each. Checkpoints,
+# completions and sleeps travel in complete_batch (complete_step, complete_run and sleep
+# are then nested calls, or a failed batch's one-by-one fallback).
+WORKER_PROCEDURES = ("claim", "complete_batch", "fail_step", "fail_run", "release_run")
 # The timer scheduler's calls (the leader only): per wake-up, not per run.
 SCHEDULER_PROCEDURES = ("fire_timers", "next_timer_in")
 BACKGROUND_PROCEDURES = ("heartbeat", "recover")  # once a second per worker, not per run
-# Each call sends one NOTIFY (start: when not delayed).
-NOTIFYING_PROCEDURES = ("start", "complete_run", "fail_run", "release_run")
+# Each call sends one NOTIFY (start: when not delayed). Completions notify only the runs
+# a result() watches, which no workload does.
+NOTIFYING_PROCEDURES = ("start", "fail_run", "release_run")
 
 REPO = Path(__file__).resolve().parent.parent
 _SPAWN = multiprocessing.get_context("spawn")  # producers: fresh interpreters, no forked state
@@ -221,7 +223,7 @@ def db_work(delta: Stats, n: int, polls: int, producer_commits: int,
                              for k in (*WORKER_PROCEDURES, "start") if delta.calls.get(k)},
         "commits_total": delta.commits,
         "commits_polling": polls,
-        # Mostly LISTEN wake-ups: every NOTIFY (start, complete_run) makes each listening
+        # Mostly LISTEN wake-ups: every NOTIFY (start, fail_run, ...) makes each listening
         # worker connection run a transaction to read the queue; plus worker start/stop,
         # statement preparation and stats reads (O(1) per workload).
         "commits_other": per_run_commits - worker_calls - producer_commits,
@@ -237,7 +239,7 @@ def db_work(delta: Stats, n: int, polls: int, producer_commits: int,
     if steps:
         out["commits_per_step"] = round(per_run_commits / steps, 3)
         out["calls_per_step"] = {k: round(delta.calls.get(k, 0) / steps, 3)
-                                 for k in ("claim", "complete_step", "complete_run")}
+                                 for k in ("claim", "complete_batch")}
     return out
 
 
@@ -617,6 +619,22 @@ def w1_one_step(b: Bench) -> list[dict[str, Any]]:
     return [result]
 
 
+def w0_producer(b: Bench) -> list[dict[str, Any]]:
+    """W1's producer alone, no worker: the ceiling W1 can reach on this machine.
+
+    One process doing ``pgflow.start()`` + commit per transaction is what W1 measures
+    from first start to last completion, so W1 is bounded by this rate (minus the CPU
+    the worker takes from the producer on a shared machine).
+    """
+    n = b.count(W1_RUNS)
+    reset(b.dsn)
+    log(f"W0: producer alone starts {n} one_step runs, one per commit (no worker)")
+    with producer() as pool:
+        seconds = pool.submit(produce_committed, b.dsn, n).result()
+    reset(b.dsn)
+    return [line("W0_producer", n, seconds, n / seconds, None, None)]
+
+
 # W5's preload. Ids are version-7 UUIDs of each run's created_at, as pgflow.uuid_v7() would
 # have made them then (pgflow.uuid_v7() itself stamps the clock of the insert).
 UUID_V7_AT_SQL = """
@@ -931,6 +949,7 @@ def _first_due_in(conn: psycopg.Connection[Any]) -> float:
 
 WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "pgbench": pgbench_baseline,
+    "W0": w0_producer,
     "W1": w1_one_step,
     "W5": w5_history,  # right after W1, whose per_sec it is compared with
     "W1b": w1b_drain,

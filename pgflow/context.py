@@ -149,7 +149,8 @@ class RunSession(Protocol):
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool, policy: Retry) -> FailOutcome: ...
     async def sleep(self, seq: int, name: str, until: datetime | None,
-                    duration: timedelta | None) -> bool: ...
+                    duration: timedelta | None,
+                    last_step: dict[str, Any] | None = None) -> str: ...
     async def record_value(self, seq: int, kind: str, value: Any,
                            name: str | None = None) -> Any: ...
     async def wait_signal(self, seq: int, name: str,
@@ -426,9 +427,21 @@ class Context:
                      duration: timedelta | None) -> None:
         if entry is not None and entry.status == "completed":
             return
-        suspended = await self._report(
-            "recording a sleep", self._session.sleep(seq, "sleep", until, duration))
-        if suspended:
+        if self._cancel_requested and not self._cancel_raised:
+            # Known already: the held checkpoint goes alone, then Cancelled here.
+            await self.flush()
+            self._cancel_raised = True
+            raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
+        # The held-back checkpoint travels with the sleep: one report, not two.
+        pending = self.take_unflushed()
+        try:
+            outcome = await self._session.sleep(seq, "sleep", until, duration, pending)
+        except Exception as exc:
+            raise Abandon(f"recording a sleep failed: {exc}") from exc
+        if outcome == "cancel":
+            self._cancel_requested = self._cancel_raised = True
+            raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
+        if outcome == "sleeping":
             raise Suspend()
         self._journal[seq] = JournalEntry(seq, "sleep", "sleep", "completed", 1, None, None)
 

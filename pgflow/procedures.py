@@ -54,6 +54,9 @@ class BatchReport(Protocol):
     duration_s: float | None
     finish: bool
     result: Any
+    sleep_seq: int | None
+    sleep_until: datetime | None
+    sleep_seconds: float | None
 
 
 @asynccontextmanager
@@ -137,7 +140,7 @@ class Procedures:
         return bool(rows and rows[0][0])
 
     async def complete_batch(self, reports: Sequence[BatchReport]) -> dict[uuid.UUID, str]:
-        """Checkpoints and completions of many runs in one transaction: outcome by run.
+        """Checkpoints, completions and sleeps of many runs in one transaction: outcome by run.
 
         A step found already recorded on a repeated call (the first try committed
         but its answer was lost) is the success it is.
@@ -145,12 +148,14 @@ class Procedures:
         rows, retried = await self._execute_retrying(
             "select run_id, outcome from pgflow.complete_batch(%s::uuid[], %s::bigint[],"
             " %s::integer[], %s::text[], %s::text[], %s::jsonb[], %s::float8[], %s::boolean[],"
-            " %s::jsonb[])",
+            " %s::jsonb[], %s::integer[], %s::timestamptz[], %s::float8[])",
             ([r.run_id for r in reports], [r.token for r in reports], [r.seq for r in reports],
              [r.name for r in reports], [r.kind for r in reports],
              [None if r.seq is None else Jsonb(r.output) for r in reports],
              [r.duration_s for r in reports], [r.finish for r in reports],
-             [Jsonb(r.result) if r.finish else None for r in reports]))
+             [Jsonb(r.result) if r.finish else None for r in reports],
+             [r.sleep_seq for r in reports], [r.sleep_until for r in reports],
+             [r.sleep_seconds for r in reports]))
         outcomes = {row[0]: row[1] for row in rows}
         if retried:
             outcomes = {run: "ok" if outcome == "duplicate" else outcome
@@ -166,12 +171,6 @@ class Procedures:
             (run_id, token, seq, name, kind, Jsonb(error), duration, retryable,
              policy.max_attempts, policy.initial_interval, policy.backoff, policy.max_interval))
         return FailOutcome(outcome=rows[0][0], attempts=rows[0][1])
-
-    async def sleep(self, run_id: uuid.UUID, token: int, seq: int, name: str,
-                    until: datetime | None, duration: timedelta | None) -> bool:
-        rows = await self._execute("select pgflow.sleep(%s, %s, %s, %s, %s, %s)",
-                                   (run_id, token, seq, name, until, duration))
-        return bool(rows[0][0])
 
     async def record_value(self, run_id: uuid.UUID, token: int, seq: int, kind: str,
                            value: Any, name: str | None = None) -> Any:

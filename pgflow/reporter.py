@@ -8,9 +8,10 @@ while a batch is on its way wait for it and leave together in the next one
 no longer than with a call of its own, and a busy worker commits once for many
 runs.
 
-Only the two reports of the steady path travel this way: a step's checkpoint
-and a run's completion (with its last checkpoint). The rarer ones (failures,
-sleeps, signals, children) keep their own procedures.
+The reports of the steady path travel this way: a step's checkpoint, a run's
+completion and a durable sleep (each of the last two with the checkpoint held
+back before it). The rarer ones (failures, signals, children) keep their own
+procedures.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -48,6 +49,9 @@ class Report:
     duration_s: float | None = None
     finish: bool = False
     result: Any = None
+    sleep_seq: int | None = None
+    sleep_until: datetime | None = None
+    sleep_seconds: float | None = None
     done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -86,6 +90,20 @@ class Reporter:
             report = Report(run_id, token, last_step["seq"], last_step["name"], last_step["kind"],
                             last_step["output"], last_step["duration_s"], True, output)
         await self._submit(report)
+
+    async def sleep(self, run_id: uuid.UUID, token: int, seq: int, until: datetime | None,
+                    duration: timedelta | None, last_step: dict[str, Any] | None = None) -> str:
+        """Record a durable sleep at ``seq`` after ``last_step``, if any.
+
+        Returns ``sleeping`` (the run now sleeps), ``ok`` (its time had come
+        already) or ``cancel`` (``last_step`` recorded, no sleep: cancelled).
+        """
+        report = Report(run_id, token, sleep_seq=seq, sleep_until=until,
+                        sleep_seconds=None if duration is None else duration.total_seconds())
+        if last_step is not None:
+            report.seq, report.name, report.kind = last_step["seq"], last_step["name"], last_step["kind"]
+            report.output, report.duration_s = last_step["output"], last_step["duration_s"]
+        return await self._submit(report)
 
     # -- batching -----------------------------------------------------------
 

@@ -71,9 +71,9 @@ class RunExecution:
                                                 kind, error, duration, retryable, policy)
 
     async def sleep(self, seq: int, name: str, until: datetime | None,
-                    duration: timedelta | None) -> bool:
-        return await self._procedures.sleep(self.run_id, self.claimed.lease_token, seq, name,
-                                            until, duration)
+                    duration: timedelta | None, last_step: dict[str, Any] | None = None) -> str:
+        return await self._reporter.sleep(self.run_id, self.claimed.lease_token, seq, until,
+                                          duration, last_step)
 
     async def record_value(self, seq: int, kind: str, value: Any,
                            name: str | None = None) -> Any:

@@ -25,7 +25,7 @@ drop function if exists
     pgflow.fail_run(uuid, bigint, jsonb),
     pgflow.complete_run(uuid, bigint, jsonb, jsonb),
     pgflow.complete_batch(uuid[], bigint[], integer[], text[], text[], jsonb[], double precision[],
-                          boolean[], jsonb[]),
+                          boolean[], jsonb[], integer[], timestamptz[], double precision[]),
     pgflow._backoff(interval, double precision, interval, integer),
     pgflow.fail_step(uuid, bigint, integer, text, text, jsonb, interval, boolean, integer,
                      interval, double precision, interval),

@@ -15,7 +15,7 @@
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up
 --   pgflow.complete_run(...)      the workflow returned
---   pgflow.complete_batch(...)    many runs' checkpoints and completions, one transaction
+--   pgflow.complete_batch(...)    many runs' checkpoints, completions, sleeps: one transaction
 --   pgflow.fail_run(...)          the workflow raised
 --   pgflow.release_run(...)       give a run back unfinished (draining worker)
 --   pgflow.sleep(...)             suspend a run until a time (durable timer)
@@ -849,44 +849,53 @@ begin
 end;
 $$;
 
--- Group commit: the checkpoints and completions of many runs in one call and
--- one transaction. A worker sends what its runs reported while its previous
--- batch was committing, so concurrent runs share round trips and commits
--- instead of paying one each. Element i is run p_run_ids[i] under lease
--- p_tokens[i]:
---   p_seqs[i] not null   record step (p_seqs, p_names, p_kinds, p_outputs,
+-- Group commit: the checkpoints, completions and sleeps of many runs in one
+-- call and one transaction. A worker sends what its runs reported while its
+-- previous batch was committing, so concurrent runs share round trips and
+-- commits instead of paying one each. Element i is run p_run_ids[i] under
+-- lease p_tokens[i], and does, in this order:
+--   p_seqs[i] not null   record a step (p_seqs, p_names, p_kinds, p_outputs,
 --                        p_durations in seconds) as complete_step does;
 --   p_finish[i]          then complete the run with p_results[i], as
---                        complete_run does.
+--                        complete_run does; or
+--   p_sleep_seqs[i] not null
+--                        then sleep until p_sleep_until[i] (or for
+--                        p_sleep_seconds[i]) at that journal position, as
+--                        pgflow.sleep does, unless cancellation was requested.
 -- Each element is fenced on its own and never fails the others; the outcome
 -- says what happened to it:
---   ok          recorded;
---   cancel      recorded, and cancellation was requested (a step only);
+--   ok          recorded (a sleep: its time had already come, go on);
+--   sleeping    recorded, and the run now sleeps (its worker lets go of it);
+--   cancel      the step recorded, but cancellation was requested, so no
+--               sleep was recorded (the workflow raises Cancelled);
 --   lease_lost  the token is not current (nothing written; PF001 elsewhere);
 --   duplicate   the step is already recorded (nothing written; PF004);
 --   unknown     no such run (PF404).
 -- A run appears at most once in a batch (it waits for its report).
 create function pgflow.complete_batch(
-    p_run_ids   uuid[],
-    p_tokens    bigint[],
-    p_seqs      integer[],
-    p_names     text[],
-    p_kinds     text[],
-    p_outputs   jsonb[],
-    p_durations double precision[],
-    p_finish    boolean[],
-    p_results   jsonb[]
+    p_run_ids         uuid[],
+    p_tokens          bigint[],
+    p_seqs            integer[],
+    p_names           text[],
+    p_kinds           text[],
+    p_outputs         jsonb[],
+    p_durations       double precision[],
+    p_finish          boolean[],
+    p_results         jsonb[],
+    p_sleep_seqs      integer[] default null,
+    p_sleep_until     timestamptz[] default null,
+    p_sleep_seconds   double precision[] default null
 ) returns table (run_id uuid, outcome text)
 language plpgsql
 as $$
 #variable_conflict use_column
 declare
     v_now      timestamptz := pgflow.now();
-    v_ids      uuid[];
     v_outcomes text[];
     v_finished uuid[];
     v_watched  uuid[];
     v_children uuid[];
+    v_i        integer;
 begin
     -- Every run's lock, in id order: two batches (or a batch and a cancel
     -- cascade, which also locks in order) cannot deadlock on each other.
@@ -897,9 +906,9 @@ begin
     -- Multi-array unnest is FROM-clause syntax (ROWS FROM), hence unqualified.
     with report as (
         select *
-        from unnest(p_run_ids, p_tokens, p_seqs, p_names, p_kinds, p_outputs,
-                               p_durations, p_finish, p_results)
-             as b(id, token, seq, name, kind, output, duration_s, finish, result)
+        from unnest(p_run_ids, p_tokens, p_seqs, p_names, p_kinds, p_outputs, p_durations,
+                    p_finish, p_results)
+             with ordinality as b(id, token, seq, name, kind, output, duration_s, finish, result, i)
     ), fenced as (
         select b.*, r.id is not null as known,
                coalesce(r.status = 'running' and r.lease_token = b.token, false) as leased,
@@ -928,18 +937,17 @@ begin
           and (f.seq is null or f.id in (select d.run_id from recorded d))
         returning r.id, r.watched, r.parent_id
     )
-    select pg_catalog.array_agg(f.id),
-           pg_catalog.array_agg(case
+    select pg_catalog.array_agg(case
                when not f.known then 'unknown'
                when not f.leased then 'lease_lost'
                when f.seq is not null and f.id not in (select d.run_id from recorded d)
                    then 'duplicate'
                when f.cancel_requested and not f.finish then 'cancel'
-               else 'ok' end),
+               else 'ok' end order by f.i),
            (select pg_catalog.array_agg(e.id) from finished e),
            (select pg_catalog.array_agg(e.id) from finished e where e.watched),
            (select pg_catalog.array_agg(e.id) from finished e where e.parent_id is not null)
-    into v_ids, v_outcomes, v_finished, v_watched, v_children
+    into v_outcomes, v_finished, v_watched, v_children
     from fenced f;
 
     -- What complete_run does after the update, for the runs completed here.
@@ -950,7 +958,22 @@ begin
         perform pgflow._child_finished(c) from pg_catalog.unnest(v_children) as c;
     end if;
 
-    return query select * from unnest(v_ids, v_outcomes);
+    -- Sleeps after the checkpoints they follow, one at a time through
+    -- pgflow.sleep (the lock and lease are already held; re-taking them is
+    -- cheap). A cancelled run does not go to sleep: its workflow raises
+    -- Cancelled at this durable point instead.
+    if p_sleep_seqs is not null then
+        for v_i in 1 .. coalesce(pg_catalog.array_length(p_run_ids, 1), 0) loop
+            continue when p_sleep_seqs[v_i] is null or v_outcomes[v_i] <> 'ok';
+            if pgflow.sleep(p_run_ids[v_i], p_tokens[v_i], p_sleep_seqs[v_i], 'sleep',
+                            p_sleep_until[v_i],
+                            p_sleep_seconds[v_i] * interval '1 second') then
+                v_outcomes[v_i] := 'sleeping';
+            end if;
+        end loop;
+    end if;
+
+    return query select * from unnest(p_run_ids, v_outcomes);
 end;
 $$;
 

@@ -28,7 +28,7 @@ from tests.sqlkit import (
 
 BATCH = ("select run_id, outcome from pgflow.complete_batch(%s::uuid[], %s::bigint[],"
          " %s::integer[], %s::text[], %s::text[], %s::jsonb[], %s::float8[], %s::boolean[],"
-         " %s::jsonb[])")
+         " %s::jsonb[], %s::integer[], %s::timestamptz[], %s::float8[])")
 
 
 @pytest.fixture
@@ -37,15 +37,22 @@ def workers(dsn: str) -> Iterator[Any]:
         yield make
 
 
-def step(run_id: uuid.UUID, token: int, seq: int, output: Any = "ok", name: str = "step",
-         finish: bool = False, result: Any = None) -> dict[str, Any]:
+def step(run_id: uuid.UUID, token: int, seq: int | None, output: Any = "ok", name: str = "step",
+         finish: bool = False, result: Any = None, sleep_seq: int | None = None,
+         sleep_seconds: float | None = None) -> dict[str, Any]:
     return {"run": run_id, "token": token, "seq": seq, "name": name, "output": output,
-            "finish": finish, "result": result}
+            "finish": finish, "result": result, "sleep_seq": sleep_seq,
+            "sleep_seconds": sleep_seconds}
 
 
 def finish(run_id: uuid.UUID, token: int, result: Any = "done") -> dict[str, Any]:
-    return {"run": run_id, "token": token, "seq": None, "name": None, "output": None,
-            "finish": True, "result": result}
+    return step(run_id, token, None, None, None, True, result)
+
+
+def sleep(run_id: uuid.UUID, token: int, seq: int, seconds: float,
+          after: int | None = None) -> dict[str, Any]:
+    """A sleep at ``seq``, after the checkpoint of step ``after`` if given."""
+    return step(run_id, token, after, "before", sleep_seq=seq, sleep_seconds=seconds)
 
 
 def batch(conn: Conn, *reports: dict[str, Any]) -> dict[uuid.UUID, str]:
@@ -55,7 +62,9 @@ def batch(conn: Conn, *reports: dict[str, Any]) -> dict[uuid.UUID, str]:
         [None if r["seq"] is None else Jsonb(r["output"]) for r in reports],
         [0.25 if r["seq"] is not None else None for r in reports],
         [r["finish"] for r in reports],
-        [Jsonb(r["result"]) if r["finish"] else None for r in reports])).fetchall()
+        [Jsonb(r["result"]) if r["finish"] else None for r in reports],
+        [r["sleep_seq"] for r in reports], [None for _ in reports],
+        [r["sleep_seconds"] for r in reports])).fetchall()
     assert len(rows) == len(reports), rows
     return dict(rows)
 
@@ -157,3 +166,41 @@ def test_a_child_completed_in_a_batch_wakes_its_waiting_parent(conn, workers):
     assert run_row(conn, parent)["status"] == "pending"
     wait = step_rows(conn, parent)[1]
     assert (wait["status"], wait["output"]["output"]) == ("completed", 42)
+
+
+def test_sleeps_follow_their_checkpoints_in_the_same_batch(conn, workers):
+    worker = workers()
+    (after_step, t1), (alone, t2), (due, t3) = claimed(conn, worker, 3)
+    outcomes = batch(conn, sleep(after_step, t1, 1, 3600, after=0), sleep(alone, t2, 0, 60),
+                     sleep(due, t3, 0, 0))
+    assert outcomes == {after_step: "sleeping", alone: "sleeping", due: "ok"}
+
+    entries = step_rows(conn, after_step)
+    assert [(e["seq"], e["kind"], e["status"]) for e in entries] == [
+        (0, "step", "completed"), (1, "sleep", "sleeping")]
+    row = run_row(conn, after_step)
+    assert (row["status"], row["lease_owner"]) == ("sleeping", None)
+    assert [(t["kind"], t["seq"]) for t in timer_rows(conn, after_step)] == [("sleep", 1)]
+    assert [(t["kind"], t["seq"]) for t in timer_rows(conn, alone)] == [("sleep", 0)]
+    # A sleep whose time has come is recorded as over, and the run stays with its worker.
+    assert run_row(conn, due)["status"] == "running"
+    assert [(e["kind"], e["status"]) for e in step_rows(conn, due)] == [("sleep", "completed")]
+    assert timer_rows(conn, due) == []
+
+
+def test_a_cancelled_run_records_its_checkpoint_but_does_not_go_to_sleep(conn, workers):
+    worker = workers()
+    (run, token), = claimed(conn, worker, 1)
+    conn.execute("select pgflow.cancel(%s)", (run,))
+    assert batch(conn, sleep(run, token, 1, 60, after=0)) == {run: "cancel"}
+    assert [(e["seq"], e["kind"]) for e in step_rows(conn, run)] == [(0, "step")]
+    assert run_row(conn, run)["status"] == "running"  # the workflow raises Cancelled next
+    assert timer_rows(conn, run) == []
+
+
+def test_a_stale_sleep_writes_nothing(conn, workers):
+    worker = workers()
+    (run, token), = claimed(conn, worker, 1)
+    assert batch(conn, sleep(run, token + 1, 1, 60, after=0)) == {run: "lease_lost"}
+    assert step_rows(conn, run) == [] and timer_rows(conn, run) == []
+    assert run_row(conn, run)["status"] == "running"
