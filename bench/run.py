@@ -150,6 +150,8 @@ def prepare(b: Bench) -> None:
         conn.execute("create table bench_counter (id integer primary key, n bigint not null default 0)")
         conn.execute("insert into bench_counter (id) select generate_series(1, %s)", (PGBENCH_ROWS,))
         conn.execute("vacuum analyze bench_counter")
+        if statements_tracked(conn):
+            conn.execute("create extension if not exists pg_stat_statements")
 
 
 def reset(dsn: str) -> None:
@@ -178,18 +180,27 @@ def preload(dsn: str, workflow: pgflow.Workflow, n: int) -> None:
 
 # -- cumulative statistics ----------------------------------------------------
 
+def statements_tracked(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server loads pg_stat_statements (``shared_preload_libraries``: a restart)."""
+    row = conn.execute("select current_setting('shared_preload_libraries')").fetchone()
+    return row is not None and "pg_stat_statements" in row[0]
+
+
 @dataclass
 class Stats:
     commits: int
     calls: dict[str, int]
     total_ms: dict[str, float]
     seq_tup_read: dict[str, int]  # rows read by sequential scans, per pgflow table
+    statements: int | None = None  # top-level statements in this database (pg_stat_statements)
 
     def minus(self, other: Stats) -> Stats:
         return Stats(self.commits - other.commits,
                      {k: v - other.calls.get(k, 0) for k, v in self.calls.items()},
                      {k: v - other.total_ms.get(k, 0.0) for k, v in self.total_ms.items()},
-                     {k: v - other.seq_tup_read.get(k, 0) for k, v in self.seq_tup_read.items()})
+                     {k: v - other.seq_tup_read.get(k, 0) for k, v in self.seq_tup_read.items()},
+                     None if self.statements is None or other.statements is None
+                     else self.statements - other.statements)
 
 
 def read_stats(dsn: str) -> Stats:
@@ -202,9 +213,17 @@ def read_stats(dsn: str) -> Stats:
                             " where schemaname = 'pgflow'").fetchall()
         tables = conn.execute("select relname, seq_tup_read from pg_stat_user_tables"
                               " where schemaname = 'pgflow'").fetchall()
+        statements = None
+        if statements_tracked(conn):
+            # Every statement a client sent here (BEGIN and COMMIT included), of any role.
+            found = conn.execute(
+                "select coalesce(sum(calls), 0) from pg_stat_statements s"
+                " join pg_database d on d.oid = s.dbid where d.datname = current_database()"
+                "   and s.query not like '%%pg_stat_statements%%'").fetchone()
+            statements = int(found[0]) if found else None
     assert row is not None
     return Stats(int(row[0]), {r[0]: int(r[1]) for r in rows}, {r[0]: float(r[2]) for r in rows},
-                 {r[0]: int(r[1]) for r in tables})
+                 {r[0]: int(r[1]) for r in tables}, statements)
 
 
 def db_work(delta: Stats, n: int, polls: int, producer_commits: int,
@@ -231,6 +250,13 @@ def db_work(delta: Stats, n: int, polls: int, producer_commits: int,
         "heartbeat_calls": background["heartbeat"],
         "recover_calls": background["recover"],
     }
+    if delta.statements is not None:
+        # Round trips by pg_stat_statements: every top-level statement of every client
+        # (the producer's BEGIN/start/COMMIT too), less completion polls and heartbeats.
+        per_run_statements = delta.statements - polls - sum(background.values())
+        out["statements_per_run"] = round(per_run_statements / n, 3)
+        if steps:
+            out["statements_per_step"] = round(per_run_statements / steps, 3)
     scheduler = {k: delta.calls.get(k, 0) for k in SCHEDULER_PROCEDURES}
     if timers and scheduler["fire_timers"]:
         out["scheduler_calls"] = scheduler

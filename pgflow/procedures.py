@@ -83,17 +83,22 @@ class Procedures:
     (PF004) on the retry, which is then the success it is.
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Any], retry_for: float = REPORT_RETRY_FOR) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], retry_for: float = REPORT_RETRY_FOR,
+                 claim_pool: AsyncConnectionPool[Any] | None = None) -> None:
         self.pool = pool
         self.retry_for = retry_for
+        # Claims may go through their own connection(s): see Worker (asynchronous commit).
+        self.claim_pool = claim_pool or pool
 
     async def _execute(self, sql: str, params: tuple[Any, ...],
-                       duplicate_is_success: bool = False) -> list[tuple[Any, ...]]:
-        rows, _retried = await self._execute_retrying(sql, params, duplicate_is_success)
+                       duplicate_is_success: bool = False,
+                       pool: AsyncConnectionPool[Any] | None = None) -> list[tuple[Any, ...]]:
+        rows, _retried = await self._execute_retrying(sql, params, duplicate_is_success, pool)
         return rows
 
     async def _execute_retrying(self, sql: str, params: tuple[Any, ...],
                                 duplicate_is_success: bool = False,
+                                pool: AsyncConnectionPool[Any] | None = None,
                                 ) -> tuple[list[tuple[Any, ...]], bool]:
         """Rows, and whether the call had to be repeated (its first try may have committed)."""
         deadline = time.monotonic() + self.retry_for
@@ -101,7 +106,7 @@ class Procedures:
         retried = False
         while True:
             try:
-                async with _translated(), self.pool.connection() as conn:
+                async with _translated(), (pool or self.pool).connection() as conn:
                     cur = await conn.execute(sql, params)
                     return (await cur.fetchall() if cur.description else []), retried
             except psycopg.errors.UniqueViolation:
@@ -125,7 +130,7 @@ class Procedures:
         rows = await self._execute(
             "select run_id, name, version, input, lease_token, journal, cancel_requested,"
             " cancel_seq from pgflow.claim(%s, %s, %s, %s, %s)",
-            (worker_id, queues, names, versions, limit))
+            (worker_id, queues, names, versions, limit), pool=self.claim_pool)
         return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
                            journal=[JournalEntry.from_json(e) for e in r[5]],
                            cancel_requested=r[6], cancel_seq=r[7])

@@ -143,7 +143,11 @@ class Worker:
         pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")
         await pool.open(wait=True)
-        procedures = Procedures(pool)
+        claim_pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=1,
+                                         kwargs={"autocommit": True}, configure=_claim_session,
+                                         open=False, name="pgflow-claim")
+        await claim_pool.open(wait=True)
+        procedures = Procedures(pool, claim_pool=claim_pool)
         self._reporter = Reporter(procedures)
         await self._membership.connect()
         membership_task = asyncio.create_task(self._membership.run(self._stop))
@@ -160,6 +164,7 @@ class Worker:
                     await scheduler_task
             await membership_task
             await self._membership.close()
+            await claim_pool.close()
             await pool.close()
             executor.shutdown(wait=False, cancel_futures=True)
             logger.info("worker stopped")
@@ -221,6 +226,18 @@ class Worker:
         if pending:
             logger.warning("%d run(s) still in flight after %ss; left for recovery",
                            len(pending), self.shutdown_timeout)
+
+
+async def _claim_session(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The claim connection commits asynchronously (it does not wait for its WAL flush).
+
+    A claim need not survive a database crash: a lost claim leaves the run
+    pending, exactly as if this worker had died before starting it, and the
+    worker's next report under the lost lease is refused (PF001). Whatever the
+    run then records commits synchronously and flushes the claim's WAL with
+    its own. Every other transaction of the worker keeps the server's setting.
+    """
+    await conn.execute("set synchronous_commit = off")
 
 
 async def _first(*awaitables: Any, timeout: float | None = None) -> None:

@@ -601,8 +601,11 @@ def test_recover_deletes_a_worker_with_a_stale_heartbeat_and_puts_back_its_runs(
         assert ready_payloads(listen, timeout=1, expect=1) == ["default"]
 
     # The frozen worker still holds its liveness lock, yet it is declared dead.
-    assert conn.execute("select count(*) from pg_locks where locktype = 'advisory' and classid = 7366502"
-                        " and objid = %s and granted", (frozen.lock_key,)).fetchone()[0] == 1
+    # pg_locks is cluster-wide: other databases' workers hold the same lock keys.
+    assert conn.execute("select count(*) from pg_locks l join pg_database d on d.oid = l.database"
+                        " where d.datname = current_database() and l.locktype = 'advisory'"
+                        " and l.classid = 7366502 and l.objid = %s and l.granted",
+                        (frozen.lock_key,)).fetchone()[0] == 1
     assert [r[0] for r in conn.execute("select id from pgflow.workers")] == [live.id]
     assert frozen.heartbeat() is False
     assert live.heartbeat() is True
