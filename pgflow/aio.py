@@ -45,8 +45,8 @@ async def cancel(conn: Any, run_id: uuid.UUID | str) -> bool:
 
 async def get_state(conn: Any, run_id: uuid.UUID | str, key: str) -> Any:
     """See :func:`pgflow.get_state`."""
-    rid = queries.run_id_param(run_id)
-    return queries.state_value(await connections.afetch(conn, queries.GET_STATE, (key, rid)), rid)
+    params = queries.state_params(run_id, key)
+    return queries.state_value(await connections.afetch(conn, queries.GET_STATE, params), params[1])
 
 
 async def retry(conn: Any, run_id: uuid.UUID | str) -> None:

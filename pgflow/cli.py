@@ -79,6 +79,8 @@ def _parse_json(text: str, what: str) -> Any:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} "
                          f"column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
 
 
 @app.command()
@@ -360,7 +362,12 @@ def _parse_age(text: str, option: str) -> timedelta:
     number, unit = text[:-1], text[-1:]
     if unit not in _AGE_UNITS or not number.isdigit():
         raise ValueError(f"{option} {text!r}: use a whole number and a unit, e.g. 30m, 12h, 30d, 2w")
-    return timedelta(**{_AGE_UNITS[unit]: int(number)})
+    try:
+        age = timedelta(**{_AGE_UNITS[unit]: int(number)})
+        datetime.now(timezone.utc) - age  # the caller subtracts it: it must stay a date
+    except OverflowError:
+        raise ValueError(f"{option} {text!r} is too far back") from None
+    return age
 
 
 _STATUSES = ("pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled")

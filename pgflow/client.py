@@ -58,8 +58,8 @@ def cancel(conn: Any, run_id: uuid.UUID | str) -> bool:
 
 def get_state(conn: Any, run_id: uuid.UUID | str, key: str) -> Any:
     """The last value the run published under ``key`` with ``ctx.set_state`` (None if none)."""
-    rid = queries.run_id_param(run_id)
-    return queries.state_value(connections.fetch(conn, queries.GET_STATE, (key, rid)), rid)
+    params = queries.state_params(run_id, key)
+    return queries.state_value(connections.fetch(conn, queries.GET_STATE, params), params[1])
 
 
 def retry(conn: Any, run_id: uuid.UUID | str) -> None:

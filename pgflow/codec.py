@@ -26,13 +26,35 @@ from pgflow import errors
 _EMPTY = inspect.Parameter.empty
 
 
+MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+"""The largest JSON payload pgflow stores (2 MiB), as PostgreSQL stores it (``jsonb``).
+
+The same limit as SQL ``pgflow.max_payload_bytes()``. Every workflow input,
+step and workflow result, signal payload, state value and ``ctx.map`` item is
+checked here before anything is sent, with an estimate of its ``jsonb`` size
+that is never below the real one, so a value accepted here is never refused by
+the database.
+"""
+
+
 def to_json(value: Any, what: str) -> Any:
-    """``value`` as JSON-compatible Python data; ``what`` names it in errors."""
+    """``value`` as JSON-compatible Python data; ``what`` names it in errors.
+
+    Raises :class:`~pgflow.errors.EncodingError` for what JSON (or PostgreSQL's
+    ``jsonb``) cannot hold, and :class:`~pgflow.errors.PayloadTooLarge` past
+    :data:`MAX_PAYLOAD_BYTES`.
+    """
     try:
         data = pydantic_core.to_jsonable_python(value, serialize_unknown=False)
     except pydantic_core.PydanticSerializationError as exc:
         raise errors.EncodingError(f"{what} cannot be encoded as JSON: {exc}") from None
-    _reject_non_finite(data, what)
+    except (ValueError, RecursionError) as exc:  # e.g. "Maximum serialization depth exceeded"
+        raise errors.EncodingError(f"{what} cannot be encoded as JSON: {exc}") from None
+    size = stored_size(data, what)
+    if size > MAX_PAYLOAD_BYTES:
+        raise errors.PayloadTooLarge(
+            f"{what} is too large: about {size} bytes as stored, over the limit of "
+            f"{MAX_PAYLOAD_BYTES} bytes (pgflow.codec.MAX_PAYLOAD_BYTES)")
     return data
 
 
@@ -41,16 +63,67 @@ def dumps(value: Any, what: str) -> str:
     return json.dumps(to_json(value, what), separators=(",", ":"), allow_nan=False)
 
 
-def _reject_non_finite(data: Any, what: str) -> None:
-    # JSON has no NaN or Infinity; jsonb would refuse them later, far from the cause.
-    if isinstance(data, float) and not math.isfinite(data):
-        raise errors.EncodingError(f"{what} cannot be encoded as JSON: {data} is not a JSON number")
-    if isinstance(data, list):
-        for item in data:
-            _reject_non_finite(item, what)
-    elif isinstance(data, dict):
-        for item in data.values():
-            _reject_non_finite(item, what)
+# Sizes of PostgreSQL's jsonb format (src/backend/utils/adt/jsonb_util.c): a
+# varlena header, then per container a 4-byte header and a 4-byte entry per
+# element (and per key); strings are stored raw, numbers as `numeric` aligned to
+# 4 bytes (up to 3 bytes of padding, a header of up to 8 bytes, 2 bytes per 4
+# decimal digits), true/false/null in their entry alone.
+_VARLENA = 4
+_HEADER = 4
+_ENTRY = 4
+_PAD = 3
+_NUMERIC_HEADER = 8
+
+
+def _numeric_size(number: int | float) -> int:
+    digits = len(repr(abs(number))) if isinstance(number, float) else len(str(abs(number)))
+    return _PAD + _NUMERIC_HEADER + 2 * (digits // 4 + 2)
+
+
+def _text_size(text: str, what: str) -> int:
+    if "\x00" in text:
+        raise errors.EncodingError(f"{what} cannot be stored: its text contains a NUL character "
+                                   "(\\u0000), which PostgreSQL does not accept")
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise errors.EncodingError(f"{what} cannot be stored: its text contains a lone surrogate "
+                                   "(not valid Unicode)") from None
+
+
+def stored_size(data: Any, what: str) -> int:
+    """An upper bound of the ``jsonb`` size of JSON ``data``, in bytes.
+
+    Also the one walk that refuses what ``jsonb`` cannot hold: NaN and
+    infinities, NUL characters and lone surrogates. Iterative, so any nesting
+    depth pydantic accepted is measured without recursion.
+    """
+    size = _VARLENA + _HEADER + _ENTRY  # a top-level scalar is a one-element array
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += _text_size(item, what)
+        elif item is None or isinstance(item, bool):
+            pass
+        elif isinstance(item, int):
+            size += _numeric_size(item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise errors.EncodingError(
+                    f"{what} cannot be encoded as JSON: {item} is not a JSON number")
+            size += _numeric_size(item)
+        elif isinstance(item, list):
+            size += _PAD + _HEADER + _ENTRY * len(item)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            size += _PAD + _HEADER + 2 * _ENTRY * len(item)
+            for key, value in item.items():
+                size += _text_size(str(key), what)
+                stack.append(value)
+        else:  # to_jsonable_python only makes the types above
+            raise errors.EncodingError(f"{what} cannot be encoded as JSON: {type(item).__name__}")
+    return size
 
 
 @lru_cache(maxsize=4096)

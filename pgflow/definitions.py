@@ -35,12 +35,27 @@ MAP_VERSION = "map"
 MAX_NAME_LENGTH = 200  # characters; the schema enforces the same bound
 
 
+def check_text(value: str, what: str) -> str:
+    """Refuse what PostgreSQL text cannot hold (a NUL, a lone surrogate), naming ``what``.
+
+    Without this the driver would fail later with an error that names neither.
+    """
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain a NUL character, got {value[:80]!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode (it holds a lone surrogate), "
+                         f"got {value[:80]!r}") from None
+    return value
+
+
 def check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+        raise ValueError(f"{what} must be a non-empty string, got {repr(value)[:80]}")
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(f"{what} must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
-    return value
+    return check_text(value, what)
 
 
 def _check_timeout(value: timedelta | float | None) -> timedelta | None:

@@ -9,6 +9,7 @@
     ├── KeyConflict            idempotency key already used by another workflow
     ├── RunStateError          the run's status does not allow this (e.g. retry a running run)
     ├── EncodingError          a value cannot be stored as JSON (also a TypeError)
+    │   └── PayloadTooLarge    a JSON payload is over the size limit (also a ValueError)
     ├── LeaseLost              the database rejected a report: the run moved on
     ├── NonDeterminismError    replayed code no longer matches the run's journal
     ├── StepFailed             a step exhausted its retries (raised inside the workflow)
@@ -37,6 +38,7 @@ __all__ = [
     "KeyConflict",
     "LeaseLost",
     "NonDeterminismError",
+    "PayloadTooLarge",
     "PgflowError",
     "RunNotFound",
     "RunStateError",
@@ -77,6 +79,15 @@ class RunStateError(PgflowError):
 
 class EncodingError(PgflowError, TypeError):
     """A value cannot be encoded as JSON, or decoded back into its declared type."""
+
+
+class PayloadTooLarge(EncodingError, ValueError):
+    """A JSON payload is over the size limit (``pgflow.codec.MAX_PAYLOAD_BYTES``,
+    SQL ``pgflow.max_payload_bytes()``); the message names it, its size and the limit.
+
+    Inside a worker, a step result this large fails the step at once (no
+    retry: it would be as large again) and a workflow result fails the run.
+    """
 
 
 class LeaseLost(PgflowError):
@@ -171,6 +182,8 @@ def from_database(exc: BaseException) -> BaseException:
         return exc
     diag = getattr(exc, "diag", None)
     message = (diag.message_primary if diag is not None else None) or str(exc)
+    if cls is WorkflowNotFound and " is too large: " in message:
+        return PayloadTooLarge(message)  # raised by pgflow._check_payload
     if cls is WorkflowNotFound and not message.startswith("unknown workflow"):
         # PF002 is also "bad argument" (empty name, bad input shape, negative delay).
         return ValueError(message)

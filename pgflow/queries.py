@@ -7,6 +7,7 @@ so they run unchanged on any DB-API driver with the ``format`` paramstyle
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from datetime import timedelta
@@ -33,7 +34,7 @@ CANCEL = "select pgflow.cancel(%s)"
 GET_STATE = ("select r.id, s.value from pgflow.runs r"
              " left join pgflow.run_state s on s.run_id = r.id and s.key = %s where r.id = %s")
 
-MAX_KEY_BYTES = 1024  # the schema enforces the same bound
+MAX_KEY_BYTES = 1024  # idempotency and state keys; the schema enforces the same bound
 
 DONE_CHANNEL = "pgflow_done"
 # After LISTEN: ask the engine to NOTIFY when this run finishes.
@@ -47,6 +48,22 @@ def signal_params(run_id: uuid.UUID | str, name: str, payload: Any) -> tuple[Any
     return (run_id_param(run_id), name, codec.dumps(payload, f"the payload of signal {name!r}"))
 
 
+def check_key(key: object, what: str) -> str:
+    """An idempotency or state key: a non-empty string of at most :data:`MAX_KEY_BYTES`."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{what} must be a non-empty string, got {repr(key)[:80]}")
+    definitions.check_text(key, what)
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ValueError(f"{what} must be at most {MAX_KEY_BYTES} bytes in UTF-8, "
+                         f"got {len(key.encode())}")
+    return key
+
+
+def state_params(run_id: uuid.UUID | str, key: str) -> tuple[Any, ...]:
+    """The parameters of :data:`GET_STATE`: ``(key, run id)``."""
+    return (check_key(key, "state key"), run_id_param(run_id))
+
+
 def state_value(rows: list[tuple[Any, ...]], run_id: uuid.UUID) -> Any:
     if not rows:
         raise errors.RunNotFound(f"unknown run {run_id}")
@@ -57,11 +74,8 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
                  kwargs: dict[str, Any], key: str | None, queue: str | None, priority: int,
                  delay: timedelta | float | None) -> tuple[Any, ...]:
     """Validate a start request and return the parameters of :data:`START`."""
-    if key is not None and (not isinstance(key, str) or not key):
-        raise ValueError(f"key must be a non-empty string, got {key!r}")
-    if key is not None and len(key.encode()) > MAX_KEY_BYTES:
-        raise ValueError(f"key must be at most {MAX_KEY_BYTES} bytes in UTF-8, "
-                         f"got {len(key.encode())}")
+    if key is not None:
+        check_key(key, "key")
     if queue is not None:
         definitions.check_name(queue, "queue")
     if isinstance(priority, bool) or not isinstance(priority, int):
@@ -78,6 +92,7 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
     elif isinstance(workflow, str):
         if not workflow.strip():
             raise ValueError("workflow name must not be empty")
+        definitions.check_name(workflow, "workflow name")
         if args and kwargs:
             raise TypeError(f"starting {workflow!r} by name: pass positional or keyword "
                             "arguments, not both (without the code their order is unknown)")
@@ -114,6 +129,11 @@ class ResultWait:
     """The logic of ``result()`` between its queries, shared by the sync and async clients."""
 
     def __init__(self, run_id: uuid.UUID | str, timeout: float | None) -> None:
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))):
+            raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+        if timeout is not None and (math.isnan(timeout) or timeout < 0):
+            raise ValueError(f"timeout must be zero or a positive number of seconds, got {timeout!r}")
         self.run_id = run_id_param(run_id)
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout

@@ -7,12 +7,15 @@ database timestamps, never a sleeping thread.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from pgflow.durations import as_timedelta
 
-__all__ = ["DEFAULT_RETRY", "Retry"]
+__all__ = ["DEFAULT_RETRY", "MAX_ATTEMPTS", "Retry"]
+
+MAX_ATTEMPTS = 2**31 - 1  # attempts are counted in a 32-bit integer column
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,16 @@ class Retry:
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
             raise TypeError(f"max_attempts must be an int, not {self.max_attempts!r}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise ValueError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}, "
+                             f"got {self.max_attempts}")
         object.__setattr__(self, "initial_interval",
                            as_timedelta(self.initial_interval, "initial_interval"))
         object.__setattr__(self, "max_interval", as_timedelta(self.max_interval, "max_interval"))
         if isinstance(self.backoff, bool) or not isinstance(self.backoff, (int, float)):
             raise TypeError(f"backoff must be a number, not {self.backoff!r}")
-        if not self.backoff >= 1.0:
-            raise ValueError(f"backoff must be at least 1.0, got {self.backoff}")
+        if not (self.backoff >= 1.0 and math.isfinite(self.backoff)):  # NaN fails both
+            raise ValueError(f"backoff must be a finite number of at least 1.0, got {self.backoff}")
         classes = tuple(self.non_retryable)
         for cls in classes:
             if not (isinstance(cls, type) and issubclass(cls, BaseException)):

@@ -7,6 +7,7 @@
 --   pgflow.start(name, input, key, queue, priority, delay, version)  new run
 --   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
 --   pgflow.now()                                                      engine clock
+--   pgflow.max_payload_bytes()    the size limit of every JSON payload (see Limits)
 --
 -- Worker procedures (called by `pgflow worker`):
 --   pgflow.register_worker(...)   join: takes the worker's liveness lock
@@ -54,6 +55,15 @@
 --   PF003 worker unknown      PF004 duplicate checkpoint
 --   PF005 key conflict        PF006 run not in a state that allows this
 --   PF404 unknown run
+--
+-- Limits: every JSON payload a caller hands in (workflow input, signal
+-- payload, state value, recorded value, continue-as-new input, map item) is
+-- at most pgflow.max_payload_bytes() as stored (pg_column_size of the jsonb:
+-- O(1), no serialization); a larger one raises PF002 naming it, its size and
+-- the limit, and writes nothing. A failure report's error is never refused
+-- (that would leave the run stuck): one over the limit is cut down
+-- (pgflow._bounded_error). Names are 1..200 characters, keys (idempotency
+-- and state) 1..1024 bytes, delays and timeouts at most 100 years.
 --
 -- Two clocks: pgflow.now() is business time (created_at, delays, back-offs,
 -- sleeps); tests move it with pgflow.advance_time(), which also fires the
@@ -416,6 +426,117 @@ as $$
 $$;
 
 -- ---------------------------------------------------------------------------
+-- Limits
+-- ---------------------------------------------------------------------------
+
+-- The largest JSON payload accepted, in bytes as stored (jsonb). Big enough
+-- for any sane document; small enough that a run's journal, which claim
+-- sends to the worker on every replay, stays cheap to move. Python mirrors
+-- it as pgflow.codec.MAX_PAYLOAD_BYTES.
+create function pgflow.max_payload_bytes() returns integer
+language sql immutable parallel safe
+as $$
+    select 2097152  -- 2 MiB
+$$;
+
+-- Refuse a payload over the limit (PF002), naming what it is. The size is the
+-- datum's own (pg_column_size: a header read, no serialization).
+create function pgflow._check_payload(p_value jsonb, p_what text) returns void
+language plpgsql immutable
+as $$
+declare
+    v_size integer := pg_catalog.pg_column_size(p_value);
+begin
+    if v_size > pgflow.max_payload_bytes() then
+        raise exception using errcode = 'PF002',
+            message = format('%s is too large: %s bytes as jsonb, over the limit of %s bytes '
+                             '(pgflow.max_payload_bytes())', p_what, v_size,
+                             pgflow.max_payload_bytes());
+    end if;
+end;
+$$;
+
+-- A failure report's error, cut to fit the payload limit: the type, the first
+-- 64 KiB of the message and the last 64 KiB of the traceback (where the raise
+-- is). Refusing the report instead would leave the run stuck in running.
+create function pgflow._bounded_error(p_error jsonb) returns jsonb
+language sql immutable
+as $$
+    select case
+        when p_error is null or pg_catalog.pg_column_size(p_error) <= pgflow.max_payload_bytes()
+            then p_error
+        when jsonb_typeof(p_error) <> 'object'
+            then jsonb_build_object('type', 'Error', 'message',
+                                    left(p_error::text, 65536) || ' [truncated]', 'traceback', null)
+        else jsonb_strip_nulls(jsonb_build_object(
+            'type', left(coalesce(p_error ->> 'type', 'Error'), 1024),
+            'message', left(coalesce(p_error ->> 'message', ''), 65536) || ' [truncated]',
+            'traceback', right(p_error ->> 'traceback', 65536),
+            -- what a StepFailed carries for a parent's ctx.map (see context.error_json)
+            'step', left(p_error ->> 'step', 1024),
+            'error_type', left(p_error ->> 'error_type', 1024),
+            'error_message', left(p_error ->> 'error_message', 65536),
+            'attempts', case when jsonb_typeof(p_error -> 'attempts') = 'number'
+                             then p_error -> 'attempts' end,
+            'truncated_from_bytes', pg_catalog.pg_column_size(p_error)))
+    end
+$$;
+
+-- A delay or time limit must be a real, future-bound span: negative makes no
+-- sense and beyond 100 years the timestamps it produces overflow.
+create function pgflow._check_span(p_span interval, p_what text, p_allow_zero boolean)
+returns void
+language plpgsql immutable
+as $$
+begin
+    if p_span is null then
+        return;
+    end if;
+    if p_span < interval '0' or (not p_allow_zero and p_span = interval '0') then
+        raise exception using errcode = 'PF002',
+            message = format('%s must %s, got %s', p_what,
+                             case when p_allow_zero then 'not be negative' else 'be positive' end,
+                             p_span);
+    end if;
+    if p_span > interval '100 years' then
+        raise exception using errcode = 'PF002',
+            message = format('%s must be at most 100 years, got %s', p_what, p_span);
+    end if;
+end;
+$$;
+
+-- A name (workflow, version, queue, signal): 1..200 characters, not blank.
+create function pgflow._check_name(p_value text, p_what text) returns void
+language plpgsql immutable
+as $$
+begin
+    if p_value is null or pg_catalog.btrim(p_value) = '' then
+        raise exception using errcode = 'PF002', message = format('%s must not be empty', p_what);
+    end if;
+    if char_length(p_value) > 200 then
+        raise exception using errcode = 'PF002',
+            message = format('%s must be at most 200 characters, got %s', p_what,
+                             char_length(p_value));
+    end if;
+end;
+$$;
+
+-- A key (idempotency, state): 1..1024 bytes, so that its btree entry fits.
+create function pgflow._check_key(p_value text, p_what text) returns void
+language plpgsql immutable
+as $$
+begin
+    if p_value is null or p_value = '' then
+        raise exception using errcode = 'PF002', message = format('%s must not be empty', p_what);
+    end if;
+    if octet_length(p_value) > 1024 then
+        raise exception using errcode = 'PF002',
+            message = format('%s must be at most 1024 bytes, got %s', p_what, octet_length(p_value));
+    end if;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
 -- Starting runs (public)
 -- ---------------------------------------------------------------------------
 
@@ -446,19 +567,23 @@ declare
     v_id      uuid;
     v_name    text;
 begin
-    if start.name is null or pg_catalog.btrim(start.name) = '' then
-        raise exception using errcode = 'PF002', message = 'workflow name must not be empty';
-    end if;
+    perform pgflow._check_name(start.name, 'workflow name');
     if start.input is null or jsonb_typeof(start.input) not in ('array', 'object') then
         raise exception using errcode = 'PF002',
             message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
     end if;
-    if start.delay is not null and start.delay < interval '0' then
-        raise exception using errcode = 'PF002', message = 'delay must not be negative';
+    perform pgflow._check_payload(start.input, format('the input of workflow %L', start.name));
+    if start.key is not null then
+        perform pgflow._check_key(start.key, 'key');
     end if;
-    if start.timeout is not null and start.timeout <= interval '0' then
-        raise exception using errcode = 'PF002', message = 'timeout must be positive';
+    if start.queue is not null then
+        perform pgflow._check_name(start.queue, 'queue');
     end if;
+    if start.version is not null then
+        perform pgflow._check_name(start.version, 'version');
+    end if;
+    perform pgflow._check_span(start.delay, 'delay', true);
+    perform pgflow._check_span(start.timeout, 'timeout', false);
 
     if v_version is null or v_queue is null then
         -- The newest version a live worker serves; else the newest ever seen.
@@ -767,6 +892,7 @@ declare
 begin
     perform pgflow._lock_run(p_run_id);
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
+    p_error := pgflow._bounded_error(p_error);  -- never refuse a failure: cut it to size
 
     insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, error,
                                    started_at, finished_at)
@@ -986,7 +1112,8 @@ begin
     perform pgflow._lock_run(p_run_id);
     perform pgflow._check_lease(p_run_id, p_lease_token);
     update pgflow.runs r
-    set status = 'failed', error = p_error, finished_at = pgflow.now(), lease_owner = null
+    set status = 'failed', error = pgflow._bounded_error(p_error), finished_at = pgflow.now(),
+        lease_owner = null
     where r.id = p_run_id;
     delete from pgflow.timers t where t.run_id = p_run_id;
     perform pgflow._notify_done(p_run_id);
@@ -1080,6 +1207,7 @@ declare
     v_now   timestamptz := pgflow.now();
     v_value jsonb := case when p_kind = 'now' then to_jsonb(v_now) else p_value end;
 begin
+    perform pgflow._check_payload(v_value, format('the recorded %s value', p_kind));
     perform pgflow._lock_run(p_run_id);
     perform pgflow._check_lease(p_run_id, p_lease_token);
     insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
@@ -1296,12 +1424,8 @@ declare
     v_wait pgflow.steps;
     v_id   bigint;
 begin
-    if signal.name is null or pg_catalog.btrim(signal.name) = '' then
-        raise exception using errcode = 'PF002', message = 'signal name must not be empty';
-    end if;
-    if char_length(signal.name) > 200 then
-        raise exception using errcode = 'PF002', message = 'signal name must be at most 200 characters';
-    end if;
+    perform pgflow._check_name(signal.name, 'signal name');
+    perform pgflow._check_payload(signal.payload, format('the payload of signal %L', signal.name));
     perform pgflow._lock_run(signal.run_id);
     select r.* into v_run from pgflow.runs r where r.id = signal.run_id;
     if not found then
@@ -1417,9 +1541,8 @@ as $$
 declare
     v_run pgflow.runs;
 begin
-    if p_key is null or p_key = '' then
-        raise exception using errcode = 'PF002', message = 'state key must not be empty';
-    end if;
+    perform pgflow._check_key(p_key, 'state key');
+    perform pgflow._check_payload(p_value, format('state %L', p_key));
     perform pgflow._lock_run(p_run_id);
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
     insert into pgflow.run_state as s (run_id, key, value, updated_at)
@@ -1688,9 +1811,30 @@ as $$
 declare
     v_run   pgflow.runs;
     v_step  pgflow.steps;
-    v_count integer := jsonb_array_length(p_inputs);
+    v_count integer;
     v_now   timestamptz := pgflow.now();
+    v_item  record;
 begin
+    if p_inputs is null or jsonb_typeof(p_inputs) <> 'array' then
+        raise exception using errcode = 'PF002',
+            message = 'map inputs must be a JSON array of input arrays, one per item';
+    end if;
+    v_count := jsonb_array_length(p_inputs);
+    -- Each item becomes a run's input: the same limit as any start, item by item.
+    for v_item in
+        select i.input, i.ordinality from jsonb_array_elements(p_inputs) with ordinality as i(input, ordinality)
+        where jsonb_typeof(i.input) not in ('array', 'object')
+           or pg_catalog.pg_column_size(i.input) > pgflow.max_payload_bytes()
+        limit 1
+    loop
+        if jsonb_typeof(v_item.input) not in ('array', 'object') then
+            raise exception using errcode = 'PF002',
+                message = format('item %s of map %L: its input must be a JSON array or object',
+                                 v_item.ordinality - 1, p_name);
+        end if;
+        perform pgflow._check_payload(v_item.input,
+                                      format('item %s of map %L', v_item.ordinality - 1, p_name));
+    end loop;
     perform pgflow._lock_run(p_run_id);
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
     perform 1 from pgflow.runs r where r.id = p_run_id for update;
@@ -1737,6 +1881,11 @@ declare
     v_new uuid := pgflow.uuid_v7();
     v_now timestamptz := pgflow.now();
 begin
+    if p_input is null or jsonb_typeof(p_input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'the new input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    perform pgflow._check_payload(p_input, 'the new input of continue_as_new');
     perform pgflow._lock_run(p_run_id);
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
     -- The key moves to the new run: release it first (it is unique).

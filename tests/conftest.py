@@ -15,10 +15,26 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, settings
 from psycopg.conninfo import make_conninfo
 
 from pgflow import embedded, schema
 from tests import helpers
+
+# Property tests (tests/test_bad_input.py) run with a fixed budget and a fixed
+# seed, so CI is reproducible and quick: derandomized examples, no deadline
+# (a shared, busy server makes timings meaningless), and the database fixture
+# deliberately shared by the examples of one test (what one example commits,
+# the next must find unchanged). PGFLOW_HYPOTHESIS_PROFILE=thorough explores more.
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                           HealthCheck.data_too_large])
+settings.register_profile(
+    "thorough", max_examples=500, deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                           HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("PGFLOW_HYPOTHESIS_PROFILE", "ci"))
 
 
 def _admin_dsn() -> str:
