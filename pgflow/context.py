@@ -168,14 +168,23 @@ def error_json(exc: BaseException) -> dict[str, Any]:
     module = cls.__module__
     type_name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
     data: dict[str, Any] = {
-        "type": type_name,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+        "type": _storable(type_name),
+        "message": _storable(str(exc)),
+        "traceback": _storable("".join(traceback.format_exception(cls, exc, exc.__traceback__))),
     }
     if isinstance(exc, errors.StepFailed):  # keep the step's own error for parents (ctx.map)
         data.update(step=exc.step, error_type=exc.error_type, error_message=exc.message,
                     attempts=exc.attempts)
     return data
+
+
+def _storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate.
+
+    An error message is whatever the code raised; refusing it would leave the
+    run unreportable (and retried forever), so it is mended instead.
+    """
+    return text.replace("\x00", "\\x00").encode("utf-8", "replace").decode("utf-8")
 
 
 def _step_failed(name: str, entry: JournalEntry) -> errors.StepFailed:
@@ -223,6 +232,9 @@ class Context:
         For lambdas and plain functions; a ``@pgflow.step`` function keeps its
         retry policy, timeout and return type.
         """
+        from pgflow import definitions
+
+        definitions.check_name(name, "step name")
         return self._call_step(fn, name, args, kwargs)
 
     def sleep(self, duration: timedelta | float) -> Any:
@@ -294,16 +306,18 @@ class Context:
         Signals sent earlier wait in the run's mailbox and are taken in order,
         each once. Raises :class:`~pgflow.errors.SignalTimeout` after ``timeout``.
         """
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"signal name must be a non-empty string, got {name!r}")
+        from pgflow import definitions
+
+        definitions.check_name(name, "signal name")
         limit = None if timeout is None else as_timedelta(timeout, "signal timeout")
         seq, entry = self._replay(name, "signal")
         return self._durable(self._wait_signal(seq, entry, name, limit))
 
     def set_state(self, key: str, value: Any) -> Any:
         """Publish ``value`` under ``key``: ``pgflow.get_state`` and view ``pgflow.run_state``."""
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"state key must be a non-empty string, got {key!r}")
+        from pgflow import queries
+
+        queries.check_key(key, "state key")
         data = codec.to_json(value, f"state {key!r}")
         return self._durable(self._set_state(key, data))
 
@@ -420,6 +434,10 @@ class Context:
             raise
         try:
             return await report
+        except (ValueError, errors.WorkflowNotFound, errors.KeyConflict):
+            # The database refused the request itself (PF002, PF005): a bad
+            # argument is the workflow's error to handle, not lost contact.
+            raise
         except Exception as exc:
             raise Abandon(f"{what} failed: {exc}") from exc
 

@@ -843,6 +843,7 @@ declare
 begin
     perform pgflow._lock_run(p_run_id);
     v_run := pgflow._check_lease(p_run_id, p_lease_token);
+    perform pgflow._check_payload(p_output, format('the result of step %L', p_name));
 
     insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
                                    started_at, finished_at)
@@ -959,6 +960,7 @@ as $$
 begin
     perform pgflow._lock_run(p_run_id);
     perform pgflow._check_lease(p_run_id, p_lease_token);
+    perform pgflow._check_payload(p_output, 'the result of the workflow');
     if p_step is not null then
         perform pgflow.complete_step(p_run_id, p_lease_token, (p_step ->> 'seq')::integer,
                                      p_step ->> 'name', p_step ->> 'kind', p_step -> 'output',
@@ -1023,6 +1025,16 @@ declare
     v_children uuid[];
     v_i        integer;
 begin
+    -- The payload limit, as complete_step and complete_run apply it (a worker
+    -- never sends more; another client might). An offender fails the whole
+    -- call; the worker then sends that batch's reports one by one.
+    perform pgflow._check_payload(o.v, format('the result of step %L', o.n))
+    from unnest(p_outputs, p_names) as o(v, n)
+    where pg_catalog.pg_column_size(o.v) > pgflow.max_payload_bytes();
+    perform pgflow._check_payload(o.v, 'the result of the workflow')
+    from pg_catalog.unnest(p_results) as o(v)
+    where pg_catalog.pg_column_size(o.v) > pgflow.max_payload_bytes();
+
     -- Every run's lock, in id order: two batches (or a batch and a cancel
     -- cascade, which also locks in order) cannot deadlock on each other.
     perform pgflow._lock_run(b.id)
