@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def _bindir() -> tuple[Path, bool]:
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
             return candidate, False
     try:
-        from pgserver._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            from pgserver._commands import POSTGRES_BIN_PATH
     except ImportError:
         raise Unavailable("no PostgreSQL binaries: neither /usr/lib/postgresql/*/bin "
                           "nor the pgserver package") from None
