@@ -113,7 +113,7 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
     runs = _start_chaos_runs(conn, CHAOS_RUNS, rng)
     signaller = Signaller(runs, rng)
     next_kill = [started + rng.uniform(*KILL_EVERY) for _ in slots]
-    kills = 0
+    kills, snapshots, next_snapshot = 0, 0, started + 2.0
 
     while _counts(conn).get("completed", 0) < CHAOS_RUNS:
         now = time.monotonic()
@@ -128,6 +128,9 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
                 slots[i] = processes.worker(dsn, MODULE, concurrency=CHAOS_CONCURRENCY)
                 next_kill[i] = time.monotonic() + rng.uniform(*KILL_EVERY)
         signaller.tick(conn)
+        if now >= next_snapshot:  # mid-chaos: nothing doubled, nothing stuck so far
+            invariants.check(conn, status=None, disturbed=disturbed, run_ids=runs)
+            snapshots, next_snapshot = snapshots + 1, time.monotonic() + 2.0
         time.sleep(0.05)
     chaos_seconds = time.monotonic() - started
 
@@ -140,7 +143,7 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
     finally:
         total = time.monotonic() - started
         summary = _chaos_check(conn, runs, disturbed)
-        report("chaos", runs=len(runs), kills=kills, restarts=kills,
+        report("chaos", runs=len(runs), kills=kills, restarts=kills, mid_checks=snapshots,
                chaos_s=f"{chaos_seconds:.1f}", total_s=f"{total:.1f}",
                signals=signaller.sent, step_executions=summary.executions,
                repeated_executions=summary.repeated)
