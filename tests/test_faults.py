@@ -7,10 +7,12 @@ import signal
 import pytest
 
 import pgflow
+from tests import invariants
 from tests.helpers import wait_for, wait_registered, wait_status
 from tests.workflows.provisioning import provision_order
 
 pytestmark = pytest.mark.slow
+PROVISIONING = [("step", "charge_card"), ("step", "create_account"), ("step", "send_welcome")]
 
 
 def test_worker_connections_terminated_mid_step(dsn, conn, effects, processes):
@@ -36,6 +38,8 @@ def test_worker_connections_terminated_mid_step(dsn, conn, effects, processes):
     assert [(s.name, s.status) for s in steps] == [
         ("charge_card", "completed"), ("create_account", "completed"),
         ("send_welcome", "completed")]
+    invariants.check(conn, expected_runs=1, journal=lambda _: PROVISIONING,
+                     disturbed=invariants.Disturbed(cut_off={worker.pid}))
 
 
 def test_a_frozen_worker_is_declared_dead_and_its_late_reports_are_refused(dsn, conn, effects,
@@ -62,3 +66,5 @@ def test_a_frozen_worker_is_declared_dead_and_its_late_reports_are_refused(dsn, 
         ("send_welcome", "completed", 1)]
     # step 2 ran in both workers (it was never checkpointed by the frozen one); 1 and 3 once
     assert effects.per_step(run_id) == {"charge_card": 1, "create_account": 2, "send_welcome": 1}
+    invariants.check(conn, expected_runs=1, journal=lambda _: PROVISIONING,
+                     disturbed=invariants.Disturbed(frozen={frozen.pid}))
