@@ -17,11 +17,14 @@
 -- a `jsonb_typeof()` or a `+` operator of its own, a temporary table) can
 -- change what the engine calls. pg_catalog first, pg_temp last.
 --
--- Not definer: pgflow.now() and the `_` helpers. They are small SQL
--- functions that the planner inlines into their callers; a SET clause or
--- SECURITY DEFINER would stop that. Called from an entry point they run as
--- the owner under its fixed search_path anyway. EXECUTE on every function of
--- the schema is revoked from PUBLIC, helpers included.
+-- Not definer: pgflow.now() and the `_` helpers. The one-expression SQL
+-- helpers (_lock_run, _notify_ready) are inlined by the planner into their
+-- callers, and pgflow.now() runs in almost every procedure, in some queries
+-- once a row; a SET clause or SECURITY DEFINER would stop the inlining and
+-- cost about a microsecond a call (an entry point pays it once a call).
+-- Called from an entry point they run as the owner under its fixed
+-- search_path anyway. EXECUTE on every function of the schema is revoked
+-- from PUBLIC, helpers included.
 --
 -- The policy is data: pgflow._privileges() lists every public function,
 -- table and view with the roles it is granted to (an empty list: owner only),
