@@ -52,12 +52,19 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+# Revision 0002's roles, for a login that was refused (see README, Security).
+ROLES_HINT = ("pgflow_worker runs workflows, pgflow_client starts and controls runs, "
+              "pgflow_reader reads them")
+
+
 def _describe(exc: Exception) -> str:
     exc = getattr(exc, "orig", None) or exc  # SQLAlchemy (migrate) wraps the psycopg error
     if isinstance(exc, psycopg.OperationalError):
         return _one_line(f"cannot connect to the database: {exc}")
     if isinstance(exc, psycopg.errors.UndefinedFunction | psycopg.errors.UndefinedTable):
         return "the pgflow schema is not installed: run `pgflow migrate` first"
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and "permission denied" in str(exc):
+        return _one_line(f"{exc}: this login lacks the pgflow role for it ({ROLES_HINT})")
     if isinstance(exc, (errors.PgflowError, ValueError, TypeError, LookupError)):
         return _one_line(str(exc))
     return _one_line(f"{type(exc).__name__}: {exc}")

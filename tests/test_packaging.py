@@ -23,8 +23,11 @@ pytestmark = pytest.mark.slow
 
 REQUIRED_IN_WHEEL = (
     "pgflow/_sql/0001_core.sql",
+    "pgflow/_sql/0002_roles.sql",
+    "pgflow/_sql/0002_roles.down.sql",
     "pgflow/_migrations/env.py",
     "pgflow/_migrations/versions/0001_core.py",
+    "pgflow/_migrations/versions/0002_roles.py",
     "pgflow/py.typed",
 )
 # What pip or build print when the package index cannot be reached.
