@@ -3,8 +3,12 @@
 -- This file is the engine. Every state transition of a run is one call of a
 -- function below, atomic and fenced; the Python worker only calls them.
 --
--- Public procedures (stable, callable from any client, trigger or psql):
---   pgflow.start(name, input, key, queue, priority, delay, version)  new run
+-- Who may call what is revision 0002's (sql/0002_roles.sql): the entry points
+-- run as the schema owner with a fixed search_path, and the roles
+-- pgflow_client, pgflow_worker and pgflow_reader each get their duty's share.
+--
+-- Public procedures (stable, callable from a client, trigger or psql):
+--   pgflow.start(name, input, key, queue, priority, delay, version, timeout)  new run
 --   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
 --   pgflow.now()                                                      engine clock
 --   pgflow.max_payload_bytes()    the size limit of every JSON payload (see Limits)
@@ -545,7 +549,9 @@ $$;
 -- start returns the existing run's id. Without `version`, the newest version
 -- a live worker serves is used (else the newest any worker ever announced),
 -- with its queue unless `queue` is given.
-create function pgflow.start(
+-- pgflow.start and pgflow.start_child share this body; only start_child
+-- (fenced by its parent's lease) may name a parent, so _start is not public.
+create function pgflow._start(
     name     text,
     input    jsonb default '[]'::jsonb,
     key      text default null,
@@ -560,70 +566,70 @@ language plpgsql
 as $$
 #variable_conflict use_column
 declare
-    v_version text := start.version;
-    v_queue   text := start.queue;
-    v_timeout interval := start.timeout;
+    v_version text := _start.version;
+    v_queue   text := _start.queue;
+    v_timeout interval := _start.timeout;
     v_now     timestamptz := pgflow.now();
     v_id      uuid;
     v_name    text;
 begin
-    perform pgflow._check_name(start.name, 'workflow name');
-    if start.input is null or jsonb_typeof(start.input) not in ('array', 'object') then
+    perform pgflow._check_name(_start.name, 'workflow name');
+    if _start.input is null or jsonb_typeof(_start.input) not in ('array', 'object') then
         raise exception using errcode = 'PF002',
             message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
     end if;
-    perform pgflow._check_payload(start.input, format('the input of workflow %L', start.name));
-    if start.key is not null then
-        perform pgflow._check_key(start.key, 'key');
+    perform pgflow._check_payload(_start.input, format('the input of workflow %L', _start.name));
+    if _start.key is not null then
+        perform pgflow._check_key(_start.key, 'key');
     end if;
-    if start.queue is not null then
-        perform pgflow._check_name(start.queue, 'queue');
+    if _start.queue is not null then
+        perform pgflow._check_name(_start.queue, 'queue');
     end if;
-    if start.version is not null then
-        perform pgflow._check_name(start.version, 'version');
+    if _start.version is not null then
+        perform pgflow._check_name(_start.version, 'version');
     end if;
-    perform pgflow._check_span(start.delay, 'delay', true);
-    perform pgflow._check_span(start.timeout, 'timeout', false);
+    perform pgflow._check_span(_start.delay, 'delay', true);
+    perform pgflow._check_span(_start.timeout, 'timeout', false);
 
     if v_version is null or v_queue is null then
         -- The newest version a live worker serves; else the newest ever seen.
         select w.version, w.queue, w.timeout into v_version, v_queue, v_timeout
         from pgflow.workflows w
-        where w.name = start.name
-          and (start.version is null or w.version = start.version)
+        where w.name = _start.name
+          and (_start.version is null or w.version = _start.version)
         order by exists (
                      select 1 from pgflow.workers k
                      where k.workflows @> jsonb_build_array(
                                jsonb_build_object('name', w.name, 'version', w.version))) desc,
                  w.first_seen desc
         limit 1;
-        if not found and start.version is null then
+        if not found and _start.version is null then
             raise exception using errcode = 'PF002',
                 message = format('unknown workflow %L: no worker has registered it (pass version to start it anyway)',
-                                 start.name);
+                                 _start.name);
         end if;
-        v_version := coalesce(start.version, v_version);
-        v_queue := coalesce(start.queue, v_queue, 'default');
-        v_timeout := coalesce(start.timeout, v_timeout);
+        v_version := coalesce(_start.version, v_version);
+        v_queue := coalesce(_start.queue, v_queue, 'default');
+        v_timeout := coalesce(_start.timeout, v_timeout);
     end if;
 
     insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
                                   timeout, created_at, available_at)
-    values (start.name, v_version, v_queue, start.key,
-            case when coalesce(start.delay, interval '0') > interval '0'
+    values (_start.name, v_version, v_queue, _start.key,
+            case when coalesce(_start.delay, interval '0') > interval '0'
                  then 'sleeping' else 'pending' end,
-            coalesce(start.priority, 0), start.input, start.parent_id, v_timeout, v_now,
-            v_now + coalesce(start.delay, interval '0'))
+            coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
+            v_now + coalesce(_start.delay, interval '0'))
     on conflict (key) where key is not null do nothing
     returning r.id into v_id;
 
     if v_id is null then
         -- Idempotent start: the key is taken (by a committed run, or one whose
         -- transaction we just waited for).
-        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = start.key;
-        if v_name is distinct from start.name then
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = _start.key;
+        if v_name is distinct from _start.name then
             raise exception using errcode = 'PF005',
-                message = format('key %L is already used by a run of workflow %L', start.key, v_name);
+                message = format('key %L is already used by a run of workflow %L', _start.key, v_name);
         end if;
         return v_id;
     end if;
@@ -631,13 +637,31 @@ begin
     if v_timeout is not null then
         perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
     end if;
-    if coalesce(start.delay, interval '0') > interval '0' then
-        perform pgflow._add_timer(v_id, 'start', null, v_now + start.delay);
+    if coalesce(_start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + _start.delay);
     else
         perform pgflow._notify_ready(v_queue);
     end if;
     return v_id;
 end;
+$$;
+
+-- The public entry point: everything of _start but the parent, which only a
+-- running parent may set (start_child).
+create function pgflow.start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    timeout  interval default null
+) returns uuid
+language sql
+as $$
+    select pgflow._start(start.name, start.input, start.key, start.queue, start.priority,
+                         start.delay, start.version, null, start.timeout)
 $$;
 
 -- ---------------------------------------------------------------------------
@@ -1746,8 +1770,8 @@ begin
     if v_step.seq is not null then
         return (v_step.output ->> 'run_id')::uuid;
     end if;
-    v_child := pgflow.start(p_name, p_input, key => p_key, queue => p_queue, version => p_version,
-                            parent_id => p_run_id, timeout => p_timeout);
+    v_child := pgflow._start(p_name, p_input, key => p_key, queue => p_queue, version => p_version,
+                             parent_id => p_run_id, timeout => p_timeout);
     insert into pgflow.steps (run_id, seq, name, kind, status, attempts, output,
                               started_at, finished_at)
     values (p_run_id, p_seq, p_name, 'start_child', 'completed', 1,

@@ -92,7 +92,7 @@ as $$
     -- worker: claiming and reporting (pgflow/procedures.py)
     ('definer', 'claim',             '{pgflow_worker}'),
     ('definer', 'complete_step',     '{pgflow_worker}'),
-    ('definer', 'complete_batch',    '{pgflow_worker}'),  -- batched reports, when present
+    ('definer', 'complete_batch',    '{pgflow_worker}'),  -- checkpoints, completions, sleeps
     ('definer', 'fail_step',         '{pgflow_worker}'),
     ('definer', 'complete_run',      '{pgflow_worker}'),
     ('definer', 'fail_run',          '{pgflow_worker}'),
@@ -121,6 +121,7 @@ as $$
     -- kept inlinable
     ('invoker', 'now',               '{pgflow_worker,pgflow_client,pgflow_reader}'),
     ('invoker', 'uuid_v7',           '{}'),  -- column default of runs.id, used by start()
+    ('invoker', 'max_payload_bytes', '{pgflow_worker,pgflow_client,pgflow_reader}'),  -- a constant
     -- == END OF GRANT LIST ==
     -- Everyone: the version check (pgflow.schema.check) and the engine clock.
     ('relation', 'alembic_version',  '{pgflow_worker,pgflow_client,pgflow_reader}'),

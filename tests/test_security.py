@@ -139,6 +139,20 @@ def test_client_starts_signals_and_cancels_but_reads_and_changes_no_table(dsn, c
     assert sqlkit.run_row(conn, kept)["watched"] is True
 
 
+def test_client_cannot_attach_its_run_to_another_run_as_a_child(dsn, conn, login):
+    victim = sqlkit.start(conn, "two_steps")
+    with psycopg.connect(login(CLIENT), autocommit=True) as client:
+        # Only start_child, fenced by the parent's lease, names a parent.
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            client.execute("select pgflow.start('two_steps', '[1]', version => '1',"
+                           " parent_id => %s)", (victim,))
+        assert "permission denied for function _start" in _denied(
+            client, "select pgflow._start('two_steps', '[1]', null, null, 0, null, '1', %s, null)",
+            (victim,))
+    assert conn.execute("select count(*) from pgflow.runs where parent_id = %s",
+                        (victim,)).fetchone()[0] == 0
+
+
 def test_client_retries_a_failed_run(dsn, conn, login):
     run_id = sqlkit.start(conn, "wf")
     worker = sqlkit.Worker(dsn)
