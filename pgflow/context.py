@@ -145,7 +145,7 @@ class RunSession(Protocol):
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any: ...
     async def complete_step(self, seq: int, name: str, kind: str, output: Any,
-                            duration: timedelta) -> bool: ...
+                            duration: timedelta, ended: float | None = None) -> bool: ...
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool, policy: Retry) -> FailOutcome: ...
     async def sleep(self, seq: int, name: str, until: datetime | None,
@@ -406,7 +406,7 @@ class Context:
         try:
             cancel = await self._session.complete_step(
                 pending["seq"], pending["name"], pending["kind"], pending["output"],
-                timedelta(seconds=pending["duration_s"]))
+                timedelta(seconds=pending["duration_s"]), pending["ended"])
         except Exception as exc:
             raise Abandon(f"checkpoint of step {pending['name']!r} failed: {exc}") from exc
         if cancel:
@@ -628,8 +628,9 @@ class Context:
         as a crash during it would.
         """
         assert self._unflushed is None, "a checkpoint is sent before the next step runs"
+        ended = time.monotonic()  # the checkpoint records when it ended, not when it was sent
         self._unflushed = {"seq": live.seq, "name": live.name, "kind": "step",
-                           "output": output, "duration_s": time.monotonic() - started}
+                           "output": output, "duration_s": ended - started, "ended": ended}
         self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
                                                output, None)
 

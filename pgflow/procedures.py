@@ -57,6 +57,7 @@ class BatchReport(Protocol):
     sleep_seq: int | None
     sleep_until: datetime | None
     sleep_seconds: float | None
+    age_s: float | None
 
 
 @asynccontextmanager
@@ -153,14 +154,14 @@ class Procedures:
         rows, retried = await self._execute_retrying(
             "select run_id, outcome from pgflow.complete_batch(%s::uuid[], %s::bigint[],"
             " %s::integer[], %s::text[], %s::text[], %s::jsonb[], %s::float8[], %s::boolean[],"
-            " %s::jsonb[], %s::integer[], %s::timestamptz[], %s::float8[])",
+            " %s::jsonb[], %s::integer[], %s::timestamptz[], %s::float8[], %s::float8[])",
             ([r.run_id for r in reports], [r.token for r in reports], [r.seq for r in reports],
              [r.name for r in reports], [r.kind for r in reports],
              [None if r.seq is None else Jsonb(r.output) for r in reports],
              [r.duration_s for r in reports], [r.finish for r in reports],
              [Jsonb(r.result) if r.finish else None for r in reports],
              [r.sleep_seq for r in reports], [r.sleep_until for r in reports],
-             [r.sleep_seconds for r in reports]))
+             [r.sleep_seconds for r in reports], [r.age_s for r in reports]))
         outcomes = {row[0]: row[1] for row in rows}
         if retried:
             outcomes = {run: "ok" if outcome == "duplicate" else outcome

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -52,6 +53,8 @@ class Report:
     sleep_seq: int | None = None
     sleep_until: datetime | None = None
     sleep_seconds: float | None = None
+    ended: float | None = None  # time.monotonic() when the step ended
+    age_s: float | None = None  # seconds from then to the sending of its batch
     done: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -75,21 +78,21 @@ class Reporter:
         self.reports = 0
 
     async def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str,
-                            kind: str, output: Any, duration: timedelta) -> bool:
-        """Checkpoint a step; returns whether the run's cancellation was requested."""
+                            kind: str, output: Any, duration: timedelta,
+                            ended: float | None = None) -> bool:
+        """Checkpoint a step that ended at ``ended`` (``time.monotonic()``, default: now).
+
+        Returns whether the run's cancellation was requested.
+        """
         outcome = await self._submit(Report(run_id, token, seq, name, kind, output,
-                                            duration.total_seconds()))
+                                            duration.total_seconds(), ended=ended))
         return outcome == "cancel"
 
     async def complete_run(self, run_id: uuid.UUID, token: int, output: Any,
                            last_step: dict[str, Any] | None = None) -> None:
         """Complete a run, recording ``last_step`` (a held-back checkpoint) with it."""
-        if last_step is None:
-            report = Report(run_id, token, finish=True, result=output)
-        else:
-            report = Report(run_id, token, last_step["seq"], last_step["name"], last_step["kind"],
-                            last_step["output"], last_step["duration_s"], True, output)
-        await self._submit(report)
+        await self._submit(_with_step(Report(run_id, token, finish=True, result=output),
+                                      last_step))
 
     async def sleep(self, run_id: uuid.UUID, token: int, seq: int, until: datetime | None,
                     duration: timedelta | None, last_step: dict[str, Any] | None = None) -> str:
@@ -100,10 +103,7 @@ class Reporter:
         """
         report = Report(run_id, token, sleep_seq=seq, sleep_until=until,
                         sleep_seconds=None if duration is None else duration.total_seconds())
-        if last_step is not None:
-            report.seq, report.name, report.kind = last_step["seq"], last_step["name"], last_step["kind"]
-            report.output, report.duration_s = last_step["output"], last_step["duration_s"]
-        return await self._submit(report)
+        return await self._submit(_with_step(report, last_step))
 
     # -- batching -----------------------------------------------------------
 
@@ -127,6 +127,7 @@ class Reporter:
             asyncio.get_running_loop().create_task(self._send(batch))
 
     async def _send(self, batch: list[Report]) -> None:
+        _stamp(batch)
         try:
             outcomes = await self._procedures.complete_batch(batch)
             self.batches += 1
@@ -147,11 +148,32 @@ class Reporter:
             self._pump()
 
     async def _send_alone(self, report: Report) -> None:
+        _stamp([report])
         try:
             outcomes = await self._procedures.complete_batch([report])
             _settle(report, outcomes.get(report.run_id, "unknown"))
         except Exception as exc:
             _fail(report, exc)
+
+
+def _with_step(report: Report, last_step: dict[str, Any] | None) -> Report:
+    """``report`` carrying the held-back checkpoint ``last_step`` (see Context.flush)."""
+    if last_step is not None:
+        report.seq, report.name, report.kind = last_step["seq"], last_step["name"], last_step["kind"]
+        report.output, report.duration_s = last_step["output"], last_step["duration_s"]
+        report.ended = last_step.get("ended")
+    return report
+
+
+def _stamp(batch: list[Report]) -> None:
+    """How long ago each step ended: the engine dates it back by that much.
+
+    Only the database's clock names times; the worker measures intervals
+    (durations, waits in the queue) on its monotonic clock.
+    """
+    now = time.monotonic()
+    for report in batch:
+        report.age_s = None if report.ended is None else max(0.0, now - report.ended)
 
 
 def _settle(report: Report, outcome: str) -> None:

@@ -33,7 +33,8 @@ class RunExecution:
     def __init__(self, claimed: ClaimedRun, workflow: Workflow, procedures: Procedures,
                  reporter: Reporter, loop: asyncio.AbstractEventLoop, executor: Executor,
                  default_retry: Retry, is_draining: Callable[[], bool],
-                 on_lost_contact: Callable[[], None]) -> None:
+                 on_lost_contact: Callable[[], None],
+                 on_code_done: Callable[[], None] = lambda: None) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
@@ -45,6 +46,7 @@ class RunExecution:
         self._executor = executor
         self._is_draining = is_draining
         self._on_lost_contact = on_lost_contact
+        self._on_code_done = on_code_done  # the workflow returned: only its last report is left
 
     # -- RunSession ---------------------------------------------------------
 
@@ -60,9 +62,9 @@ class RunExecution:
         return await self._loop.run_in_executor(self._executor, fn)
 
     async def complete_step(self, seq: int, name: str, kind: str, output: Any,
-                            duration: timedelta) -> bool:
+                            duration: timedelta, ended: float | None = None) -> bool:
         return await self._reporter.complete_step(self.run_id, self.claimed.lease_token, seq,
-                                                  name, kind, output, duration)
+                                                  name, kind, output, duration, ended)
 
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool,
@@ -120,6 +122,7 @@ class RunExecution:
         except BaseException as exc:
             await self._end_otherwise(ctx, token, exc)
             return
+        self._on_code_done()
         await self._report(self._reporter.complete_run(self.run_id, token, output,
                                                        ctx.take_unflushed()))
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -35,10 +36,14 @@ RECONNECT_DELAY_MAX = 5.0  # seconds
 
 
 class Scheduler:
-    def __init__(self, dsn: str) -> None:
+    """:param on_fired: called when the leader woke runs (this process's claim loop
+    can take them at once, without waiting for its own NOTIFY to come back)."""
+
+    def __init__(self, dsn: str, on_fired: Callable[[], None] | None = None) -> None:
         self._dsn = dsn
         self.is_leader = False
         self._poked = asyncio.Event()
+        self.on_fired = on_fired or (lambda: None)
 
     def poke(self) -> None:
         """A timer was added or the clock moved: recompute the next wake-up now."""
@@ -81,6 +86,8 @@ class Scheduler:
             cur = await conn.execute("select pgflow.fire_timers(%s)", (FIRE_BATCH,))
             row = await cur.fetchone()
             fired = int(row[0]) if row else 0
+            if fired:
+                self.on_fired()
             if fired >= FIRE_BATCH:
                 continue  # more are due: no sleeping
             cur = await conn.execute("select pgflow.next_timer_in()")

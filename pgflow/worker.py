@@ -88,7 +88,9 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = threading.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[None]] = set()  # until each run's last report is made
+        self._busy = 0  # runs whose code is running: what `concurrency` bounds
+        self._slot_freed: asyncio.Event | None = None
 
     @property
     def worker_id(self) -> Any:
@@ -131,6 +133,8 @@ class Worker:
             self._stop.set()
         await asyncio.to_thread(self._check_schema)
         wake = asyncio.Event()
+        if self.scheduler is not None:
+            self.scheduler.on_fired = wake.set  # woken runs may be ours: claim now
         self._membership = Membership(
             self.dsn, self.queues,
             [{"name": wf.name, "version": wf.version, "queue": wf.queue,
@@ -179,9 +183,9 @@ class Worker:
                           wake: asyncio.Event) -> None:
         assert self._stop is not None
         keys = list(self._by_key)
-        slot_freed = asyncio.Event()
+        slot_freed = self._slot_freed = asyncio.Event()
         while not self._stop.is_set():
-            free = self.concurrency - len(self._inflight)
+            free = self.concurrency - self._busy
             if free <= 0:
                 await _first(slot_freed.wait(), self._stop.wait())
                 slot_freed.clear()
@@ -198,18 +202,21 @@ class Worker:
                 await _first(self._stop.wait(), timeout=min(self.poll_interval, 1.0))
                 continue
             for run in claimed:
-                task = asyncio.create_task(self._execute(run, procedures, executor))
+                self._busy += 1
+                slot = _Slot(self)
+                task = asyncio.create_task(self._execute(run, procedures, executor, slot))
                 self._inflight.add(task)
-                task.add_done_callback(lambda t: (self._inflight.discard(t), slot_freed.set()))
+                task.add_done_callback(lambda t, slot=slot: (self._inflight.discard(t),
+                                                             slot.release()))
             if len(claimed) < min(free, CLAIM_BATCH):
                 await _first(wake.wait(), self._stop.wait(), timeout=self.poll_interval)
 
     async def _execute(self, run: ClaimedRun, procedures: Procedures,
-                       executor: ThreadPoolExecutor) -> None:
+                       executor: ThreadPoolExecutor, slot: _Slot) -> None:
         assert self._loop is not None
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
                                  self._reporter, self._loop, executor, self.retry, self._stopping.is_set,
-                                 self._membership.request_reset)
+                                 self._membership.request_reset, on_code_done=slot.release)
         try:
             await execution.execute()
         except Exception:
@@ -226,6 +233,26 @@ class Worker:
         if pending:
             logger.warning("%d run(s) still in flight after %ss; left for recovery",
                            len(pending), self.shutdown_timeout)
+
+
+class _Slot:
+    """One of the worker's ``concurrency`` places, held while a run's code runs.
+
+    Given back as soon as the workflow has returned and only its last report
+    (the completion, batched with others) is left to send: a run waiting for
+    that commit needs no thread, and another run can start meanwhile.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._worker._busy -= 1
+            if self._worker._slot_freed is not None:
+                self._worker._slot_freed.set()
 
 
 async def _claim_session(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -1007,7 +1007,9 @@ $$;
 -- commits instead of paying one each. Element i is run p_run_ids[i] under
 -- lease p_tokens[i], and does, in this order:
 --   p_seqs[i] not null   record a step (p_seqs, p_names, p_kinds, p_outputs,
---                        p_durations in seconds) as complete_step does;
+--                        p_durations in seconds) as complete_step does; it
+--                        ended p_ages[i] seconds before this call (the time
+--                        its report waited for the batch), default 0;
 --   p_finish[i]          then complete the run with p_results[i], as
 --                        complete_run does; or
 --   p_sleep_seqs[i] not null
@@ -1036,7 +1038,8 @@ create function pgflow.complete_batch(
     p_results         jsonb[],
     p_sleep_seqs      integer[] default null,
     p_sleep_until     timestamptz[] default null,
-    p_sleep_seconds   double precision[] default null
+    p_sleep_seconds   double precision[] default null,
+    p_ages            double precision[] default null
 ) returns table (run_id uuid, outcome text)
 language plpgsql
 as $$
@@ -1069,8 +1072,9 @@ begin
     with report as (
         select *
         from unnest(p_run_ids, p_tokens, p_seqs, p_names, p_kinds, p_outputs, p_durations,
-                    p_finish, p_results)
-             with ordinality as b(id, token, seq, name, kind, output, duration_s, finish, result, i)
+                    p_finish, p_results, p_ages)
+             with ordinality as b(id, token, seq, name, kind, output, duration_s, finish, result,
+                                  age_s, i)
     ), fenced as (
         select b.*, r.id is not null as known,
                coalesce(r.status = 'running' and r.lease_token = b.token, false) as leased,
@@ -1081,7 +1085,8 @@ begin
         insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
                                        started_at, finished_at)
         select f.id, f.seq, f.name, f.kind, 'completed', 1, coalesce(f.output, 'null'::jsonb),
-               v_now - f.duration_s * interval '1 second', v_now
+               v_now - (coalesce(f.age_s, 0) + f.duration_s) * interval '1 second',
+               v_now - coalesce(f.age_s, 0) * interval '1 second'
         from fenced f
         where f.leased and f.seq is not null
         on conflict (run_id, seq) do update

@@ -204,3 +204,17 @@ def test_a_stale_sleep_writes_nothing(conn, workers):
     assert batch(conn, sleep(run, token + 1, 1, 60, after=0)) == {run: "lease_lost"}
     assert step_rows(conn, run) == [] and timer_rows(conn, run) == []
     assert run_row(conn, run)["status"] == "running"
+
+
+def test_a_step_is_dated_back_by_the_time_its_report_waited(conn, workers):
+    worker = workers()
+    (run, token), = claimed(conn, worker, 1)
+    now = conn.execute(
+        "select pgflow.now() from pgflow.complete_batch(%s::uuid[], %s::bigint[], %s::integer[],"
+        " %s::text[], %s::text[], %s::jsonb[], %s::float8[], %s::boolean[], %s::jsonb[],"
+        " p_ages => %s::float8[])",
+        ([run], [token], [0], ["step"], ["step"], [Jsonb(1)], [0.5], [False], [None], [2.0])
+    ).fetchone()[0]
+    entry = step_rows(conn, run)[0]
+    assert (now - entry["finished_at"]).total_seconds() == pytest.approx(2.0)
+    assert (entry["finished_at"] - entry["started_at"]).total_seconds() == pytest.approx(0.5)
