@@ -6,6 +6,7 @@ writes nothing and leaves the others of its batch intact.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,6 +19,7 @@ from tests.sqlkit import (
     Conn,
     Worker,
     listener,
+    plan_nodes,
     received,
     run_row,
     start,
@@ -218,3 +220,32 @@ def test_a_step_is_dated_back_by_the_time_its_report_waited(conn, workers):
     entry = step_rows(conn, run)[0]
     assert (now - entry["finished_at"]).total_seconds() == pytest.approx(2.0)
     assert (entry["finished_at"] - entry["started_at"]).total_seconds() == pytest.approx(0.5)
+
+
+def test_the_batch_statement_probes_indexes_whatever_the_history(conn, workers):
+    """complete_batch keeps one generic plan per connection: it must not scan history."""
+    worker = workers()
+    conn.execute("""
+        insert into pgflow.runs (name, version, queue, status, input, output, created_at,
+                                 available_at, started_at, finished_at)
+        select 'wf', '1', 'default', 'completed', '[]', 'null', t, t, t, t
+        from generate_series(1, 100000) g, lateral (select now() - interval '1 day' as t) x""")
+    conn.execute("analyze pgflow.runs")
+    (run, token), = claimed(conn, worker, 1)
+
+    plans: list[Any] = []
+    conn.add_notice_handler(lambda d: plans.append(d.message_primary))
+    conn.execute("load 'auto_explain'")
+    conn.execute("set auto_explain.log_min_duration = 0")
+    conn.execute("set auto_explain.log_nested_statements = on")
+    conn.execute("set auto_explain.log_level = notice")
+    conn.execute("set auto_explain.log_format = json")
+    assert batch(conn, step(run, token, 0, finish=True)) == {run: "ok"}
+    conn.execute("reset auto_explain.log_min_duration")
+
+    statement = [p for p in plans if p and "fenced" in p]
+    assert len(statement) == 1, plans
+    plan = json.loads(statement[0][statement[0].index("{"):])["Plan"]
+    nodes = list(plan_nodes(plan))
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "runs"]
+    assert "runs_pkey" in {n.get("Index Name") for n in nodes}
