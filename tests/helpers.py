@@ -54,7 +54,8 @@ class Effects:
     conn: psycopg.Connection[Any]
 
     @classmethod
-    def create(cls, conn: psycopg.Connection[Any]) -> Effects:
+    def create(cls, conn: psycopg.Connection[Any], with_exec_id: bool = False) -> Effects:
+        """The log; ``with_exec_id`` adds a unique execution id (a retried write counts once)."""
         conn.execute("""
             create table if not exists public.effects (
                 id bigserial primary key,
@@ -62,6 +63,8 @@ class Effects:
                 step text not null,
                 pid integer not null,
                 at timestamptz not null default clock_timestamp())""")
+        if with_exec_id:
+            conn.execute("alter table public.effects add column if not exists exec_id uuid unique")
         return cls(conn)
 
     def count(self, run_id: Any = None, step: str | None = None) -> int:
@@ -110,6 +113,16 @@ class Processes:
                 proc.wait(10)
         for log in self.logs:
             log.unlink(missing_ok=True)
+
+
+def scheduler_leader_pid(conn: psycopg.Connection[Any]) -> int | None:
+    """The OS pid of the worker process whose scheduler holds this database's leader lock."""
+    row = conn.execute(
+        "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid"
+        " where l.locktype = 'advisory' and l.classid = 7366504 and l.objid = 1 and l.granted"
+        "   and l.database = (select oid from pg_database where datname = current_database())"
+    ).fetchone()
+    return int(row[0].split(":")[1]) if row else None
 
 
 def wait_registered(conn: psycopg.Connection[Any], count: int, timeout: float = 30.0) -> None:

@@ -36,6 +36,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from tests.helpers import Effects
+
 FINAL = ("completed", "failed", "cancelled")
 # A killed client's last statement may still execute once its backend reads
 # it, a moment after the process died.
@@ -89,14 +91,7 @@ Journal = list[tuple[str, str]]  # (kind, name) in seq order
 
 def prepare_effects(conn: psycopg.Connection[Any]) -> None:
     """Create the effects log with an execution id, so a retried log write counts once."""
-    conn.execute("""
-        create table if not exists public.effects (
-            id bigserial primary key,
-            run_id text not null,
-            step text not null,
-            pid integer not null,
-            at timestamptz not null default clock_timestamp())""")
-    conn.execute("alter table public.effects add column if not exists exec_id uuid unique")
+    Effects.create(conn, with_exec_id=True)
 
 
 def check(conn: psycopg.Connection[Any], *, status: str | None = "completed",

@@ -120,6 +120,15 @@ def recover(conn: Conn, stale_after: timedelta = timedelta(seconds=30)) -> int:
     return int(row[0])
 
 
+def load_finished_runs(conn: Conn, n: int) -> None:
+    """``n`` completed runs of 'wf' from a day ago: history that no hot path may scan."""
+    conn.execute("""
+        insert into pgflow.runs (name, version, queue, status, input, output, created_at,
+                                 available_at, started_at, finished_at)
+        select 'wf', '1', 'default', 'completed', '[]', 'null', t, t, t, t
+        from generate_series(1, %s) g, lateral (select now() - interval '1 day' as t) x""", (n,))
+
+
 def listener(dsn: str, channel: str = "pgflow_ready") -> Conn:
     """A second autocommit connection that LISTENs on ``channel``."""
     conn = psycopg.connect(dsn, autocommit=True)

@@ -26,7 +26,7 @@ import pytest
 import pgflow
 from pgflow import schema
 from tests import invariants, pgcluster
-from tests.helpers import Processes, wait_for, wait_registered
+from tests.helpers import Processes, scheduler_leader_pid, wait_for, wait_registered
 from tests.workflows import chaos
 
 MODULE = "tests.workflows.chaos"
@@ -243,14 +243,6 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
         conn.close()
 
 
-def _leader_pid(conn: psycopg.Connection[Any]) -> int | None:
-    row = conn.execute(
-        "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-        " where l.locktype = 'advisory' and l.classid = 7366504 and l.objid = 1 and l.granted"
-        "   and l.database = (select oid from pg_database where datname = current_database())"
-    ).fetchone()
-    return int(row[0].split(":")[1]) if row else None
-
 
 def test_scheduler_leader_killed_while_timers_are_due(dsn, conn, processes, report):
     invariants.prepare_effects(conn)
@@ -261,7 +253,7 @@ def test_scheduler_leader_killed_while_timers_are_due(dsn, conn, processes, repo
     runs: dict[uuid.UUID, int] = {}
     started = time.monotonic()
     for r in range(rounds):
-        leader = wait_for(lambda: _leader_pid(conn), timeout=15, what="a scheduler leader")
+        leader = wait_for(lambda: scheduler_leader_pid(conn), timeout=15, what="a scheduler leader")
         victim = next(w for w in workers if w.pid == leader)
         batch = {}
         with conn.transaction():
@@ -290,7 +282,7 @@ def test_scheduler_leader_killed_while_timers_are_due(dsn, conn, processes, repo
         disturbed.kill(conn, victim.pid)
         killed = time.monotonic()
         survivor = next(w for w in workers if w is not victim)
-        wait_for(lambda pid=survivor.pid: _leader_pid(conn) == pid, timeout=10, what="a new leader")
+        wait_for(lambda pid=survivor.pid: scheduler_leader_pid(conn) == pid, timeout=10, what="a new leader")
         wait_for(lambda: conn.execute(
             "select count(*) from pgflow.timers where due_at <= pgflow.now() - interval '1 second'"
         ).fetchone()[0] == 0, timeout=10, what="the due timers fired")

@@ -6,32 +6,22 @@ import signal
 import time
 from datetime import timedelta
 
-import psycopg
 import pytest
 
 import pgflow
 from pgflow.testing import advance_time
-from tests.helpers import wait_for, wait_registered
+from tests.helpers import scheduler_leader_pid, wait_for, wait_registered
 from tests.workflows.sleepers import nap, quiet_nap
 
 MODULE = "tests.workflows.sleepers"
 pytestmark = pytest.mark.slow
 
 
-def _leader_pid(conn: psycopg.Connection) -> int | None:
-    """The OS pid of the worker process whose scheduler holds the leader lock."""
-    row = conn.execute(
-        "select a.application_name from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-        " where l.locktype = 'advisory' and l.classid = 7366504 and l.objid = 1 and l.granted"
-        "   and l.database = (select oid from pg_database where datname = current_database())"
-    ).fetchone()
-    return int(row[0].split(":")[1]) if row else None
-
 
 def test_one_leader_and_a_survivor_takes_over_after_sigkill(dsn, conn, effects, processes):
     workers = [processes.worker(dsn, MODULE), processes.worker(dsn, MODULE)]
     wait_registered(conn, 2)
-    leader = wait_for(lambda: _leader_pid(conn), what="a scheduler leader")
+    leader = wait_for(lambda: scheduler_leader_pid(conn), what="a scheduler leader")
     assert leader in {w.pid for w in workers}
     # exactly one lock holder, whatever the number of processes
     holders = conn.execute(
@@ -51,7 +41,7 @@ def test_one_leader_and_a_survivor_takes_over_after_sigkill(dsn, conn, effects, 
     survivor = next(w for w in workers if w is not victim)
     # The killed process's backend may still hold the lock for a moment (it
     # exits once it notices the closed socket): wait for a leader that is not it.
-    new_leader = wait_for(lambda: (pid := _leader_pid(conn)) != victim.pid and pid,
+    new_leader = wait_for(lambda: (pid := scheduler_leader_pid(conn)) != victim.pid and pid,
                           timeout=10, what="a new leader")
     print(f"new scheduler leader after {time.monotonic() - killed_at:.2f}s")
     assert new_leader == survivor.pid

@@ -19,6 +19,7 @@ from tests.sqlkit import (
     Conn,
     Worker,
     listener,
+    load_finished_runs,
     plan_nodes,
     received,
     run_row,
@@ -225,11 +226,7 @@ def test_a_step_is_dated_back_by_the_time_its_report_waited(conn, workers):
 def test_the_batch_statement_probes_indexes_whatever_the_history(conn, workers):
     """complete_batch keeps one generic plan per connection: it must not scan history."""
     worker = workers()
-    conn.execute("""
-        insert into pgflow.runs (name, version, queue, status, input, output, created_at,
-                                 available_at, started_at, finished_at)
-        select 'wf', '1', 'default', 'completed', '[]', 'null', t, t, t, t
-        from generate_series(1, 100000) g, lateral (select now() - interval '1 day' as t) x""")
+    load_finished_runs(conn, 100_000)
     conn.execute("analyze pgflow.runs")
     (run, token), = claimed(conn, worker, 1)
 

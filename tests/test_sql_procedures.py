@@ -42,6 +42,7 @@ from tests.sqlkit import (
     engine_now,
     fire_timers,
     listener,
+    load_finished_runs,
     plan_nodes,
     raises_sqlstate,
     ready_payloads,
@@ -750,11 +751,7 @@ def assert_uses_runs_claimable(conn: Conn, explain: str) -> dict[str, Any]:
 
 def test_the_claim_uses_the_claimable_index_whatever_the_history_and_sleepers(conn, workers):
     worker = workers()
-    conn.execute("""
-        insert into pgflow.runs (name, version, queue, status, input, output, created_at,
-                                 available_at, started_at, finished_at)
-        select 'wf', '1', 'default', 'completed', '[]', 'null', t, t, t, t
-        from generate_series(1, 200000) g, lateral (select now() - interval '1 day' as t) x""")
+    load_finished_runs(conn, 200_000)
     conn.execute("""
         insert into pgflow.runs (name, version, queue, status, input, created_at, available_at)
         select 'wf', '1', 'default', 'sleeping', '[]', now(), now() + interval '1 hour'
