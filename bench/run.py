@@ -399,12 +399,15 @@ def produce_probes(dsn: str, n: int, interval: float) -> list[tuple[str, float]]
     return sent
 
 
-def produce_sleepers(dsn: str, n: int, seconds: float, batch: int) -> float:
-    """Producer for W4/W4b: ``n`` sleeper runs, ``batch`` per transaction; returns seconds."""
+def produce_sleepers(dsn: str, n: int, seconds: float, batch: int,
+                     workflow: str = "sleeper") -> float:
+    """Producer for W4/W4a/W4b: ``n`` runs of ``workflow`` (``sleeper`` or ``async_sleeper``),
+    ``batch`` per transaction; returns seconds."""
+    defined = getattr(workflows, workflow)
     with psycopg.connect(dsn) as conn:
         started = time.perf_counter()
         for i in range(n):
-            pgflow.start(conn, workflows.sleeper, i, seconds)
+            pgflow.start(conn, defined, i, seconds)
             if (i + 1) % batch == 0:
                 conn.commit()
         conn.commit()
@@ -890,23 +893,32 @@ def w3_wake_latency(b: Bench) -> list[dict[str, Any]]:
 
 def w4_timers(b: Bench) -> list[dict[str, Any]]:
     """A running worker; sleeper runs (2 s sleep, one step) started in a few transactions."""
+    return _timers(b, "W4_timers", "sleeper")
+
+
+def w4a_async_timers(b: Bench) -> list[dict[str, Any]]:
+    """W4 with the workflow and its step written ``async def``: no thread per run."""
+    return _timers(b, "W4a_async_timers", "async_sleeper")
+
+
+def _timers(b: Bench, workload: str, workflow: str) -> list[dict[str, Any]]:
     n = b.count(W4_RUNS)
     batches = math.ceil(n / W4_START_BATCH)
     reset(b.dsn)
     before = read_stats(b.dsn)
-    log(f"W4: worker -c {WORKER_CONCURRENCY}, producer starts {n} sleeper runs"
+    log(f"{workload}: worker -c {WORKER_CONCURRENCY}, producer starts {n} {workflow} runs"
         f" ({W4_SLEEP_S:g} s sleep) in {batches} transaction(s)")
-    with worker_process(b, "w4") as worker, producer() as pool, \
+    with worker_process(b, workload.split("_")[0].lower()) as worker, producer() as pool, \
             psycopg.connect(b.dsn, autocommit=True) as conn:
         meter = CpuMeter(worker.pid, conn)
-        future = pool.submit(produce_sleepers, b.dsn, n, W4_SLEEP_S, W4_START_BATCH)
+        future = pool.submit(produce_sleepers, b.dsn, n, W4_SLEEP_S, W4_START_BATCH, workflow)
         polls = wait_finished(conn, n, worker, future)
         future.result()
         cpu = meter.report(conn, n)
         t = lateness(conn)
         check = exactly_once(conn)
     work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=batches, timers=True)
-    return [line("W4_timers", t.n, t.seconds, t.n / t.seconds,
+    return [line(workload, t.n, t.seconds, t.n / t.seconds,
                  percentile(t.resume_ms, 0.50), percentile(t.resume_ms, 0.99), **t.figures(),
                  sleep_s=W4_SLEEP_S, concurrency=WORKER_CONCURRENCY,
                  failed=check["runs"] - check["runs_completed"], **cpu, **work)]
@@ -982,6 +994,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "W2": w2_ten_steps,
     "W3": w3_wake_latency,
     "W4": w4_timers,
+    "W4a": w4a_async_timers,
     "W4b": w4b_many_sleepers,
 }
 

@@ -51,3 +51,16 @@ def sleeper(ctx: pgflow.Context, n: int, seconds: float = SLEEP_S) -> int:
     """A durable sleep, then one trivial step (the timer workloads W4, W4b)."""
     ctx.sleep(seconds)
     return bump(n)
+
+
+@pgflow.step
+async def async_bump(n: int) -> int:
+    """``bump`` as a coroutine: runs on the worker's event loop, no thread."""
+    return n + 1
+
+
+@pgflow.workflow(name="async_sleeper")
+async def async_sleeper(ctx: pgflow.Context, n: int, seconds: float = SLEEP_S) -> int:
+    """``sleeper`` written with ``async def`` (W4a): replay needs no thread either."""
+    await ctx.sleep(seconds)
+    return await async_bump(n)
