@@ -1007,6 +1007,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"divide run counts by {QUICK_DIVISOR} (smoke run)")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--private-server", action="store_true",
+                        help="run on a throwaway PostgreSQL of its own (initdb in a temporary "
+                             "folder) that loads pg_stat_statements: round trips per run")
     return parser.parse_args(argv)
 
 
@@ -1040,10 +1043,26 @@ def run_all(b: Bench, names: list[str]) -> bool:
     return ok
 
 
+# --private-server: the server's defaults (durability untouched), plus the statement
+# statistics that need shared_preload_libraries.
+PRIVATE_SERVER_OPTIONS = ("-c shared_preload_libraries=pg_stat_statements"
+                          " -c pg_stat_statements.track=top -c max_connections=100")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = selected(args.only)
-    admin_dsn = args.dsn or os.environ.get(DSN_ENV) or DEFAULT_ADMIN_DSN
+    if args.private_server:
+        # The tests' throwaway-cluster helper: binaries of the machine or of pgserver.
+        from tests import pgcluster
+
+        with pgcluster.private_cluster(PRIVATE_SERVER_OPTIONS) as cluster:
+            log(f"private server on port {cluster.port} (pg_stat_statements loaded)")
+            return _run(args, names, cluster.dsn)
+    return _run(args, names, args.dsn or os.environ.get(DSN_ENV) or DEFAULT_ADMIN_DSN)
+
+
+def _run(args: argparse.Namespace, names: list[str], admin_dsn: str) -> int:
     with tempfile.TemporaryDirectory(prefix="pgflow-bench-") as tmp:
         dbname = create_database(admin_dsn)
         log(f"database {dbname} created")

@@ -70,7 +70,10 @@ def _free_port() -> int:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    """:param options: server settings (``-c name=value ...``); the tests' by default."""
+
+    def __init__(self, options: str = SERVER_OPTIONS) -> None:
+        self.options = options
         self.bindir, bundled = _bindir()
         self.user = _os_user(bundled)
         if self.user is not None and bundled:
@@ -104,7 +107,7 @@ class Cluster:
                   "--auth=trust", "--encoding=UTF8", "--no-sync")
         self._pg_ctl("-l", str(self.log), "-o",
                      f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
-                     + SERVER_OPTIONS, "start")
+                     + self.options, "start")
 
     def restart(self, mode: str = "fast") -> None:
         """``pg_ctl restart -m mode``: every connection is cut; the same options come back."""
@@ -117,9 +120,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def private_cluster() -> Iterator[Cluster]:
+def private_cluster(options: str = SERVER_OPTIONS) -> Iterator[Cluster]:
     """A running private cluster, destroyed on exit. Raises :class:`Unavailable`."""
-    cluster = Cluster()
+    cluster = Cluster(options)
     try:
         cluster.init_and_start()
         yield cluster
