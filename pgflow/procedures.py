@@ -80,8 +80,8 @@ class Procedures:
 
     Reports are retried through connection failures (a restarting database,
     a dropped connection) for up to ``retry_for`` seconds. A checkpoint whose
-    first try committed but whose reply was lost comes back as a duplicate
-    (PF004) on the retry, which is then the success it is.
+    first try committed but whose reply was lost comes back as a duplicate on
+    the retry, which is then the success it is (see :meth:`complete_batch`).
     """
 
     def __init__(self, pool: AsyncConnectionPool[Any], retry_for: float = REPORT_RETRY_FOR,
@@ -92,13 +92,11 @@ class Procedures:
         self.claim_pool = claim_pool or pool
 
     async def _execute(self, sql: str, params: tuple[Any, ...],
-                       duplicate_is_success: bool = False,
                        pool: AsyncConnectionPool[Any] | None = None) -> list[tuple[Any, ...]]:
-        rows, _retried = await self._execute_retrying(sql, params, duplicate_is_success, pool)
+        rows, _retried = await self._execute_retrying(sql, params, pool)
         return rows
 
     async def _execute_retrying(self, sql: str, params: tuple[Any, ...],
-                                duplicate_is_success: bool = False,
                                 pool: AsyncConnectionPool[Any] | None = None,
                                 ) -> tuple[list[tuple[Any, ...]], bool]:
         """Rows, and whether the call had to be repeated (its first try may have committed)."""
@@ -113,8 +111,6 @@ class Procedures:
             except psycopg.errors.UniqueViolation:
                 raise
             except psycopg.Error as exc:
-                if retried and duplicate_is_success and exc.sqlstate == "PF004":
-                    return [], retried
                 if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
                     raise
                 if time.monotonic() + delay > deadline:
@@ -136,14 +132,6 @@ class Procedures:
                            journal=[JournalEntry.from_json(e) for e in r[5]],
                            cancel_requested=r[6], cancel_seq=r[7])
                 for r in rows]
-
-    async def complete_step(self, run_id: uuid.UUID, token: int, seq: int, name: str, kind: str,
-                            output: Any, duration: timedelta) -> bool:
-        """Checkpoint; returns whether cancellation was requested (a duplicate on retry: no)."""
-        rows = await self._execute("select pgflow.complete_step(%s, %s, %s, %s, %s, %s, %s)",
-                                   (run_id, token, seq, name, kind, Jsonb(output), duration),
-                                   duplicate_is_success=True)
-        return bool(rows and rows[0][0])
 
     async def complete_batch(self, reports: Sequence[BatchReport]) -> dict[uuid.UUID, str]:
         """Checkpoints, completions and sleeps of many runs in one transaction: outcome by run.
@@ -224,13 +212,6 @@ class Procedures:
 
     async def cancel_run(self, run_id: uuid.UUID, token: int) -> None:
         await self._execute("select pgflow.cancel_run(%s, %s)", (run_id, token))
-
-    async def complete_run(self, run_id: uuid.UUID, token: int, output: Any,
-                           last_step: dict[str, Any] | None = None) -> None:
-        """Complete the run; ``last_step`` is a step checkpoint recorded with it."""
-        await self._execute("select pgflow.complete_run(%s, %s, %s, %s)",
-                            (run_id, token, Jsonb(output),
-                             None if last_step is None else Jsonb(last_step)))
 
     async def fail_run(self, run_id: uuid.UUID, token: int, error: dict[str, Any]) -> None:
         await self._execute("select pgflow.fail_run(%s, %s, %s)", (run_id, token, Jsonb(error)))

@@ -93,8 +93,6 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._stopping = threading.Event()
         self._inflight: set[asyncio.Task[None]] = set()  # until each run's last report is made
-        self._busy = 0  # runs whose code is running: what `concurrency` bounds
-        self._slot_freed: asyncio.Event | None = None
 
     @property
     def worker_id(self) -> Any:
@@ -187,12 +185,12 @@ class Worker:
                           wake: asyncio.Event) -> None:
         assert self._stop is not None
         keys = list(self._by_key)
-        slot_freed = self._slot_freed = asyncio.Event()
+        slots = _Slots(self.concurrency)  # runs whose code is running
         while not self._stop.is_set():
-            free = self.concurrency - self._busy
+            free = slots.free
             if free <= 0:
-                await _first(slot_freed.wait(), self._stop.wait())
-                slot_freed.clear()
+                await _first(slots.freed.wait(), self._stop.wait())
+                slots.freed.clear()
                 continue
             wake.clear()
             worker_id = self._membership.worker_id
@@ -206,8 +204,7 @@ class Worker:
                 await _first(self._stop.wait(), timeout=min(self.poll_interval, 1.0))
                 continue
             for run in claimed:
-                self._busy += 1
-                slot = _Slot(self)
+                slot = slots.take()
                 task = asyncio.create_task(self._execute(run, procedures, executor, slot))
                 self._inflight.add(task)
                 task.add_done_callback(lambda t, slot=slot: (self._inflight.discard(t),
@@ -239,24 +236,39 @@ class Worker:
                            len(pending), self.shutdown_timeout)
 
 
-class _Slot:
-    """One of the worker's ``concurrency`` places, held while a run's code runs.
+class _Slots:
+    """The worker's ``concurrency`` places, each held while a run's code runs.
 
-    Given back as soon as the workflow has returned and only its last report
-    (the completion, batched with others) is left to send: a run waiting for
-    that commit needs no thread, and another run can start meanwhile.
+    A place is given back as soon as the workflow has returned and only its
+    last report (the completion, batched with others) is left to send: a run
+    waiting for that commit needs no thread, and another run can start meanwhile.
     """
 
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-        self._held = True
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.busy = 0
+        self.freed = asyncio.Event()  # set whenever a place is given back
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.busy
+
+    def take(self) -> _Slot:
+        self.busy += 1
+        return _Slot(self)
+
+
+class _Slot:
+    """One taken place; :meth:`release` gives it back (once, whoever calls it first)."""
+
+    def __init__(self, slots: _Slots) -> None:
+        self._slots: _Slots | None = slots
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._worker._busy -= 1
-            if self._worker._slot_freed is not None:
-                self._worker._slot_freed.set()
+        if self._slots is not None:
+            self._slots.busy -= 1
+            self._slots.freed.set()
+            self._slots = None
 
 
 async def _claim_session(conn: psycopg.AsyncConnection[Any]) -> None:

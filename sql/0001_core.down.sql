@@ -24,6 +24,7 @@ drop function if exists
     pgflow.release_run(uuid, bigint),
     pgflow.fail_run(uuid, bigint, jsonb),
     pgflow.complete_run(uuid, bigint, jsonb, jsonb),
+    pgflow._refused(text, uuid, bigint, text),
     pgflow.complete_batch(uuid[], bigint[], integer[], text[], text[], jsonb[], double precision[],
                           boolean[], jsonb[], integer[], timestamptz[], double precision[],
                           double precision[]),

@@ -351,6 +351,27 @@ begin
 end;
 $$;
 
+-- The error for a report complete_batch refused (its outcome), as the
+-- single-run procedures raise it: PF404 / PF001 from _check_lease (with the
+-- run's current state), PF004 for a step already recorded. Call it in the
+-- transaction of that batch, which still holds the run's lock.
+create function pgflow._refused(p_outcome text, p_run_id uuid, p_lease_token bigint,
+                                p_what text)
+returns void
+language plpgsql
+as $$
+begin
+    if p_outcome in ('unknown', 'lease_lost') then
+        perform pgflow._check_lease(p_run_id, p_lease_token);
+        raise exception using errcode = 'PF001',
+            message = format('lease lost on run %s: token %s is not current', p_run_id, p_lease_token);
+    elsif p_outcome = 'duplicate' then
+        raise exception using errcode = 'PF004',
+            message = format('%s of run %s is already recorded', p_what, p_run_id);
+    end if;
+end;
+$$;
+
 -- The journal entry at p_seq, if any, which must be a p_kind named p_name:
 -- replayed code asking for something else at a recorded position is the
 -- caller's bug (PF004), never a silent overwrite.
@@ -867,26 +888,17 @@ create function pgflow.complete_step(
 language plpgsql
 as $$
 declare
-    v_now timestamptz := pgflow.now();
-    v_run pgflow.runs;
+    v_outcome text;
 begin
-    perform pgflow._lock_run(p_run_id);
-    v_run := pgflow._check_lease(p_run_id, p_lease_token);
-    perform pgflow._check_payload(p_output, format('the result of step %L', p_name));
-
-    insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
-                                   started_at, finished_at)
-    values (p_run_id, p_seq, p_name, p_kind, 'completed', 1, coalesce(p_output, 'null'::jsonb),
-            v_now - p_duration, v_now)
-    on conflict (run_id, seq) do update
-        set status = 'completed', attempts = s.attempts + 1, output = excluded.output,
-            error = null, started_at = excluded.started_at, finished_at = excluded.finished_at
-        where s.status = 'retrying' and s.name = excluded.name;
-    if not found then
-        raise exception using errcode = 'PF004',
-            message = format('step %s (%s) of run %s is already recorded', p_seq, p_name, p_run_id);
-    end if;
-    return v_run.cancel_requested;  -- the worker raises pgflow.Cancelled at the next durable point
+    -- A batch of one: complete_batch is the one place a checkpoint is written.
+    select b.outcome into v_outcome
+    from pgflow.complete_batch(array[p_run_id], array[p_lease_token], array[p_seq],
+                               array[p_name], array[p_kind], array[p_output],
+                               array[extract(epoch from p_duration)::double precision],
+                               array[false], array[null::jsonb]) as b;
+    perform pgflow._refused(v_outcome, p_run_id, p_lease_token,
+                            format('step %s (%s)', p_seq, p_name));
+    return v_outcome = 'cancel';  -- the worker raises pgflow.Cancelled at the next durable point
 end;
 $$;
 
@@ -986,23 +998,18 @@ create function pgflow.complete_run(p_run_id uuid, p_lease_token bigint, p_outpu
 returns void
 language plpgsql
 as $$
+declare
+    v_outcome text;
 begin
-    perform pgflow._lock_run(p_run_id);
-    perform pgflow._check_lease(p_run_id, p_lease_token);
-    perform pgflow._check_payload(p_output, 'the result of the workflow');
-    if p_step is not null then
-        perform pgflow.complete_step(p_run_id, p_lease_token, (p_step ->> 'seq')::integer,
-                                     p_step ->> 'name', p_step ->> 'kind', p_step -> 'output',
-                                     (p_step ->> 'duration_s')::double precision
-                                         * interval '1 second');
-    end if;
-    update pgflow.runs r
-    set status = 'completed', output = coalesce(p_output, 'null'::jsonb), error = null,
-        finished_at = pgflow.now(), lease_owner = null
-    where r.id = p_run_id;
-    delete from pgflow.timers t where t.run_id = p_run_id;
-    perform pgflow._notify_done(p_run_id);
-    perform pgflow._child_finished(p_run_id);
+    -- A batch of one, as complete_step.
+    select b.outcome into v_outcome
+    from pgflow.complete_batch(array[p_run_id], array[p_lease_token],
+                               array[(p_step ->> 'seq')::integer], array[p_step ->> 'name'],
+                               array[p_step ->> 'kind'], array[p_step -> 'output'],
+                               array[(p_step ->> 'duration_s')::double precision],
+                               array[true], array[coalesce(p_output, 'null'::jsonb)]) as b;
+    perform pgflow._refused(v_outcome, p_run_id, p_lease_token,
+                            format('step %s (%s)', p_step ->> 'seq', p_step ->> 'name'));
 end;
 $$;
 
