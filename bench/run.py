@@ -22,9 +22,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,11 @@ PGBENCH_ROWS = 100  # rows of the tiny table; each transaction updates one rando
 # unless PGFLOW_BENCH_CONCURRENCY says otherwise (the targets are for default settings).
 WORKER_CONCURRENCY = int(os.environ.get("PGFLOW_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY))
 W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
+# W0/W1/W5: connections of the producer process, each a thread doing start() + commit in a
+# loop, as an application's request handlers would; pgbench's -c 8 line is their ceiling.
+# One connection alone is bounded by its own round trips and commit flushes (W0 and W1 at
+# 1 connection are measured too: the `_1conn` lines).
+PRODUCER_CONNECTIONS = 8
 # W5: W1 again after loading this much history (finished runs, one step each) and these many
 # runs asleep on a timer due in a day, bulk-inserted before the worker starts.
 W5_HISTORY_RUNS = 1_000_000
@@ -375,14 +381,33 @@ def producer() -> Iterator[ProcessPoolExecutor]:
         yield pool
 
 
-def produce_committed(dsn: str, n: int) -> float:
-    """Producer for W1: ``n`` runs of one_step, one start per transaction; returns seconds."""
-    with psycopg.connect(dsn) as conn:
-        started = time.perf_counter()
-        for i in range(n):
+def produce_committed(dsn: str, n: int, connections: int = 1) -> float:
+    """Producer for W1: ``n`` runs of one_step, one start per transaction; returns seconds.
+
+    ``connections`` threads share the work, each on its own connection (opened before
+    the clock starts), as concurrent requests of an application would.
+    """
+    conns = [psycopg.connect(dsn) for _ in range(connections)]
+    go = threading.Barrier(connections + 1)
+
+    def produce(conn: psycopg.Connection[Any], numbers: range) -> None:
+        go.wait()
+        for i in numbers:
             pgflow.start(conn, workflows.one_step, i)
             conn.commit()
-        return time.perf_counter() - started
+
+    try:
+        with ThreadPoolExecutor(connections) as threads:
+            done = [threads.submit(produce, conn, range(k, n, connections))
+                    for k, conn in enumerate(conns)]
+            go.wait()
+            started = time.perf_counter()
+            for future in done:
+                future.result()
+            return time.perf_counter() - started
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def produce_probes(dsn: str, n: int, interval: float) -> list[tuple[str, float]]:
@@ -610,8 +635,8 @@ def _grab(pattern: str, text: str) -> str:
     return found.group(1)
 
 
-def _one_step_live(b: Bench, workload: str, label: str, n: int,
-                   since: datetime | None = None) -> dict[str, Any]:
+def _one_step_live(b: Bench, workload: str, label: str, n: int, since: datetime | None = None,
+                   connections: int = PRODUCER_CONNECTIONS) -> dict[str, Any]:
     """W1's measurement: a running worker, a producer starting ``n`` one_step runs one per commit.
 
     With ``since``, only runs created from then on are waited for and measured (W5's history
@@ -621,7 +646,7 @@ def _one_step_live(b: Bench, workload: str, label: str, n: int,
     with worker_process(b, label) as worker, producer() as pool, \
             psycopg.connect(b.dsn, autocommit=True) as conn:
         meter = CpuMeter(worker.pid, conn)
-        future = pool.submit(produce_committed, b.dsn, n)
+        future = pool.submit(produce_committed, b.dsn, n, connections)
         polls = wait_finished(conn, n, worker, future, since)
         producer_s = future.result()
         cpu = meter.report(conn, n)
@@ -634,18 +659,22 @@ def _one_step_live(b: Bench, workload: str, label: str, n: int,
     seq = {k: round(delta.seq_tup_read.get(k, 0) / n, 1) for k in ("runs", "steps", "timers")}
     return line(workload, n, s.from_created_s, n / s.from_created_s,
                 percentile(s.latencies_ms, 0.50), percentile(s.latencies_ms, 0.99),
-                concurrency=WORKER_CONCURRENCY, failed=s.failed,
+                concurrency=WORKER_CONCURRENCY, producer_connections=connections, failed=s.failed,
                 producer_per_sec=round(n / producer_s, 1), **cpu, **work, seq_tup_read_per_run=seq)
 
 
 def w1_one_step(b: Bench) -> list[dict[str, Any]]:
     """A running worker; a producer starts runs one per transaction; runs/s first start to last finish."""
     n = b.count(W1_RUNS)
-    reset(b.dsn)
-    log(f"W1: worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per commit")
-    result = _one_step_live(b, "W1_one_step", "w1", n)
-    b.results["W1"] = result
-    return [result]
+    lines = []
+    for connections in (1, PRODUCER_CONNECTIONS):
+        reset(b.dsn)
+        log(f"W1: worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per"
+            f" commit, on {connections} connection(s)")
+        name = "W1_one_step" if connections == PRODUCER_CONNECTIONS else f"W1_one_step_{connections}conn"
+        lines.append(_one_step_live(b, name, "w1", n, connections=connections))
+    b.results["W1"] = lines[-1]
+    return lines
 
 
 def w0_producer(b: Bench) -> list[dict[str, Any]]:
@@ -656,12 +685,18 @@ def w0_producer(b: Bench) -> list[dict[str, Any]]:
     the worker takes from the producer on a shared machine).
     """
     n = b.count(W1_RUNS)
+    lines = []
+    for connections in (1, PRODUCER_CONNECTIONS):
+        reset(b.dsn)
+        log(f"W0: producer alone starts {n} one_step runs, one per commit, on {connections}"
+            " connection(s) (no worker)")
+        with producer() as pool:
+            seconds = pool.submit(produce_committed, b.dsn, n, connections).result()
+        name = "W0_producer" if connections == PRODUCER_CONNECTIONS else f"W0_producer_{connections}conn"
+        lines.append(line(name, n, seconds, n / seconds, None, None,
+                          producer_connections=connections))
     reset(b.dsn)
-    log(f"W0: producer alone starts {n} one_step runs, one per commit (no worker)")
-    with producer() as pool:
-        seconds = pool.submit(produce_committed, b.dsn, n).result()
-    reset(b.dsn)
-    return [line("W0_producer", n, seconds, n / seconds, None, None)]
+    return lines
 
 
 # W5's preload. Ids are version-7 UUIDs of each run's created_at, as pgflow.uuid_v7() would

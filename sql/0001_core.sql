@@ -1091,11 +1091,21 @@ begin
              with ordinality as b(id, token, seq, name, kind, output, duration_s, finish, result,
                                   age_s, i)
     ), fenced as (
+        -- One runs_pkey probe per report. As a plain join, the generic plan
+        -- made while runs looked small (a fresh install, a truncated table,
+        -- before its first ANALYZE) hashed a sequential scan of all runs, and
+        -- the connection kept that plan for good: OFFSET 0 keeps the lookup a
+        -- parameterized subquery (tests/test_sql_batch.py).
         select b.*, r.id is not null as known,
                coalesce(r.status = 'running' and r.lease_token = b.token, false) as leased,
                coalesce(r.cancel_requested, false) as cancel_requested
         from report b
-        left join pgflow.runs r on r.id = b.id
+        left join lateral (
+            select r.id, r.status, r.lease_token, r.cancel_requested
+            from pgflow.runs r
+            where r.id = b.id
+            offset 0
+        ) r on true
     ), recorded as (
         insert into pgflow.steps as s (run_id, seq, name, kind, status, attempts, output,
                                        started_at, finished_at)
