@@ -57,10 +57,11 @@ PGBENCH_ROWS = 100  # rows of the tiny table; each transaction updates one rando
 WORKER_CONCURRENCY = int(os.environ.get("PGFLOW_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY))
 W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
 # W0/W1/W5: connections of the producer process, each a thread doing start() + commit in a
-# loop, as an application's request handlers would; pgbench's -c 8 line is their ceiling.
-# One connection alone is bounded by its own round trips and commit flushes (W0 and W1 at
-# 1 connection are measured too: the `_1conn` lines).
-PRODUCER_CONNECTIONS = 8
+# loop, as an application's request handlers would: 4 is psycopg_pool's default pool size.
+# W0 and W1 are also measured with the counts below (the `_<k>conn` lines): one connection
+# alone is bounded by its own round trips and commit flushes; 8 is pgbench's -c 8.
+PRODUCER_CONNECTIONS = 4
+PRODUCER_CONNECTIONS_ALSO = (1, 8)
 # W5: W1 again after loading this much history (finished runs, one step each) and these many
 # runs asleep on a timer due in a day, bulk-inserted before the worker starts.
 W5_HISTORY_RUNS = 1_000_000
@@ -667,7 +668,7 @@ def w1_one_step(b: Bench) -> list[dict[str, Any]]:
     """A running worker; a producer starts runs one per transaction; runs/s first start to last finish."""
     n = b.count(W1_RUNS)
     lines = []
-    for connections in (1, PRODUCER_CONNECTIONS):
+    for connections in (*PRODUCER_CONNECTIONS_ALSO, PRODUCER_CONNECTIONS):
         reset(b.dsn)
         log(f"W1: worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per"
             f" commit, on {connections} connection(s)")
@@ -686,7 +687,7 @@ def w0_producer(b: Bench) -> list[dict[str, Any]]:
     """
     n = b.count(W1_RUNS)
     lines = []
-    for connections in (1, PRODUCER_CONNECTIONS):
+    for connections in (*PRODUCER_CONNECTIONS_ALSO, PRODUCER_CONNECTIONS):
         reset(b.dsn)
         log(f"W0: producer alone starts {n} one_step runs, one per commit, on {connections}"
             " connection(s) (no worker)")
