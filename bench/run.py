@@ -62,6 +62,7 @@ W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
 # alone is bounded by its own round trips and commit flushes; 8 is pgbench's -c 8.
 PRODUCER_CONNECTIONS = 4
 PRODUCER_CONNECTIONS_ALSO = (1, 8)
+
 # W5: W1 again after loading this much history (finished runs, one step each) and these many
 # runs asleep on a timer due in a day, bulk-inserted before the worker starts.
 W5_HISTORY_RUNS = 1_000_000
@@ -382,6 +383,13 @@ def producer() -> Iterator[ProcessPoolExecutor]:
         yield pool
 
 
+def producer_variants(workload: str) -> Iterator[tuple[str, int]]:
+    """(line name, connections) for each producer measured, the main one last and unsuffixed."""
+    for connections in PRODUCER_CONNECTIONS_ALSO:
+        yield f"{workload}_{connections}conn", connections
+    yield workload, PRODUCER_CONNECTIONS
+
+
 def produce_committed(dsn: str, n: int, connections: int = 1) -> float:
     """Producer for W1: ``n`` runs of one_step, one start per transaction; returns seconds.
 
@@ -668,11 +676,10 @@ def w1_one_step(b: Bench) -> list[dict[str, Any]]:
     """A running worker; a producer starts runs one per transaction; runs/s first start to last finish."""
     n = b.count(W1_RUNS)
     lines = []
-    for connections in (*PRODUCER_CONNECTIONS_ALSO, PRODUCER_CONNECTIONS):
+    for name, connections in producer_variants("W1_one_step"):
         reset(b.dsn)
         log(f"W1: worker -c {WORKER_CONCURRENCY}, producer starts {n} one_step runs, one per"
             f" commit, on {connections} connection(s)")
-        name = "W1_one_step" if connections == PRODUCER_CONNECTIONS else f"W1_one_step_{connections}conn"
         lines.append(_one_step_live(b, name, "w1", n, connections=connections))
     b.results["W1"] = lines[-1]
     return lines
@@ -687,13 +694,12 @@ def w0_producer(b: Bench) -> list[dict[str, Any]]:
     """
     n = b.count(W1_RUNS)
     lines = []
-    for connections in (*PRODUCER_CONNECTIONS_ALSO, PRODUCER_CONNECTIONS):
+    for name, connections in producer_variants("W0_producer"):
         reset(b.dsn)
         log(f"W0: producer alone starts {n} one_step runs, one per commit, on {connections}"
             " connection(s) (no worker)")
         with producer() as pool:
             seconds = pool.submit(produce_committed, b.dsn, n, connections).result()
-        name = "W0_producer" if connections == PRODUCER_CONNECTIONS else f"W0_producer_{connections}conn"
         lines.append(line(name, n, seconds, n / seconds, None, None,
                           producer_connections=connections))
     reset(b.dsn)

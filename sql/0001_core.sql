@@ -1092,10 +1092,10 @@ begin
                                   age_s, i)
     ), fenced as (
         -- One runs_pkey probe per report. As a plain join, the generic plan
-        -- made while runs looked small (a fresh install, a truncated table,
-        -- before its first ANALYZE) hashed a sequential scan of all runs, and
-        -- the connection kept that plan for good: OFFSET 0 keeps the lookup a
-        -- parameterized subquery (tests/test_sql_batch.py).
+        -- made while runs had never been analyzed (a fresh install, a
+        -- truncated table) hashed a sequential scan of all runs, and the
+        -- connection kept it until the next ANALYZE: OFFSET 0 keeps the
+        -- lookup a parameterized subquery (tests/test_sql_batch.py).
         select b.*, r.id is not null as known,
                coalesce(r.status = 'running' and r.lease_token = b.token, false) as leased,
                coalesce(r.cancel_requested, false) as cancel_requested

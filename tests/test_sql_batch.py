@@ -227,8 +227,8 @@ def test_the_batch_statement_probes_indexes_whatever_the_history(conn, workers, 
     """complete_batch keeps one generic plan per connection: it must not scan history.
 
     (The first call of a connection makes that plan, so this is the plan every call uses.)
-    A table that looks small when that plan is made (a fresh install, before its first
-    ANALYZE) must not get a plan that scans it: the connection keeps it as the table grows.
+    A table never analyzed when that plan is made (a fresh install) must not get a plan
+    that scans it: the connection keeps it, as the table grows, until the next ANALYZE.
     """
     worker = workers()
     load_finished_runs(conn, history)
