@@ -83,7 +83,21 @@ def main() -> None:
               f"  {step.duration_ms:7.1f} ms")
     total = (run.finished_at - run.created_at).total_seconds() * 1000
     print(f"started to finished: {total:.1f} ms")
-    print(f"inspect it again with: pgflow show {run.id}")
+    print(f"inspect it again with: {_cli_command()} show {run.id}")
+
+
+def _cli_command() -> str:
+    """How to call the ``pgflow`` command installed beside this Python, as typed from here.
+
+    After ``make example`` that is ``.venv/bin/pgflow``: the virtualenv is not on PATH.
+    """
+    script = Path(sys.executable).with_name("pgflow")
+    if not script.exists():
+        return f"{sys.executable} -m pgflow"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 if __name__ == "__main__":

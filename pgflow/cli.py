@@ -122,8 +122,9 @@ def worker(
         for name in modules:
             try:
                 importlib.import_module(name)
-            except ImportError as exc:
-                raise ValueError(f"cannot import module {name!r}: {exc}") from None
+            except Exception as exc:  # any error of the module's own code, too
+                raise ValueError(f"cannot import module {name!r}: "
+                                 f"{type(exc).__name__}: {exc}") from None
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -250,20 +251,27 @@ def list_runs(
             where += f" and {_UNSERVED}"
         with _connect(dsn) as conn:
             rows = conn.execute(
-                "select r.id, r.name, r.version, r.status, r.key, r.created_at, r.finished_at,"
-                f" {_UNSERVED} from pgflow.runs r where {where}"
+                f"select {', '.join(_LIST_COLUMNS)}, {_UNSERVED} as unserved"
+                f" from pgflow.runs r where {where}"
                 " order by r.created_at desc, r.id desc limit %(limit)s",
                 {**params, "limit": limit}).fetchall()
-    if as_json:
-        keys = ("id", "name", "version", "status", "key", "created_at", "finished_at", "unserved")
-        for row in rows:
-            typer.echo(json.dumps(dict(zip(keys, row, strict=True)), default=str))
+    runs = [dict(zip((*(c.removeprefix("r.") for c in _LIST_COLUMNS), "unserved"), row,
+                     strict=True)) for row in rows]
+    if as_json:  # one JSON array, newest first
+        typer.echo(json.dumps(runs, default=str, indent=2))
         return
     table = [("ID", "WORKFLOW", "STATUS", "CREATED", "KEY")]
-    for r in rows:
-        marker = f"  (no worker for v{r[2]})" if r[7] else ""
-        table.append((str(r[0]), f"{r[1]} v{r[2]}", f"{r[3]}{marker}", _time(r[5]), r[4] or ""))
+    for r in runs:
+        marker = f"  (no worker for v{r['version']})" if r["unserved"] else ""
+        table.append((str(r["id"]), f"{r['name']} v{r['version']}", f"{r['status']}{marker}",
+                      _time(r["created_at"]), r["key"] or ""))
     typer.echo(_columns(table))
+
+
+# What `pgflow list` reads of each run (and prints with --json).
+_LIST_COLUMNS = ("r.id", "r.name", "r.version", "r.queue", "r.status", "r.key", "r.priority",
+                 "r.parent_id", "r.created_at", "r.started_at", "r.finished_at", "r.input",
+                 "r.output", "r.error")
 
 
 @app.command()
@@ -432,7 +440,12 @@ def _render_run(run: models.Run) -> str:
     lines.append("")
     table = [("SEQ", "STEP", "STATUS", "ATTEMPTS", "STARTED", "DURATION", "ERROR")]
     for s in run.steps:
-        duration = "-" if s.duration_ms is None else f"{s.duration_ms:.1f} ms"
+        if s.duration_ms is not None:
+            duration = f"{s.duration_ms:.1f} ms"
+        elif s.waits_until is not None and not run.finished:
+            duration = f"until {_time(s.waits_until)}"
+        else:
+            duration = "-"
         error = f"{s.error.get('type')}: {s.error.get('message')}" if s.error else ""
         table.append((str(s.seq), s.name, s.status, str(s.attempts), _time(s.started_at),
                       duration, _one_line(error)[:80]))

@@ -143,6 +143,15 @@ def from_json(data: Any, annotation: Any, what: str) -> Any:
         return data  # an annotation pydantic cannot validate: keep the JSON value
 
 
+_KIND_NAMES = {
+    inspect.Parameter.POSITIONAL_ONLY: "positional_only",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+    inspect.Parameter.VAR_POSITIONAL: "var_positional",
+    inspect.Parameter.KEYWORD_ONLY: "keyword_only",
+    inspect.Parameter.VAR_KEYWORD: "var_keyword",
+}
+
+
 class Signature:
     """How to encode the arguments of a function and decode them back.
 
@@ -166,6 +175,16 @@ class Signature:
             hints = {}
         self.hints = {p.name: hints.get(p.name, _EMPTY) for p in params}
         self.return_hint = hints.get("return", _EMPTY)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The parameters as workers announce them (``pgflow.workflows.params``).
+
+        ``pgflow.start`` checks every input against this, so a start that
+        could not bind to the function is refused before a run is written.
+        """
+        return [{"name": p.name, "kind": _KIND_NAMES[p.kind],
+                 "required": p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+                for p in self.parameters]
 
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> Any:
         """Check that the arguments fit the signature and encode them."""

@@ -28,7 +28,8 @@ _registry: dict[tuple[str, str], Workflow] = {}
 # Steps by name, for ctx.map: each item of a map is a run of an internal
 # workflow "pgflow.map:<step>" that any worker with the step's code can claim.
 _steps: dict[str, Step | None] = {}  # None: two different steps share the name
-MAP_PREFIX = "pgflow.map:"
+RESERVED_PREFIX = "pgflow."  # internal workflows; pgflow.start refuses these names too
+MAP_PREFIX = RESERVED_PREFIX + "map:"
 MAP_VERSION = "map"
 
 
@@ -132,6 +133,9 @@ def workflow(fn: Any = None, /, *, name: str | None = None, version: str = DEFAU
 
     def decorate(f: Callable[..., Any]) -> Workflow:
         wf = Workflow(f, name=name, version=version, queue=queue, retry=retry, timeout=timeout)
+        if wf.name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"workflow name {wf.name!r} is reserved: names beginning with "
+                             f"{RESERVED_PREFIX!r} belong to pgflow's internal workflows")
         _register(wf)
         return wf
 

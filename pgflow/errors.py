@@ -16,11 +16,16 @@
     ├── StepTimeout            a step attempt overran its timeout (recorded as its error)
     ├── SignalTimeout          a signal did not arrive in time
     ├── WorkflowTimeout        the error type recorded for a run that outlived its timeout
+    ├── WorkflowCancelled      a run ended cancelled (raised by result())
     └── WorkflowFailed         a run ended failed (raised by result())
         └── ChildFailed        a child run ended failed (raised inside the parent)
     BaseException
     └── Cancelled              the run is being cancelled (raised inside the workflow)
-        └── WorkflowCancelled  a run ended cancelled (raised by result())
+
+Everything ``result()`` raises is an ordinary ``Exception``; only
+``Cancelled``, raised inside a workflow that is being cancelled, is a
+``BaseException``, so that ``except Exception`` in workflow code does not
+swallow it.
 
 Errors raised by the SQL procedures carry SQLSTATEs of class ``PF`` and are
 translated by :func:`from_database`.
@@ -154,8 +159,8 @@ class Cancelled(BaseException):
     """
 
 
-class WorkflowCancelled(Cancelled):
-    """A run ended ``cancelled`` (raised by ``pgflow.result``)."""
+class WorkflowCancelled(PgflowError):
+    """A run ended ``cancelled`` (raised by ``pgflow.result``); ``except Exception`` catches it."""
 
     def __init__(self, run_id: uuid.UUID) -> None:
         super().__init__(f"run {run_id} was cancelled")
@@ -171,17 +176,26 @@ _BY_SQLSTATE: dict[str, type[PgflowError]] = {
 }
 
 
+# A missing schema, table or function of schema pgflow: the database was never
+# migrated, or by an older pgflow (invalid_schema_name, undefined_table,
+# undefined_function).
+_MISSING_OBJECT = frozenset({"3F000", "42P01", "42883"})
+
+
 def from_database(exc: BaseException) -> BaseException:
     """The pgflow exception for an error raised by a pgflow procedure, else ``exc``.
 
     Works for psycopg 3 errors (``sqlstate``) and psycopg2 ones (``pgcode``).
     """
     sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    diag = getattr(exc, "diag", None)
+    message = (diag.message_primary if diag is not None else None) or str(exc)
+    if sqlstate in _MISSING_OBJECT and "pgflow" in message:
+        return SchemaNotMigrated(f"the pgflow schema is missing or older than this pgflow "
+                                 f"({message}): run `pgflow migrate` first")
     cls = _BY_SQLSTATE.get(sqlstate or "")
     if cls is None:
         return exc
-    diag = getattr(exc, "diag", None)
-    message = (diag.message_primary if diag is not None else None) or str(exc)
     if cls is WorkflowNotFound and " is too large: " in message:
         return PayloadTooLarge(message)  # raised by pgflow._check_payload
     if cls is WorkflowNotFound and not message.startswith("unknown workflow"):

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-__all__ = ["FINAL_STATUSES", "Run", "StepRecord"]
+__all__ = ["FINAL_STATUSES", "OPEN_STEP_STATUSES", "Run", "StepRecord"]
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+# A journal entry in one of these holds its deadline, not its end, in finished_at.
+OPEN_STEP_STATUSES = frozenset({"waiting", "sleeping", "retrying"})
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,27 @@ class StepRecord:
     finished_at: datetime | None
 
     @property
+    def open(self) -> bool:
+        """Still waiting (a signal, child, sleep or retry back-off): not ended yet."""
+        return self.status in OPEN_STEP_STATUSES
+
+    @property
     def duration_ms(self) -> float | None:
-        if self.started_at is None or self.finished_at is None:
+        """How long the entry took; ``None`` while it is open (its end is not known)."""
+        if self.open or self.started_at is None or self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds() * 1000
+
+    @property
+    def waits_until(self) -> datetime | None:
+        """The deadline of an open entry (its timeout, wake-up or next attempt), if it has one.
+
+        An open entry's ``finished_at`` holds that deadline; one that waits
+        without a deadline holds its own start there.
+        """
+        if not self.open or self.finished_at is None or self.finished_at == self.started_at:
+            return None
+        return self.finished_at
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ class Procedures:
 
 
 async def register_worker(conn: Conn, worker_id: uuid.UUID, hostname: str, pid: int,
-                          queues: list[str], workflows: list[dict[str, str]]) -> int:
+                          queues: list[str], workflows: list[dict[str, Any]]) -> int:
     """Register on ``conn``, which then holds the worker's liveness lock."""
     async with _translated():
         cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",

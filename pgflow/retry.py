@@ -13,9 +13,10 @@ from datetime import timedelta
 
 from pgflow.durations import as_timedelta
 
-__all__ = ["DEFAULT_RETRY", "MAX_ATTEMPTS", "Retry"]
+__all__ = ["DEFAULT_MAX_INTERVAL", "DEFAULT_RETRY", "MAX_ATTEMPTS", "Retry"]
 
 MAX_ATTEMPTS = 2**31 - 1  # attempts are counted in a 32-bit integer column
+DEFAULT_MAX_INTERVAL = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,17 @@ class Retry:
     ``min(initial_interval * backoff ** (n - 1), max_interval)`` before attempt
     ``n + 1``, up to ``max_attempts`` attempts in all. An exception that is an
     instance of one of ``non_retryable`` fails the step at once.
+
+    ``max_interval`` left out caps the waits at 60 seconds, or at
+    ``initial_interval`` when that is longer: a stated interval is never
+    shortened. A ``max_interval`` given shorter than ``initial_interval`` is
+    a contradiction and raises ``ValueError``.
     """
 
     max_attempts: int = 3
     initial_interval: timedelta = timedelta(seconds=1)
     backoff: float = 2.0
-    max_interval: timedelta = timedelta(seconds=60)
+    max_interval: timedelta = None  # type: ignore[assignment]  # see __post_init__
     non_retryable: tuple[type[BaseException], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -42,7 +48,14 @@ class Retry:
                              f"got {self.max_attempts}")
         object.__setattr__(self, "initial_interval",
                            as_timedelta(self.initial_interval, "initial_interval"))
-        object.__setattr__(self, "max_interval", as_timedelta(self.max_interval, "max_interval"))
+        if self.max_interval is None:
+            object.__setattr__(self, "max_interval", max(DEFAULT_MAX_INTERVAL, self.initial_interval))
+        else:
+            object.__setattr__(self, "max_interval", as_timedelta(self.max_interval, "max_interval"))
+            if self.max_interval < self.initial_interval:
+                raise ValueError(f"max_interval ({self.max_interval}) is shorter than "
+                                 f"initial_interval ({self.initial_interval}): every wait would be "
+                                 "cut to max_interval; raise max_interval or leave it out")
         if isinstance(self.backoff, bool) or not isinstance(self.backoff, (int, float)):
             raise TypeError(f"backoff must be a number, not {self.backoff!r}")
         if not (self.backoff >= 1.0 and math.isfinite(self.backoff)):  # NaN fails both

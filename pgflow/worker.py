@@ -140,7 +140,8 @@ class Worker:
         self._membership = Membership(
             self.dsn, self.queues,
             [{"name": wf.name, "version": wf.version, "queue": wf.queue,
-              "timeout_seconds": wf.timeout.total_seconds() if wf.timeout else None}
+              "timeout_seconds": wf.timeout.total_seconds() if wf.timeout else None,
+              "params": wf.signature.describe()}
              for wf in self.workflows],
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
             stale_after=self.stale_after,

@@ -214,23 +214,24 @@ def test_start_list_show(dsn: str, conn: psycopg.Connection[Any]) -> None:
     assert "two_steps v1" in table[2] and "pending" in table[2]
     assert table[2].rstrip().endswith("order-7")
 
-    # list --json: one object a line
-    lines = ok(pgflow_cli("list", "--json", "--dsn", dsn)).splitlines()
-    records = [json.loads(line) for line in lines]
+    # list --json: one JSON array, newest first, with input, output and error
+    records = json.loads(ok(pgflow_cli("list", "--json", "--dsn", dsn)))
     assert [r["id"] for r in records] == [str(kwargs_run), str(run_id)]
     assert records[1] | {"created_at": None} == {
-        "id": str(run_id), "name": "two_steps", "version": "1", "status": "pending",
-        "key": "order-7", "created_at": None, "finished_at": None, "unserved": False}
+        "id": str(run_id), "name": "two_steps", "version": "1", "queue": "default",
+        "status": "pending", "key": "order-7", "priority": 0, "parent_id": None,
+        "created_at": None, "started_at": None, "finished_at": None, "input": [3],
+        "output": None, "error": None, "unserved": False}
 
     # filters
-    filtered = ok(pgflow_cli("list", "--status", "pending", "--name", "two_steps", "--json",
-                             "--dsn", dsn)).splitlines()
-    assert {json.loads(line)["id"] for line in filtered} == {str(run_id), str(kwargs_run)}
+    filtered = json.loads(ok(pgflow_cli("list", "--status", "pending", "--name", "two_steps",
+                                        "--json", "--dsn", dsn)))
+    assert {r["id"] for r in filtered} == {str(run_id), str(kwargs_run)}
     limited = ok(pgflow_cli("list", "--status", "pending", "--name", "two_steps", "--limit", "1",
                             "--dsn", dsn)).splitlines()
     assert len(limited) == 2 and limited[1].startswith(str(kwargs_run))
     for other in (("--status", "completed"), ("--name", "other_workflow")):
-        assert ok(pgflow_cli("list", *other, "--json", "--dsn", dsn)) == ""
+        assert json.loads(ok(pgflow_cli("list", *other, "--json", "--dsn", dsn))) == []
 
     # show: header, then the (still empty) step timeline
     shown = ok(pgflow_cli("show", str(run_id), "--dsn", dsn)).splitlines()
@@ -256,8 +257,7 @@ def test_dsn_from_environment(dsn: str, conn: psycopg.Connection[Any]) -> None:
     run_id = pgflow.start(conn, two_steps, 1)
 
     def listed(env: dict[str, str], *args: str) -> list[str]:
-        return [json.loads(line)["id"] for line in
-                ok(pgflow_cli("list", "--json", *args, env=env)).splitlines()]
+        return [r["id"] for r in json.loads(ok(pgflow_cli("list", "--json", *args, env=env)))]
 
     # PGFLOW_DSN when --dsn is absent
     assert listed(cli_env(PGFLOW_DSN=dsn)) == [str(run_id)]
@@ -412,8 +412,7 @@ def _statuses(conn: psycopg.Connection[Any], *run_ids: str) -> list[str]:
 
 def _listed(*args: str, env: dict[str, str] | None = None) -> list[str]:
     """Run ids printed by ``list --json ARGS``, in order."""
-    return [json.loads(line)["id"]
-            for line in ok(pgflow_cli("list", "--json", *args, env=env)).splitlines()]
+    return [r["id"] for r in json.loads(ok(pgflow_cli("list", "--json", *args, env=env)))]
 
 
 def test_list_filters_by_key_and_since(dsn: str, conn: psycopg.Connection[Any]) -> None:
@@ -473,8 +472,7 @@ def test_list_unserved_marks_runs_no_live_worker_can_serve(dsn: str,
     assert {str(r[0]) for r in conn.execute("select id from pgflow.unserved_runs")} == \
         {v2, other_queue}
 
-    records = {r["id"]: r for r in map(json.loads, ok(pgflow_cli(
-        "list", "--json", "--dsn", dsn)).splitlines())}
+    records = {r["id"]: r for r in json.loads(ok(pgflow_cli("list", "--json", "--dsn", dsn)))}
     assert {rid: r["unserved"] for rid, r in records.items()} == {
         served: False, v2: True, other_queue: True, finished_v2: False}
     assert records[v2]["version"] == "2"

@@ -181,7 +181,8 @@ def test_unencodable_step_result_fails_the_step_once(conn, inprocess_worker):
 def test_input_that_does_not_fit_the_signature_fails_the_run(conn, inprocess_worker):
     inprocess_worker.start([typed])
     run_id = conn.execute(
-        "select pgflow.start('replay_typed', '[{\"id\": \"not-a-uuid\"}]', version => '1')"
+        "select pgflow.start('replay_typed',"
+        " '[{\"id\": \"not-a-uuid\"}, \"2026-01-01T00:00:00Z\"]', version => '1')"
     ).fetchone()[0]
     with pytest.raises(pgflow.WorkflowFailed, match="EncodingError"):
         pgflow.result(conn, run_id, timeout=10)

@@ -1,0 +1,234 @@
+-- pgflow engine, revision 0003: a start that cannot run is refused at start.
+--
+-- Before this revision a start whose input could not bind to the workflow's
+-- parameters (a missing argument, one too many, an unknown name) wrote a run
+-- that its worker then failed. Now every worker announces each workflow's
+-- parameters (pgflow.workflows.params), and pgflow._start checks the input
+-- against them: PF002 naming the workflow and the argument, nothing written.
+-- A workflow announced only by workers older than this revision has no
+-- params and is started unchecked, as before.
+--
+-- Names beginning with "pgflow." are reserved for internal workflows (the
+-- items of ctx.map run as "pgflow.map:<step>"): they are no longer listed in
+-- pgflow.workflows, and pgflow.start refuses them.
+--
+-- Changes: column workflows.params; functions pgflow._check_input (new),
+-- pgflow._start and pgflow.register_worker (replaced, same signatures).
+
+-- [{name, kind, required}] in declaration order, the context excluded; kind is
+-- one of positional_only, positional, keyword_only, var_positional, var_keyword
+-- (Python's inspect.Parameter kinds). Null: announced by an older worker.
+alter table pgflow.workflows add column params jsonb;
+
+delete from pgflow.workflows w where w.name like 'pgflow.%';
+
+-- Refuse an input that cannot bind to a workflow's parameters, the way
+-- Python's Signature.bind would: a JSON array fills the positional
+-- parameters in order, a JSON object names them.
+create function pgflow._check_input(p_name text, p_version text, p_params jsonb, p_input jsonb)
+returns void
+language plpgsql immutable
+as $$
+declare
+    v_positional text[];   -- what a JSON array fills, in order
+    v_named      text[];   -- what a JSON object may name
+    v_required   text[];
+    v_var_args   boolean;
+    v_var_kwargs boolean;
+    v_given      integer;
+    v_bad        text[];
+    v_what       text := pg_catalog.format('workflow %L (version %L)', p_name, p_version);
+begin
+    if p_params is null then
+        return;
+    end if;
+    select coalesce(array_agg(a.p ->> 'name' order by a.i)
+                        filter (where a.p ->> 'kind' in ('positional_only', 'positional')), '{}'),
+           coalesce(array_agg(a.p ->> 'name' order by a.i)
+                        filter (where a.p ->> 'kind' in ('positional', 'keyword_only')), '{}'),
+           coalesce(array_agg(a.p ->> 'name' order by a.i)
+                        filter (where (a.p ->> 'required')::boolean), '{}'),
+           coalesce(bool_or(a.p ->> 'kind' = 'var_positional'), false),
+           coalesce(bool_or(a.p ->> 'kind' = 'var_keyword'), false)
+    into v_positional, v_named, v_required, v_var_args, v_var_kwargs
+    from jsonb_array_elements(p_params) with ordinality as a(p, i);
+
+    if jsonb_typeof(p_input) = 'array' then
+        v_given := jsonb_array_length(p_input);
+        if v_given > cardinality(v_positional) and not v_var_args then
+            raise exception using errcode = 'PF002',
+                message = pg_catalog.format('%s takes %s positional argument(s)%s, got %s',
+                    v_what, cardinality(v_positional),
+                    coalesce(' (' || pg_catalog.array_to_string(v_positional, ', ') || ')', ''),
+                    v_given);
+        end if;
+        v_bad := array(select r from unnest(v_required) r
+                       where not r = any(v_positional[1:v_given]));
+    else
+        if not v_var_kwargs then
+            v_bad := array(select k from jsonb_object_keys(p_input) k
+                           where not k = any(v_named) order by k);
+            if cardinality(v_bad) > 0 then
+                raise exception using errcode = 'PF002',
+                    message = pg_catalog.format('%s has no parameter %s (its parameters: %s)',
+                        v_what, pg_catalog.array_to_string(v_bad, ', '),
+                        coalesce(nullif(pg_catalog.array_to_string(v_named, ', '), ''), 'none'));
+            end if;
+        end if;
+        v_bad := array(select r from unnest(v_required) r
+                       where not (r = any(v_named) and p_input ? r));
+    end if;
+    if cardinality(v_bad) > 0 then
+        raise exception using errcode = 'PF002',
+            message = pg_catalog.format('%s is missing required argument(s) %s', v_what,
+                                        pg_catalog.array_to_string(v_bad, ', '));
+    end if;
+end;
+$$;
+
+-- As in revision 0001, plus: reserved names are refused, and the input is
+-- checked against the parameters the workflow's workers announced.
+create or replace function pgflow._start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    parent_id uuid default null,
+    timeout  interval default null
+) returns uuid
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_version text := _start.version;
+    v_queue   text := _start.queue;
+    v_timeout interval := _start.timeout;
+    v_params  jsonb;
+    v_now     timestamptz := pgflow.now();
+    v_id      uuid;
+    v_name    text;
+begin
+    perform pgflow._check_name(_start.name, 'workflow name');
+    if _start.name like 'pgflow.%' then
+        raise exception using errcode = 'PF002',
+            message = format('workflow name %L is reserved: names beginning with "pgflow." '
+                             'belong to pgflow''s internal workflows', _start.name);
+    end if;
+    if _start.input is null or jsonb_typeof(_start.input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    perform pgflow._check_payload(_start.input, format('the input of workflow %L', _start.name));
+    if _start.key is not null then
+        perform pgflow._check_key(_start.key, 'key');
+    end if;
+    if _start.queue is not null then
+        perform pgflow._check_name(_start.queue, 'queue');
+    end if;
+    if _start.version is not null then
+        perform pgflow._check_name(_start.version, 'version');
+    end if;
+    perform pgflow._check_span(_start.delay, 'delay', true);
+    perform pgflow._check_span(_start.timeout, 'timeout', false);
+
+    if v_version is null or v_queue is null then
+        -- The newest version a live worker serves; else the newest ever seen.
+        select w.version, w.queue, w.timeout, w.params into v_version, v_queue, v_timeout, v_params
+        from pgflow.workflows w
+        where w.name = _start.name
+          and (_start.version is null or w.version = _start.version)
+        order by exists (
+                     select 1 from pgflow.workers k
+                     where k.workflows @> jsonb_build_array(
+                               jsonb_build_object('name', w.name, 'version', w.version))) desc,
+                 w.first_seen desc
+        limit 1;
+        if not found and _start.version is null then
+            raise exception using errcode = 'PF002',
+                message = format('unknown workflow %L: no worker has registered it '
+                                 '(start a worker that defines it; from SQL, version => ... '
+                                 'starts it before any worker has)', _start.name);
+        end if;
+        v_version := coalesce(_start.version, v_version);
+        v_queue := coalesce(_start.queue, v_queue, 'default');
+        v_timeout := coalesce(_start.timeout, v_timeout);
+    else
+        -- Version and queue given (the Python client with the workflow's code):
+        -- one primary-key probe for the parameters its workers announced.
+        select w.params into v_params
+        from pgflow.workflows w
+        where w.name = _start.name and w.version = v_version;
+    end if;
+    perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
+
+    insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
+                                  timeout, created_at, available_at)
+    values (_start.name, v_version, v_queue, _start.key,
+            case when coalesce(_start.delay, interval '0') > interval '0'
+                 then 'sleeping' else 'pending' end,
+            coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
+            v_now + coalesce(_start.delay, interval '0'))
+    on conflict (key) where key is not null do nothing
+    returning r.id into v_id;
+
+    if v_id is null then
+        -- Idempotent start: the key is taken (by a committed run, or one whose
+        -- transaction we just waited for).
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = _start.key;
+        if v_name is distinct from _start.name then
+            raise exception using errcode = 'PF005',
+                message = format('key %L is already used by a run of workflow %L', _start.key, v_name);
+        end if;
+        return v_id;
+    end if;
+
+    if v_timeout is not null then
+        perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
+    end if;
+    if coalesce(_start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + _start.delay);
+    else
+        perform pgflow._notify_ready(v_queue);
+    end if;
+    return v_id;
+end;
+$$;
+
+-- As in revision 0001, plus: each workflow's parameters are recorded, and the
+-- internal workflows ("pgflow." names) stay out of pgflow.workflows (their
+-- runs are created by pgflow.map with a version, never started by name).
+create or replace function pgflow.register_worker(
+    p_worker_id uuid,
+    p_hostname  text,
+    p_pid       integer,
+    p_queues    text[],
+    p_workflows jsonb   -- [{name, version, queue, timeout_seconds, params}]
+) returns integer
+language plpgsql
+as $$
+declare
+    v_lock_key integer := pg_catalog.nextval('pgflow.worker_lock_key_seq');
+begin
+    -- Lock first, row second: recovery never sees a row without its lock.
+    perform pg_catalog.pg_advisory_lock(7366502, v_lock_key);
+    insert into pgflow.workers (id, lock_key, hostname, pid, queues, workflows)
+    values (p_worker_id, v_lock_key, p_hostname, p_pid, p_queues, p_workflows);
+
+    insert into pgflow.workflows as w (name, version, queue, timeout, params)
+    select d ->> 'name', d ->> 'version', d ->> 'queue',
+           (d ->> 'timeout_seconds')::double precision * interval '1 second',
+           d -> 'params'
+    from jsonb_array_elements(p_workflows) d
+    where not (d ->> 'name') like 'pgflow.%'
+    on conflict (name, version) do update
+        set last_seen = pg_catalog.clock_timestamp(), queue = excluded.queue,
+            timeout = excluded.timeout,
+            params = coalesce(excluded.params, w.params);  -- an older worker announces none
+    return v_lock_key;
+end;
+$$;
+
+select pgflow._secure();
