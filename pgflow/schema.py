@@ -7,6 +7,7 @@ top of the repository; a wheel carries both inside the package (``_sql`` and
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,26 @@ def migrations_dir() -> Path:
     return _resource_dir("_migrations", "migrations")
 
 
-def read_sql(filename: str) -> str:
-    return (sql_dir() / filename).read_text(encoding="utf-8")
+def read_sql(path: str) -> str:
+    """A file of ``sql/`` by its path inside it, e.g. ``migrations/0001_core.sql``."""
+    return (sql_dir() / path).read_text(encoding="utf-8")
+
+
+def schema_files() -> list[Path]:
+    """The current engine, one file a concern, in the order that creates it (``sql/schema/``).
+
+    The migration chain (``sql/migrations/``) builds the same catalog; a test proves it.
+    """
+    return sorted((sql_dir() / "schema").glob("*.sql"))
 
 
 def run_sql_file(filename: str) -> None:
-    """Execute one file of ``sql/`` inside the running Alembic migration."""
+    """Execute one migration file of ``sql/migrations/`` inside the running Alembic migration."""
     from alembic import op
 
     raw = op.get_bind().connection.driver_connection
     # No parameters: psycopg sends the text as is (several statements, `%` kept).
-    raw.execute(read_sql(filename))
+    raw.execute(read_sql(f"migrations/{filename}"))
 
 
 @cache
@@ -124,3 +134,29 @@ def _sqlalchemy_engine(dsn: str) -> Any:
 
     return create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn),
                          poolclass=NullPool)
+
+
+def procedure_query(conn: psycopg.Connection[Any], function: str, cte: str,
+                    variables: dict[str, str]) -> str:
+    """The statement behind CTE ``cte`` of procedure ``function``, as the database holds it.
+
+    One source for the statements that the tests and the benchmark EXPLAIN (the
+    claim's candidates, the scheduler's due timers): they read the installed
+    procedure instead of keeping a copy. ``variables`` maps the procedure's
+    parameters and locals (``p_limit``) to what replaces them (``%(limit)s``, ``$1``).
+    """
+    row = conn.execute("select prosrc from pg_catalog.pg_proc"
+                       " where oid = %s::regproc", (function,)).fetchone()
+    if row is None:
+        raise errors.SchemaNotMigrated(f"{function} is not installed")
+    source: str = row[0]
+    start = re.search(rf"\b{re.escape(cte)} as materialized \(", source)
+    if start is None:
+        raise LookupError(f"{function} has no CTE {cte!r}")
+    depth, end = 1, start.end()
+    while depth:
+        depth += {"(": 1, ")": -1}.get(source[end], 0)
+        end += 1
+    body = source[start.end():end - 1]
+    return re.sub(r"\b(" + "|".join(map(re.escape, variables)) + r")\b",
+                  lambda m: variables[m.group(1)], body)

@@ -416,7 +416,7 @@ def test_a_database_owner_without_createrole_migrates_once_the_roles_exist(serve
 
 def _role_block(names: tuple[str, str, str]) -> str:
     """The role-creating DO block of sql/0002_roles.sql, for roles of these names."""
-    text = schema.read_sql("0002_roles.sql")
+    text = schema.read_sql("migrations/0002_roles.sql")
     block = re.search(r"^do \$\$\n.*?^\$\$;", text, re.S | re.M)
     assert block is not None and "create role" in block.group(0)
     body = block.group(0)

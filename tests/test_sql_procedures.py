@@ -21,6 +21,7 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from pgflow import schema
 from tests.helpers import wait_for
 from tests.sqlkit import (
     BAD_ARGUMENT,
@@ -725,24 +726,10 @@ def test_step_rows_that_break_the_state_machine_are_rejected(conn, columns, cons
 # 7. The claim's plan: independent of finished history
 # ---------------------------------------------------------------------------
 
-# The candidate query of pgflow.claim, copied: one ordered walk of runs_claimable per queue.
-CANDIDATES = """
-    select c.id
-    from unnest({queues}) as q(queue)
-    cross join lateral (
-        select r.id, r.priority, r.available_at
-        from pgflow.runs r
-        where r.status = 'pending'
-          and r.queue = q.queue
-          and r.available_at <= {now}
-          and (r.name, r.version) in (select t.n, t.v from unnest({names}, {versions}) as t(n, v))
-        order by r.priority desc, r.available_at
-        limit {limit}
-        for update skip locked
-    ) c
-    order by c.priority desc, c.available_at
-    limit {limit}
-"""
+def candidates(conn: Conn, queues: str, now: str, names: str, versions: str, limit: str) -> str:
+    """pgflow.claim's candidate query as installed: one ordered walk of runs_claimable per queue."""
+    return schema.procedure_query(conn, "pgflow.claim", "candidates", {
+        "p_queues": queues, "v_now": now, "p_names": names, "p_versions": versions, "p_limit": limit})
 
 
 def assert_uses_runs_claimable(conn: Conn, explain: str) -> dict[str, Any]:
@@ -759,24 +746,24 @@ def test_the_claim_uses_the_claimable_index_whatever_the_history_and_sleepers(co
     ready = {start(conn, key=f"ready-{i}") for i in range(3)}
     conn.execute("analyze pgflow.runs")
 
-    candidates = CANDIDATES.format(queues="array['default']", now="pgflow.now()", names="array['wf']",
-                                   versions="array['1']", limit="10")
-    assert_uses_runs_claimable(conn, "explain (format json) " + candidates)
+    one_queue = candidates(conn, queues="array['default']", now="pgflow.now()", names="array['wf']",
+                           versions="array['1']", limit="10")
+    assert_uses_runs_claimable(conn, "explain (format json) " + one_queue)
     # several queues: still one index walk each, no sort of the backlog
-    two_queues = CANDIDATES.format(queues="array['default', 'other']", now="pgflow.now()",
+    two_queues = candidates(conn, queues="array['default', 'other']", now="pgflow.now()",
                                    names="array['wf']", versions="array['1']", limit="10")
     plan = assert_uses_runs_claimable(conn, "explain (format json) " + two_queues)
     assert not any(n["Node Type"] == "Seq Scan" for n in plan_nodes(plan))
     # Executed, it reads a small fraction of the table: none of the finished history.
-    plan = assert_uses_runs_claimable(conn, "explain (analyze, buffers, format json) " + candidates)
+    plan = assert_uses_runs_claimable(conn, "explain (analyze, buffers, format json) " + one_queue)
     assert plan["Actual Rows"] == 3
     pages = conn.execute("select relpages from pg_class where oid = 'pgflow.runs'::regclass").fetchone()[0]
     touched = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
     assert touched < pages / 10, f"the candidate query read {touched} blocks; runs has {pages} pages"
 
     # Inside pgflow.claim, PL/pgSQL ends up with a generic plan: check that one too.
-    conn.execute("prepare candidates(text[], timestamptz, text[], text[], integer) as " + CANDIDATES.format(
-        queues="$1", now="$2", names="$3", versions="$4", limit="$5"))
+    conn.execute("prepare candidates(text[], timestamptz, text[], text[], integer) as " + candidates(
+        conn, queues="$1", now="$2", names="$3", versions="$4", limit="$5"))
     conn.execute("set plan_cache_mode = force_generic_plan")
     assert_uses_runs_claimable(conn, "explain (format json) execute candidates("
                                      "array['default'], pgflow.now(), array['wf'], array['1'], 10)")

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgflow import schema
 from tests.sqlkit import (
     BAD_ARGUMENT,
     DUPLICATE_CHECKPOINT,
@@ -547,15 +548,9 @@ def test_retry_is_only_for_failed_runs(conn, workers, state):
 # 6. The scheduler's plans: independent of how many runs sleep
 # ---------------------------------------------------------------------------
 
-# The candidate query of pgflow.fire_timers, copied.
-DUE = """
-    select t.id, t.run_id
-    from pgflow.timers t
-    where t.due_at <= {now}
-    order by t.due_at
-    limit {limit}
-    for update skip locked
-"""
+def due_timers(conn: Conn, now: str, limit: str) -> str:
+    """pgflow.fire_timers' candidate query as installed: the due timers, earliest first."""
+    return schema.procedure_query(conn, "pgflow.fire_timers", "due", {"v_now": now, "p_limit": limit})
 
 
 
@@ -578,12 +573,13 @@ def test_fire_timers_reads_only_the_due_timers_among_100k_sleeping_runs(dsn, con
     conn.execute("analyze pgflow.runs")
     set_clock(conn, MINUTE)
 
-    assert_uses_timers_due(conn, "explain (format json) " + DUE.format(now="pgflow.now()", limit="1000"))
+    assert_uses_timers_due(
+        conn, "explain (format json) " + due_timers(conn, now="pgflow.now()", limit="1000"))
     plan = assert_uses_timers_due(
-        conn, "explain (analyze, format json) " + DUE.format(now="pgflow.now()", limit="1000"))
+        conn, "explain (analyze, format json) " + due_timers(conn, now="pgflow.now()", limit="1000"))
     assert plan["Actual Rows"] == 3
     # Inside pgflow.fire_timers, PL/pgSQL may end up with a generic plan: check that one too.
-    conn.execute("prepare due(timestamptz, integer) as " + DUE.format(now="$1", limit="$2"))
+    conn.execute("prepare due(timestamptz, integer) as " + due_timers(conn, now="$1", limit="$2"))
     conn.execute("set plan_cache_mode = force_generic_plan")
     assert_uses_timers_due(conn, "explain (format json) execute due(pgflow.now(), 1000)")
     conn.execute("reset plan_cache_mode")

@@ -1,0 +1,78 @@
+-- pgflow engine, revision 0001: the durable execution core.
+--
+-- This file is the engine. Every state transition of a run is one call of a
+-- function below, atomic and fenced; the Python worker only calls them.
+--
+-- Who may call what is revision 0002's (sql/0002_roles.sql): the entry points
+-- run as the schema owner with a fixed search_path, and the roles
+-- pgflow_client, pgflow_worker and pgflow_reader each get their duty's share.
+--
+-- Public procedures (stable, callable from a client, trigger or psql):
+--   pgflow.start(name, input, key, queue, priority, delay, version, timeout)  new run
+--   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
+--   pgflow.now()                                                      engine clock
+--   pgflow.max_payload_bytes()    the size limit of every JSON payload (see Limits)
+--
+-- Worker procedures (called by `pgflow worker`):
+--   pgflow.register_worker(...)   join: takes the worker's liveness lock
+--   pgflow.heartbeat(worker)      still alive
+--   pgflow.claim(worker, ...)     lease ready runs, with their journals
+--   pgflow.complete_step(...)     checkpoint a step result
+--   pgflow.fail_step(...)         record a failed attempt; back off or give up
+--   pgflow.complete_run(...)      the workflow returned
+--   pgflow.complete_batch(...)    many runs' checkpoints, completions, sleeps: one transaction
+--   pgflow.fail_run(...)          the workflow raised
+--   pgflow.release_run(...)       give a run back unfinished (draining worker)
+--   pgflow.sleep(...)             suspend a run until a time (durable timer)
+--   pgflow.record_value(...)      journal ctx.now() / uuid4() / random() / patched()
+--   pgflow.recover(stale_after)   give back runs of dead workers
+--
+-- Scheduler procedures (called by the one scheduler leader, and by tests):
+--   pgflow.fire_timers(limit)     wake the runs whose timers are due
+--   pgflow.next_timer_in()        seconds until the earliest timer
+--   pgflow.advance_time(delta)    move the engine clock and fire what came due
+--
+-- Interaction and composition (worker side):
+--   pgflow.wait_signal(...)       take a queued signal, or wait for one
+--   pgflow.set_state(...)         publish a value (pgflow.run_state)
+--   pgflow.start_child(...), pgflow.wait_child(...), pgflow.map(...)
+--   pgflow.continue_as_new(...)   finish this run, start its successor
+--   pgflow.cancel_run(...)        the workflow ended by cancellation
+--
+-- Operator procedures (public):
+--   pgflow.signal(run, name, payload)  deliver a signal
+--   pgflow.cancel(run)            cancel a run and its children
+--   pgflow.retry(run)             resume a failed run from its last checkpoint
+--   pgflow.purge(older_than, batch)  delete old finished runs, one bounded batch a call
+--
+-- Fencing: a claim bumps runs.lease_token and hands it to the worker. Every
+-- report names that token; a report whose token is no longer current (the
+-- run was recovered and re-claimed) raises SQLSTATE PF001 and writes nothing.
+--
+-- Lock order: a transition that touches a leased or suspended run first takes
+-- the run's transaction-scoped advisory lock (pgflow._lock_run), then rows.
+-- Claim is the one exception: it moves pending runs, guarded by FOR UPDATE
+-- SKIP LOCKED on the run rows themselves.
+--
+-- Error codes raised here (class PF):
+--   PF001 lease lost          PF002 bad argument / unknown workflow
+--   PF003 worker unknown      PF004 duplicate checkpoint
+--   PF005 key conflict        PF006 run not in a state that allows this
+--   PF404 unknown run
+--
+-- Limits: every JSON payload a caller hands in (workflow input, signal
+-- payload, state value, recorded value, continue-as-new input, map item) is
+-- at most pgflow.max_payload_bytes() as stored (pg_column_size of the jsonb:
+-- O(1), no serialization); a larger one raises PF002 naming it, its size and
+-- the limit, and writes nothing. A failure report's error is never refused
+-- (that would leave the run stuck): one over the limit is cut down
+-- (pgflow._bounded_error). Names are 1..200 characters, keys (idempotency
+-- and state) 1..1024 bytes, delays and timeouts at most 100 years.
+--
+-- Two clocks: pgflow.now() is business time (created_at, delays, back-offs,
+-- sleeps); tests move it with pgflow.advance_time(), which also fires the
+-- timers that come due. Worker liveness (heartbeats) uses the real clock, so
+-- moving business time never kills workers.
+
+
+create schema if not exists pgflow;

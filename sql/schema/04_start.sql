@@ -1,0 +1,201 @@
+-- ---------------------------------------------------------------------------
+-- Starting runs (public)
+-- ---------------------------------------------------------------------------
+
+-- Refuse an input that cannot bind to a workflow's parameters, the way
+-- Python's Signature.bind would: a JSON array fills the positional
+-- parameters in order, a JSON object names them.
+create function pgflow._check_input(p_name text, p_version text, p_params jsonb, p_input jsonb)
+returns void
+language plpgsql immutable
+as $$
+declare
+    v_positional text[];   -- what a JSON array fills, in order
+    v_named      text[];   -- what a JSON object may name
+    v_required   text[];
+    v_var_args   boolean;
+    v_var_kwargs boolean;
+    v_given      integer;
+    v_bad        text[];
+    v_what       text := pg_catalog.format('workflow %L (version %L)', p_name, p_version);
+begin
+    if p_params is null then
+        return;
+    end if;
+    select coalesce(array_agg(a.p ->> 'name' order by a.i)
+                        filter (where a.p ->> 'kind' in ('positional_only', 'positional')), '{}'),
+           coalesce(array_agg(a.p ->> 'name' order by a.i)
+                        filter (where a.p ->> 'kind' in ('positional', 'keyword_only')), '{}'),
+           coalesce(array_agg(a.p ->> 'name' order by a.i)
+                        filter (where (a.p ->> 'required')::boolean), '{}'),
+           coalesce(bool_or(a.p ->> 'kind' = 'var_positional'), false),
+           coalesce(bool_or(a.p ->> 'kind' = 'var_keyword'), false)
+    into v_positional, v_named, v_required, v_var_args, v_var_kwargs
+    from jsonb_array_elements(p_params) with ordinality as a(p, i);
+
+    if jsonb_typeof(p_input) = 'array' then
+        v_given := jsonb_array_length(p_input);
+        if v_given > cardinality(v_positional) and not v_var_args then
+            raise exception using errcode = 'PF002',
+                message = pg_catalog.format('%s takes %s positional argument(s)%s, got %s',
+                    v_what, cardinality(v_positional),
+                    coalesce(' (' || pg_catalog.array_to_string(v_positional, ', ') || ')', ''),
+                    v_given);
+        end if;
+        v_bad := array(select r from unnest(v_required) r
+                       where not r = any(v_positional[1:v_given]));
+    else
+        if not v_var_kwargs then
+            v_bad := array(select k from jsonb_object_keys(p_input) k
+                           where not k = any(v_named) order by k);
+            if cardinality(v_bad) > 0 then
+                raise exception using errcode = 'PF002',
+                    message = pg_catalog.format('%s has no parameter %s (its parameters: %s)',
+                        v_what, pg_catalog.array_to_string(v_bad, ', '),
+                        coalesce(nullif(pg_catalog.array_to_string(v_named, ', '), ''), 'none'));
+            end if;
+        end if;
+        v_bad := array(select r from unnest(v_required) r
+                       where not (r = any(v_named) and p_input ? r));
+    end if;
+    if cardinality(v_bad) > 0 then
+        raise exception using errcode = 'PF002',
+            message = pg_catalog.format('%s is missing required argument(s) %s', v_what,
+                                        pg_catalog.array_to_string(v_bad, ', '));
+    end if;
+end;
+$$;
+
+-- Start a run of workflow `name`. Runs inside the caller's transaction: the
+-- run exists if and only if that transaction commits. With `key`, a second
+-- start returns the existing run's id. Without `version`, the newest version
+-- a live worker serves is used (else the newest any worker ever announced),
+-- with its queue unless `queue` is given.
+-- pgflow.start and pgflow.start_child share this body; only start_child
+-- (fenced by its parent's lease) may name a parent, so _start is not public.
+create function pgflow._start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    parent_id uuid default null,
+    timeout  interval default null
+) returns uuid
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_version text := _start.version;
+    v_queue   text := _start.queue;
+    v_timeout interval := _start.timeout;
+    v_params  jsonb;
+    v_now     timestamptz := pgflow.now();
+    v_id      uuid;
+    v_name    text;
+begin
+    perform pgflow._check_name(_start.name, 'workflow name');
+    if _start.name like 'pgflow.%' then
+        raise exception using errcode = 'PF002',
+            message = format('workflow name %L is reserved: names beginning with "pgflow." '
+                             'belong to pgflow''s internal workflows', _start.name);
+    end if;
+    if _start.input is null or jsonb_typeof(_start.input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    perform pgflow._check_payload(_start.input, format('the input of workflow %L', _start.name));
+    if _start.key is not null then
+        perform pgflow._check_key(_start.key, 'key');
+    end if;
+    if _start.queue is not null then
+        perform pgflow._check_name(_start.queue, 'queue');
+    end if;
+    if _start.version is not null then
+        perform pgflow._check_name(_start.version, 'version');
+    end if;
+    perform pgflow._check_span(_start.delay, 'delay', true);
+    perform pgflow._check_span(_start.timeout, 'timeout', false);
+
+    if v_version is null or v_queue is null then
+        -- The newest version a live worker serves; else the newest ever seen.
+        select w.version, w.queue, w.timeout, w.params into v_version, v_queue, v_timeout, v_params
+        from pgflow.workflows w
+        where w.name = _start.name
+          and (_start.version is null or w.version = _start.version)
+        order by exists (
+                     select 1 from pgflow.workers k
+                     where k.workflows @> jsonb_build_array(
+                               jsonb_build_object('name', w.name, 'version', w.version))) desc,
+                 w.first_seen desc
+        limit 1;
+        if not found and _start.version is null then
+            raise exception using errcode = 'PF002',
+                message = format('unknown workflow %L: no worker has registered it '
+                                 '(start a worker that defines it; from SQL, version => ... '
+                                 'starts it before any worker has)', _start.name);
+        end if;
+        v_version := coalesce(_start.version, v_version);
+        v_queue := coalesce(_start.queue, v_queue, 'default');
+        v_timeout := coalesce(_start.timeout, v_timeout);
+    else
+        -- Version and queue given (the Python client with the workflow's code):
+        -- one primary-key probe for the parameters its workers announced.
+        select w.params into v_params
+        from pgflow.workflows w
+        where w.name = _start.name and w.version = v_version;
+    end if;
+    perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
+
+    insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
+                                  timeout, created_at, available_at)
+    values (_start.name, v_version, v_queue, _start.key,
+            case when coalesce(_start.delay, interval '0') > interval '0'
+                 then 'sleeping' else 'pending' end,
+            coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
+            v_now + coalesce(_start.delay, interval '0'))
+    on conflict (key) where key is not null do nothing
+    returning r.id into v_id;
+
+    if v_id is null then
+        -- Idempotent start: the key is taken (by a committed run, or one whose
+        -- transaction we just waited for).
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = _start.key;
+        if v_name is distinct from _start.name then
+            raise exception using errcode = 'PF005',
+                message = format('key %L is already used by a run of workflow %L', _start.key, v_name);
+        end if;
+        return v_id;
+    end if;
+
+    if v_timeout is not null then
+        perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
+    end if;
+    if coalesce(_start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + _start.delay);
+    else
+        perform pgflow._notify_ready(v_queue);
+    end if;
+    return v_id;
+end;
+$$;
+
+-- The public entry point: everything of _start but the parent, which only a
+-- running parent may set (start_child).
+create function pgflow.start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    timeout  interval default null
+) returns uuid
+language sql
+as $$
+    select pgflow._start(start.name, start.input, start.key, start.queue, start.priority,
+                         start.delay, start.version, null, start.timeout)
+$$;

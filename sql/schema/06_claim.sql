@@ -1,0 +1,76 @@
+-- ---------------------------------------------------------------------------
+-- Claiming
+-- ---------------------------------------------------------------------------
+
+-- Lease up to p_limit ready runs of the given queues whose (name, version)
+-- the worker has code for, highest priority first, oldest first. Each comes
+-- with its journal so that replay needs no further round trip.
+create function pgflow.claim(
+    p_worker_id uuid,
+    p_queues    text[],
+    p_names     text[],
+    p_versions  text[],
+    p_limit     integer
+) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
+                 journal jsonb, cancel_requested boolean, cancel_seq integer)
+language plpgsql
+-- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
+-- this statement on every call (its array parameters make each custom plan
+-- look cheaper), which cost 0.3 ms a call, half the claim (measured). The
+-- generic plan walks the same indexes (tests/test_sql_procedures.py).
+set plan_cache_mode = force_generic_plan
+as $$
+#variable_conflict use_column
+declare
+    v_now timestamptz := pgflow.now();
+begin
+    if p_limit is null or p_limit < 1 then
+        raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
+    end if;
+    if not exists (select 1 from pgflow.workers w where w.id = p_worker_id) then
+        raise exception using errcode = 'PF003',
+            message = format('worker %s is not registered (declared dead?)', p_worker_id);
+    end if;
+
+    -- One ordered walk of runs_claimable per queue (an `= any(queues)` filter
+    -- would read and sort every ready run of those queues on each claim),
+    -- then the best p_limit of the per-queue candidates. Candidates beyond
+    -- p_limit stay locked until this statement's transaction ends, which
+    -- only makes other claimers skip them for that instant.
+    return query
+    with candidates as materialized (
+        select c.id
+        from pg_catalog.unnest(p_queues) as q(queue)
+        cross join lateral (
+            select r.id, r.priority, r.available_at
+            from pgflow.runs r
+            where r.status = 'pending'
+              and r.queue = q.queue
+              and r.available_at <= v_now
+              and (r.name, r.version) in (select t.n, t.v from unnest(p_names, p_versions) as t(n, v))
+            order by r.priority desc, r.available_at
+            limit p_limit
+            for update skip locked
+        ) c
+        order by c.priority desc, c.available_at
+        limit p_limit
+    ), claimed as (
+        update pgflow.runs r
+        set status = 'running', lease_owner = p_worker_id, lease_token = r.lease_token + 1,
+            started_at = coalesce(r.started_at, v_now)
+        from candidates c
+        where r.id = c.id
+        returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
+                  r.cancel_seq
+    )
+    select c.id, c.name, c.version, c.input, c.lease_token,
+           coalesce((select jsonb_agg(jsonb_build_object(
+                                 'seq', s.seq, 'name', s.name, 'kind', s.kind, 'status', s.status,
+                                 'attempts', s.attempts, 'output', s.output, 'error', s.error)
+                             order by s.seq)
+                     from pgflow.steps s where s.run_id = c.id),
+                    '[]'::jsonb),
+           c.cancel_requested, c.cancel_seq
+    from claimed c;
+end;
+$$;
