@@ -96,6 +96,8 @@ def migrate(dsn: DsnOption = None) -> None:
     """Create or upgrade the pgflow schema (safe to repeat, safe to run concurrently)."""
     with _user_errors():
         target = dsn_resolution.resolve(dsn)
+        for note in schema.breaking_notes(target):
+            typer.echo(f"pgflow: stop every worker before this migration: {note}", err=True)
         revision = schema.migrate(target)
         typer.echo(f"pgflow schema is at revision {revision}")
 

@@ -4,6 +4,7 @@
 
     PgflowError
     ├── SchemaNotMigrated      the pgflow schema is missing or older than this code
+    ├── SchemaTooNew           a newer pgflow migrated the schema beyond what this code can run
     ├── WorkflowNotFound       no workflow of that name (and version)
     ├── RunNotFound            no run with that id
     ├── KeyConflict            idempotency key already used by another workflow
@@ -48,6 +49,7 @@ __all__ = [
     "RunNotFound",
     "RunStateError",
     "SchemaNotMigrated",
+    "SchemaTooNew",
     "SignalTimeout",
     "StepFailed",
     "StepTimeout",
@@ -64,6 +66,14 @@ class PgflowError(Exception):
 
 class SchemaNotMigrated(PgflowError):
     """The pgflow schema is missing or at another revision: run ``pgflow migrate``."""
+
+
+class SchemaTooNew(PgflowError):
+    """A newer pgflow migrated the schema past what this code can run: upgrade pgflow here.
+
+    Newer revisions usually accept older workers; one that cannot says so
+    (``pgflow.min_worker_revision()``), and ``pgflow migrate`` printed its note.
+    """
 
 
 class WorkflowNotFound(PgflowError, LookupError):

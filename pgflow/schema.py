@@ -112,18 +112,71 @@ def _revision(conn: psycopg.Connection[Any]) -> str | None:
     return row[0] if row else None
 
 
-def check(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`errors.SchemaNotMigrated` unless the schema is at this pgflow's head."""
+# The oldest schema revision whose procedures this code calls. Raise it when the
+# code starts to call something a later revision added (see sql/README.md,
+# "Compatibility"); this code also runs on any newer revision that still
+# accepts its workers (pgflow.min_worker_revision()).
+MIN_REVISION = "0006_schema_compat"
+
+BREAKING_MARK = "-- breaking:"  # the first line of a revision that needs workers stopped
+
+
+def revision_number(revision: str) -> int:
+    """The position of a revision in the chain, from its name (``0006_schema_compat``: 6)."""
+    head, _, _ = revision.partition("_")
+    if not head.isdigit():
+        raise errors.PgflowError(f"unexpected pgflow schema revision {revision!r}")
+    return int(head)
+
+
+def supported_revisions() -> str:
+    """The revisions this pgflow works with, as a worker says it."""
+    return (f"{MIN_REVISION} to {head_revision()}, and later revisions that still accept "
+            "its workers")
+
+
+def check(conn: psycopg.Connection[Any]) -> str:
+    """Raise unless this code can work with the database's schema; return its revision.
+
+    Accepted: any revision from :data:`MIN_REVISION` to this pgflow's head, and a
+    newer one (migrated by a newer pgflow) whose ``pgflow.min_worker_revision()``
+    this pgflow knows. Older: :class:`errors.SchemaNotMigrated` (run ``pgflow
+    migrate``); newer and incompatible: :class:`errors.SchemaTooNew`.
+    """
     found = _revision(conn)
-    wanted = head_revision()
+    head = head_revision()
     if found is None:
         raise errors.SchemaNotMigrated(
             f"the pgflow schema is not installed in database {conn.info.dbname!r}: "
             "run `pgflow migrate` first")
-    if found != wanted:
+    if revision_number(found) < revision_number(MIN_REVISION):
         raise errors.SchemaNotMigrated(
             f"the pgflow schema in database {conn.info.dbname!r} is at revision {found}, "
-            f"this pgflow needs {wanted}: run `pgflow migrate`")
+            f"this pgflow works with {supported_revisions()}: run `pgflow migrate`")
+    if revision_number(found) > revision_number(head):
+        row = conn.execute("select pgflow.min_worker_revision()").fetchone()
+        floor = row[0] if row else found
+        if revision_number(floor) > revision_number(head):
+            raise errors.SchemaTooNew(
+                f"the pgflow schema in database {conn.info.dbname!r} is at revision {found}, "
+                f"which needs pgflow code that knows revision {floor} or later; this pgflow "
+                f"knows revisions up to {head}: upgrade pgflow here")
+    return found
+
+
+def breaking_notes(dsn: str) -> list[str]:
+    """What the revisions still to apply say in a ``-- breaking:`` first line, one a revision."""
+    current = current_revision(dsn)
+    after = -1 if current is None else revision_number(current)
+    notes = []
+    for path in sorted((sql_dir() / "migrations").glob("[0-9]*.sql")):
+        revision = path.name.removesuffix(".sql")
+        if revision.endswith(".down") or revision_number(revision) <= after:
+            continue
+        first = path.read_text(encoding="utf-8").partition("\n")[0]
+        if first.startswith(BREAKING_MARK):
+            notes.append(f"revision {revision}: {first.removeprefix(BREAKING_MARK).strip()}")
+    return notes
 
 
 def _sqlalchemy_engine(dsn: str) -> Any:

@@ -93,6 +93,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._stopping = threading.Event()
         self._inflight: set[asyncio.Task[None]] = set()  # until each run's last report is made
+        self._schema_revision: str | None = None  # checked when the worker starts
 
     @property
     def worker_id(self) -> Any:
@@ -157,6 +158,8 @@ class Worker:
         procedures = Procedures(pool, claim_pool=claim_pool)
         self._reporter = Reporter(procedures)
         await self._membership.connect()
+        logger.info("pgflow schema at revision %s (this worker works with %s)",
+                    self._schema_revision, schema.supported_revisions())
         membership_task = asyncio.create_task(self._membership.run(self._stop))
         scheduler_task = (asyncio.create_task(self.scheduler.run(self._stop))
                           if self.scheduler is not None else None)
@@ -178,7 +181,7 @@ class Worker:
 
     def _check_schema(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            schema.check(conn)
+            self._schema_revision = schema.check(conn)
 
     # -- claiming -----------------------------------------------------------
 

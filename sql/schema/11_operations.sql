@@ -106,3 +106,16 @@ begin
     return cardinality(v_ids);
 end;
 $$;
+
+-- ---------------------------------------------------------------------------
+-- Compatibility of workers and schema (pgflow.schema.check, sql/README.md)
+-- ---------------------------------------------------------------------------
+
+-- The oldest revision a worker may be built for and still run on this schema.
+-- Workers of code that knows this revision (or a newer one) work here; a
+-- revision that older workers cannot run with raises it to itself.
+create function pgflow.min_worker_revision() returns text
+language sql immutable
+as $$
+    select '0006_schema_compat'::text
+$$;

@@ -123,6 +123,7 @@ as $$
     ('invoker', 'now',               '{pgflow_worker,pgflow_client,pgflow_reader}'),
     ('invoker', 'uuid_v7',           '{}'),  -- column default of runs.id, used by start()
     ('invoker', 'max_payload_bytes', '{pgflow_worker,pgflow_client,pgflow_reader}'),  -- a constant
+    ('invoker', 'min_worker_revision', '{pgflow_worker,pgflow_client,pgflow_reader}'),  -- 0006
     -- == END OF GRANT LIST ==
     -- Everyone: the version check (pgflow.schema.check) and the engine clock.
     ('relation', 'alembic_version',  '{pgflow_worker,pgflow_client,pgflow_reader}'),
