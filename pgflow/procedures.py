@@ -1,4 +1,4 @@
-"""The worker's calls of the engine's stored procedures (see ``sql/0001_core.sql``).
+"""The worker's calls of the engine's stored procedures (``sql/schema/``, mapped in ``sql/README.md``).
 
 One function a procedure, one round trip each, on autocommit connections:
 every call is its own transaction. Errors raised by the procedures come back

@@ -48,10 +48,11 @@ NON_BREAKING = f"""
     create function pgflow.future_feature() returns integer language sql as $$ select 1 $$;
     update pgflow.alembic_version set version_num = '{FUTURE}';
 """
-BREAKING = NON_BREAKING + f"""
+FLOOR_RAISED = f"""
     create or replace function pgflow.min_worker_revision() returns text
     language sql immutable as $$ select '{FUTURE}'::text $$;
 """
+BREAKING = NON_BREAKING + FLOOR_RAISED
 
 
 def _migrated_by_a_newer_pgflow(dsn: str, sql: str) -> None:
@@ -71,7 +72,7 @@ def test_the_code_accepts_its_range_of_revisions(dsn):
     _migrated_by_a_newer_pgflow(dsn, NON_BREAKING)     # newer, still accepts these workers
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert schema.check(conn) == FUTURE
-    _migrated_by_a_newer_pgflow(dsn, BREAKING)         # newer, and says it needs newer workers
+    _migrated_by_a_newer_pgflow(dsn, FLOOR_RAISED)     # newer, and says it needs newer workers
     with psycopg.connect(dsn, autocommit=True) as conn, \
             pytest.raises(pgflow.SchemaTooNew, match="upgrade pgflow here"):
         schema.check(conn)

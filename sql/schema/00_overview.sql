@@ -1,11 +1,15 @@
--- pgflow engine, revision 0001: the durable execution core.
+-- pgflow engine: an overview of sql/schema/, the engine as it is now.
 --
--- This file is the engine. Every state transition of a run is one call of a
--- function below, atomic and fenced; the Python worker only calls them.
+-- The files of this folder, read in order (00 to 12), are the engine: every
+-- state transition of a run is one call of a function they define, atomic
+-- and fenced; the Python worker only calls them. sql/README.md maps each
+-- behaviour to its file. What Alembic applies to a database is the frozen
+-- chain in sql/migrations/; tests/test_schema_layout.py proves that both build
+-- the same catalog.
 --
--- Who may call what is revision 0002's (sql/0002_roles.sql): the entry points
--- run as the schema owner with a fixed search_path, and the roles
--- pgflow_client, pgflow_worker and pgflow_reader each get their duty's share.
+-- Who may call what is 12_roles.sql's: the entry points run as the schema
+-- owner with a fixed search_path, and the roles pgflow_client, pgflow_worker
+-- and pgflow_reader each get their duty's share.
 --
 -- Public procedures (stable, callable from a client, trigger or psql):
 --   pgflow.start(name, input, key, queue, priority, delay, version, timeout)  new run
@@ -30,7 +34,8 @@
 -- Scheduler procedures (called by the one scheduler leader, and by tests):
 --   pgflow.fire_timers(limit)     wake the runs whose timers are due
 --   pgflow.next_timer_in()        seconds until the earliest timer
---   pgflow.advance_time(delta)    move the engine clock and fire what came due
+--   pgflow.advance_time(delta)    move the engine clock and fire what came due (tests)
+--   pgflow.reset_time(offset)     put the engine clock back (tests)
 --
 -- Interaction and composition (worker side):
 --   pgflow.wait_signal(...)       take a queued signal, or wait for one
@@ -44,6 +49,7 @@
 --   pgflow.cancel(run)            cancel a run and its children
 --   pgflow.retry(run)             resume a failed run from its last checkpoint
 --   pgflow.purge(older_than, batch)  delete old finished runs, one bounded batch a call
+--   pgflow.min_worker_revision()  the oldest worker code that may run on this schema
 --
 -- Fencing: a claim bumps runs.lease_token and hands it to the worker. Every
 -- report names that token; a report whose token is no longer current (the
