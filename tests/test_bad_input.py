@@ -477,8 +477,18 @@ def test_cli_signal_delivers_or_prints_one_error_line(dsn, registered, payload_t
     run_id = registered.execute("select pgflow.start('wf', '[]', version => '1')").fetchone()[0]
     code, stdout, stderr = cli_outcome(["signal", str(run_id), name, "--payload", payload_text,
                                         "--dsn", dsn])
+    sent = registered.execute("select name, payload::text from pgflow.signals where run_id = %s",
+                              (run_id,)).fetchall()
     if code != 0:
         one_error_line(code, stdout, stderr)
+        assert sent == []  # a refused signal writes nothing
+        return
+    # exit 0: the signal is in the run's mailbox, with the payload given (compared as jsonb:
+    # numbers keep their exact decimal value there)
+    assert stdout.strip() == f"signal {name!r} sent to run {run_id}"
+    assert len(sent) == 1 and sent[0][0] == name
+    assert registered.execute("select %s::jsonb = %s::jsonb",
+                              (sent[0][1], json.dumps(json.loads(payload_text)))).fetchone()[0]
 
 
 @given(run_id=st.text(max_size=40).filter(lambda t: "\x00" not in t and not t.startswith("-")),
