@@ -1,0 +1,65 @@
+"""W1b and W2: runs queued before the worker starts, then drained by one worker.
+
+The worker's own throughput, with no producer competing for the machine: W1b one-step runs/s,
+W2 steps/s of ten-step runs, both from the first claim to the last finish.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+import pgflow
+from bench import workflows
+from bench.harness import (
+    WORKER_CONCURRENCY,
+    Bench,
+    CpuMeter,
+    Spans,
+    db_work,
+    line,
+    log,
+    preload,
+    read_stats,
+    reset,
+    spans,
+    wait_finished,
+    worker_process,
+)
+
+W1B_RUNS = 5000  # W1b: runs queued before the worker starts
+W2_RUNS = 1000  # W2: runs of ten_steps queued before the worker starts
+
+
+def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int | None = None
+           ) -> tuple[Spans, dict[str, Any]]:
+    """Queue ``n`` runs, then start one worker and wait until it has finished them all."""
+    reset(b.dsn)
+    preload(b.dsn, workflow, n)
+    before = read_stats(b.dsn)
+    with worker_process(b, label) as worker, psycopg.connect(b.dsn, autocommit=True) as conn:
+        meter = CpuMeter(worker.pid, conn)
+        polls = wait_finished(conn, n, worker)
+        cpu = meter.report(conn, n)
+        s = spans(conn)
+    work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=0, steps=steps)
+    return s, {"concurrency": WORKER_CONCURRENCY, "failed": s.failed, **cpu, **work}
+
+
+def w1b_drain(b: Bench) -> list[dict[str, Any]]:
+    """Runs queued before the worker starts; runs/s from the first claim to the last finish."""
+    n = b.count(W1B_RUNS)
+    log(f"W1b: {n} one_step runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
+    s, extra = _drain(b, "w1b", workflows.one_step, n)
+    return [line("W1b_drain", n, s.from_started_s, n / s.from_started_s, None, None, **extra)]
+
+
+def w2_ten_steps(b: Bench) -> list[dict[str, Any]]:
+    """ten_steps runs queued, drained by one worker; steps/s."""
+    n = b.count(W2_RUNS)
+    steps = n * workflows.TEN
+    log(f"W2: {n} ten_steps runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
+    s, extra = _drain(b, "w2", workflows.ten_steps, n, steps=steps)
+    return [line("W2_ten_steps", steps, s.from_started_s, steps / s.from_started_s, None, None,
+                 runs=n, runs_per_sec=round(n / s.from_started_s, 1), **extra)]
