@@ -15,6 +15,7 @@ import pgflow
 from bench import workflows
 from bench.harness import WORKER_CONCURRENCY, Bench, log, reset
 from bench.workloads.producer import W1_RUNS, one_step_live
+from pgflow import schema
 
 # W5: W1 again after loading this much history (finished runs, one step each) and these many
 # runs asleep on a timer due in a day, bulk-inserted before the worker starts.
@@ -80,27 +81,11 @@ with made as (
 insert into pgflow.timers (run_id, kind, seq, due_at, created_at)
 select m.id, 'sleep', 0, m.due_at, m.slept_at from made m
 """
-# The claim's candidate query (pgflow.claim), run as the worker's claim would: its queues, the
-# (name, version) pairs it has code for, a limit of its concurrency.
-CLAIM_CANDIDATES_EXPLAIN = """
-explain (analyze, buffers, format json)
-select c.id
-from pg_catalog.unnest(%(queues)s::text[]) as q(queue)
-cross join lateral (
-    select r.id, r.priority, r.available_at
-    from pgflow.runs r
-    where r.status = 'pending'
-      and r.queue = q.queue
-      and r.available_at <= pgflow.now()
-      and (r.name, r.version) in (select t.n, t.v
-                                  from unnest(%(names)s::text[], %(versions)s::text[]) as t(n, v))
-    order by r.priority desc, r.available_at
-    limit %(limit)s
-    for update skip locked
-) c
-order by c.priority desc, c.available_at
-limit %(limit)s
-"""
+# The claim's candidate query, read from the installed pgflow.claim and run as the worker's
+# claim would: its queues, the (name, version) pairs it has code for, a limit of its concurrency.
+CLAIM_VARIABLES = {"p_queues": "%(queues)s::text[]", "v_now": "pgflow.now()",
+                   "p_names": "%(names)s::text[]", "p_versions": "%(versions)s::text[]",
+                   "p_limit": "%(limit)s"}
 TABLE_SIZES_SQL = ("select pg_total_relation_size('pgflow.runs'), pg_total_relation_size('pgflow.steps'),"
                    " pg_total_relation_size('pgflow.timers')")
 
@@ -141,7 +126,8 @@ def claim_plan(dsn: str) -> dict[str, Any]:
     with psycopg.connect(dsn) as conn:
         for i in range(W5_PLAN_PENDING):
             pgflow.start(conn, workflows.one_step, i)
-        row = conn.execute(CLAIM_CANDIDATES_EXPLAIN, {
+        candidates = schema.procedure_query(conn, "pgflow.claim", "candidates", CLAIM_VARIABLES)
+        row = conn.execute("explain (analyze, buffers, format json) " + candidates, {
             "queues": sorted({w.queue for w in defined}), "names": [w.name for w in defined],
             "versions": [w.version for w in defined], "limit": WORKER_CONCURRENCY}).fetchone()
         conn.rollback()
