@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pgflow import codec, errors
 from pgflow.durations import as_timedelta
 from pgflow.retry import Retry
+from pgflow.validation import check_key, check_name, check_patch_id
 
 if TYPE_CHECKING:
     from pgflow.definitions import Step
@@ -232,9 +233,7 @@ class Context:
         For lambdas and plain functions; a ``@pgflow.step`` function keeps its
         retry policy, timeout and return type.
         """
-        from pgflow import definitions
-
-        definitions.check_name(name, "step name")
+        check_name(name, "step name")
         return self._call_step(fn, name, args, kwargs)
 
     def sleep(self, duration: timedelta | float) -> Any:
@@ -306,18 +305,14 @@ class Context:
         Signals sent earlier wait in the run's mailbox and are taken in order,
         each once. Raises :class:`~pgflow.errors.SignalTimeout` after ``timeout``.
         """
-        from pgflow import definitions
-
-        definitions.check_name(name, "signal name")
+        check_name(name, "signal name")
         limit = None if timeout is None else as_timedelta(timeout, "signal timeout")
         seq, entry = self._replay(name, "signal")
         return self._durable(self._wait_signal(seq, entry, name, limit))
 
     def set_state(self, key: str, value: Any) -> Any:
         """Publish ``value`` under ``key``: ``pgflow.get_state`` and view ``pgflow.run_state``."""
-        from pgflow import queries
-
-        queries.check_key(key, "state key")
+        check_key(key, "state key")
         data = codec.to_json(value, f"state {key!r}")
         return self._durable(self._set_state(key, data))
 
@@ -646,12 +641,6 @@ class Context:
         entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)
         self._journal[live.seq] = entry
         raise _step_failed(live.name, entry) from exc
-
-
-def check_patch_id(patch_id: object) -> None:
-    if not isinstance(patch_id, str) or not patch_id.strip() or len(patch_id) > 200:
-        raise ValueError(f"a patch id must be a non-empty string of at most 200 characters, "
-                         f"got {patch_id!r}")
 
 
 def _decode_datetime(data: Any) -> datetime:
