@@ -3,6 +3,10 @@
 A decorated workflow stays callable as a plain function; a decorated step is
 checkpointed when called inside a running workflow and is a plain call
 anywhere else, so both can be unit-tested without a database.
+
+Inside a workflow a step call goes to the engine (:mod:`pgflow.replay`) of the
+workflow that :func:`pgflow.steps.current` finds running; the argument checks
+are :mod:`pgflow.validation`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
-from pgflow import codec
+from pgflow import codec, steps
 from pgflow.retry import Retry
 from pgflow.validation import check_name, check_retry, check_timeout
 
@@ -69,9 +73,7 @@ class Step:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from pgflow import context
-
-        ctx = context.current()
+        ctx = steps.current()
         if ctx is None:
             return self.fn(*args, **kwargs)
         return ctx._call_step(self, self.name, args, kwargs)

@@ -3,6 +3,10 @@
 Statements use ``%s`` placeholders and pass JSON as text cast to ``jsonb``,
 so they run unchanged on any DB-API driver with the ``format`` paramstyle
 (psycopg 3, and psycopg2 underneath SQLAlchemy).
+
+Argument checks are :mod:`pgflow.validation`'s and payload encoding
+:mod:`pgflow.codec`'s; :func:`start_params` also builds ``ctx.start_child``'s
+request in the engine (:mod:`pgflow.replay`).
 """
 
 from __future__ import annotations
