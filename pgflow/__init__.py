@@ -3,6 +3,17 @@
 Declare workflows and steps with :func:`workflow` and :func:`step`, start
 runs with :func:`start` inside your own transaction, and run them with
 ``pgflow worker`` (or :class:`Worker`). All state lives in schema ``pgflow``.
+
+Where things are: :mod:`pgflow.context` is what a workflow sees (``ctx``), one
+line a call over the replay engine :mod:`pgflow.replay` (journal positions,
+cancellation, reports; a sleep is reported there and becomes a timer in SQL,
+``pgflow.sleep``). :mod:`pgflow.steps` calls a live step (timeouts, threads)
+and picks its retry policy; ``pgflow.fail_step`` in SQL decides whether and when
+it runs again. :mod:`pgflow.journal` holds the journal's types,
+:mod:`pgflow.validation` the argument checks, :mod:`pgflow.definitions` the
+decorators. The worker: :mod:`pgflow.worker` (claims), :mod:`pgflow.runner`
+(one run), :mod:`pgflow.reporter` and :mod:`pgflow.procedures` (the database
+calls). The SQL engine: ``sql/README.md``. The import graph: ``pgflow/replay.py``.
 """
 
 from pgflow import testing

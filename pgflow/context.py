@@ -1,79 +1,42 @@
-"""The workflow context: deterministic replay against a run's journal.
+"""``pgflow.Context``: what a workflow can ask of the engine, and nothing else.
 
-Every durable call (a step, and later sleeps, signals, children) takes the
-next sequence number. If the journal already holds an entry at that number,
-its recorded result is returned without running anything (after checking that
-the code still asks for the same thing). The first unrecorded call runs live
-and is checkpointed before the workflow continues.
-
-Control flow that must unwind the workflow function (suspending the run,
-giving it back while draining, a lost lease) uses internal ``BaseException``
-subclasses, so ``except Exception`` in workflow code cannot swallow it.
+Every method is a documented one-liner over the replay engine
+(:class:`pgflow.replay.Replay`), which holds the run's journal, its position
+and its pending reports; workflow code never sees that state. Where the rest
+lives: replay, cancellation and the reports of each durable call in
+:mod:`pgflow.replay`; how a step's function runs (timeouts, threads) and which
+retry policy applies in :mod:`pgflow.steps`; argument checks in
+:mod:`pgflow.validation`; sagas in :mod:`pgflow.saga`; the decorators in
+:mod:`pgflow.definitions`. Retries are decided in SQL (``pgflow.fail_step``)
+and a sleep becomes a timer there too (``sql/README.md``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import random
-import threading
-import time
-import traceback
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-from pgflow import codec, errors
-from pgflow.durations import as_timedelta
+from pgflow import steps
+from pgflow.journal import JournalEntry
+from pgflow.replay import ContinueAsNew, Replay, RunSession
 from pgflow.retry import Retry
+from pgflow.saga import Saga
 
-if TYPE_CHECKING:
-    from pgflow.definitions import Step
-
-__all__ = ["Context", "current"]
-
-_current: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
-    "pgflow_context", default=None)
+__all__ = ["ChildHandle", "Context", "current"]
 
 
 def current() -> Context | None:
     """The context of the workflow running in this thread or task, if any."""
-    return _current.get()
-
-
-class Suspend(BaseException):
-    """The run was put back in the database (e.g. a retry back-off); stop here."""
-
-
-class Release(BaseException):
-    """The worker is draining: give the run back at this durable point."""
-
-
-class Abandon(BaseException):
-    """A report failed (lease lost, database unreachable): stop driving this run.
-
-    Workflow code cannot catch it. If the lease was lost, another worker owns
-    the run; otherwise the worker gives up its membership so that recovery
-    hands the run to a healthy worker.
-    """
-
-
-class ContinueAsNew(BaseException):
-    """ctx.continue_as_new(): end this run and start the workflow again with new input."""
-
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        super().__init__("continue as new")
-        self.args_ = args
-        self.kwargs = kwargs
+    return steps.current()
 
 
 class ChildHandle:
     """A child run started by ``ctx.start_child``."""
 
-    def __init__(self, ctx: Context, run_id: uuid.UUID, workflow: Any) -> None:
-        self._ctx = ctx
+    def __init__(self, engine: Replay, run_id: uuid.UUID, workflow: Any) -> None:
+        self._engine = engine
         self.run_id = run_id
         self.workflow = workflow
 
@@ -82,115 +45,10 @@ class ChildHandle:
 
         Raises :class:`~pgflow.errors.ChildFailed` if the child failed or was cancelled.
         """
-        seq, entry = self._ctx._replay("child", "child")
-        return self._ctx._durable(self._ctx._child_result(seq, entry, self))
+        return self._engine.child_result(self)
 
     def __repr__(self) -> str:
         return f"<pgflow.ChildHandle {self.run_id}>"
-
-
-def _item_failed(step: str, index: int, item: dict[str, Any]) -> errors.StepFailed:
-    error = item.get("error") or {}
-    if item["status"] == "cancelled":
-        error = {"error_type": "pgflow.errors.WorkflowCancelled", "message": "cancelled"}
-    return errors.StepFailed(
-        step, str(error.get("error_type") or error.get("type", "Error")),
-        f"item {index}: {error.get('error_message') or error.get('message', '')}",
-        int(error.get("attempts") or 1), error.get("traceback"))
-
-
-@dataclass(frozen=True)
-class JournalEntry:
-    seq: int
-    name: str
-    kind: str
-    status: str  # completed | failed | retrying
-    attempts: int
-    output: Any
-    error: dict[str, Any] | None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JournalEntry:
-        return cls(seq=data["seq"], name=data["name"], kind=data["kind"], status=data["status"],
-                   attempts=data["attempts"], output=data.get("output"), error=data.get("error"))
-
-
-@dataclass(frozen=True)
-class _LiveStep:
-    """A step about to run for real (not replayed)."""
-
-    seq: int
-    name: str
-    fn: Callable[..., Any]
-    is_async: bool
-    decode: Callable[[Any], Any]
-    timeout: timedelta | None
-
-
-@dataclass(frozen=True)
-class FailOutcome:
-    outcome: str  # retry | failed
-    attempts: int
-
-
-class RunSession(Protocol):
-    """What the context needs from the worker running it."""
-
-    run_id: uuid.UUID
-    queue: str
-    default_retry: Retry
-
-    def at_live_point(self) -> None:
-        """Called before each durable call that will act for real (may raise to stop)."""
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any: ...
-    async def run_in_thread(self, fn: Callable[[], Any]) -> Any: ...
-    async def complete_step(self, seq: int, name: str, kind: str, output: Any,
-                            duration: timedelta, ended: float | None = None) -> bool: ...
-    async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
-                        duration: timedelta, retryable: bool, policy: Retry) -> FailOutcome: ...
-    async def sleep(self, seq: int, name: str, until: datetime | None,
-                    duration: timedelta | None,
-                    last_step: dict[str, Any] | None = None) -> str: ...
-    async def record_value(self, seq: int, kind: str, value: Any,
-                           name: str | None = None) -> Any: ...
-    async def wait_signal(self, seq: int, name: str,
-                          timeout: timedelta | None) -> tuple[str, Any]: ...
-    async def set_state(self, key: str, value: Any) -> bool: ...
-    async def start_child(self, seq: int, start: tuple[Any, ...]) -> uuid.UUID: ...
-    async def wait_child(self, seq: int, child_id: uuid.UUID) -> dict[str, Any] | None: ...
-    async def map(self, seq: int, name: str, inputs: list[Any], queue: str,
-                  version: str) -> dict[str, Any] | None: ...
-
-
-def error_json(exc: BaseException) -> dict[str, Any]:
-    """An exception as the ``{type, message, traceback}`` the engine records."""
-    cls = type(exc)
-    module = cls.__module__
-    type_name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-    data: dict[str, Any] = {
-        "type": _storable(type_name),
-        "message": _storable(str(exc)),
-        "traceback": _storable("".join(traceback.format_exception(cls, exc, exc.__traceback__))),
-    }
-    if isinstance(exc, errors.StepFailed):  # keep the step's own error for parents (ctx.map)
-        data.update(step=exc.step, error_type=exc.error_type, error_message=exc.message,
-                    attempts=exc.attempts)
-    return data
-
-
-def _storable(text: str) -> str:
-    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate.
-
-    An error message is whatever the code raised; refusing it would leave the
-    run unreportable (and retried forever), so it is mended instead.
-    """
-    return text.replace("\x00", "\\x00").encode("utf-8", "replace").decode("utf-8")
-
-
-def _step_failed(name: str, entry: JournalEntry) -> errors.StepFailed:
-    error = entry.error or {}
-    return errors.StepFailed(name, str(error.get("type", "Error")), str(error.get("message", "")),
-                             entry.attempts, error.get("traceback"))
 
 
 class Context:
@@ -205,26 +63,17 @@ class Context:
     def __init__(self, session: RunSession, journal: list[JournalEntry], *, is_async: bool,
                  workflow_retry: Retry | None = None, cancel_requested: bool = False,
                  cancel_seq: int | None = None) -> None:
-        self._session = session
-        self._journal = {entry.seq: entry for entry in journal}
-        self._is_async = is_async
-        self._workflow_retry = workflow_retry
-        self._seq = 0
-        # The last journal position recorded before this claim: below it, the
-        # workflow is replaying and publishes nothing again (see set_state).
-        self._replay_until = max(self._journal, default=-1)
-        self._cancel_requested = cancel_requested
-        self._cancel_seq = cancel_seq  # the suspension the cancel interrupted, if any
-        self._cancel_raised = False
-        # The last step's checkpoint, held until the workflow's next durable call
-        # (which sends it first) or its return (which sends it with the run's
-        # completion, one transaction instead of two).
-        self._unflushed: dict[str, Any] | None = None
+        self._engine = Replay(session, journal, is_async=is_async, child_handle=ChildHandle,
+                              workflow_retry=workflow_retry, cancel_requested=cancel_requested,
+                              cancel_seq=cancel_seq)
+        # What @pgflow.step calls, ctx.map items and saga compensations call: the
+        # engine's own method, bound once, so a step call costs no extra hop.
+        self._call_step = self._engine.call_step
 
     @property
     def workflow_id(self) -> uuid.UUID:
         """The run's id."""
-        return self._session.run_id
+        return self._engine.workflow_id
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` as a step named ``name``.
@@ -232,38 +81,30 @@ class Context:
         For lambdas and plain functions; a ``@pgflow.step`` function keeps its
         retry policy, timeout and return type.
         """
-        from pgflow import definitions
-
-        definitions.check_name(name, "step name")
-        return self._call_step(fn, name, args, kwargs)
+        return self._engine.step(name, fn, args, kwargs)
 
     def sleep(self, duration: timedelta | float) -> Any:
         """Suspend the run for ``duration`` (a timedelta or seconds) of engine time.
 
         No process waits: the run is parked with a timer and resumed by replay.
         """
-        delta = as_timedelta(duration, "sleep duration")
-        seq, entry = self._replay("sleep", "sleep")
-        return self._durable(self._sleep(seq, entry, None, delta))
+        return self._engine.sleep(duration)
 
     def sleep_until(self, when: datetime) -> Any:
         """Suspend the run until ``when`` (an aware datetime) on the engine clock."""
-        if not isinstance(when, datetime) or when.tzinfo is None:
-            raise TypeError(f"sleep_until needs an aware datetime, not {when!r}")
-        seq, entry = self._replay("sleep", "sleep")
-        return self._durable(self._sleep(seq, entry, when, None))
+        return self._engine.sleep_until(when)
 
     def now(self) -> Any:
         """The engine clock's time, recorded once: the same value on every replay."""
-        return self._recorded_value("now", None, _decode_datetime)
+        return self._engine.now()
 
     def uuid4(self) -> Any:
         """A random UUID, recorded once."""
-        return self._recorded_value("uuid4", str(uuid.uuid4()), uuid.UUID)
+        return self._engine.uuid4()
 
     def random(self) -> Any:
         """A float in [0, 1), recorded once."""
-        return self._recorded_value("random", random.random(), float)
+        return self._engine.random()
 
     def patched(self, patch_id: str) -> Any:
         """True on code paths recorded with this patch (and in new runs), False on replay of
@@ -274,31 +115,11 @@ class Context:
         :meth:`deprecate_patch` and the new branch; once no unfinished run recorded the
         patch either, delete that call too.
         """
-        check_patch_id(patch_id)
-        entry = self._journal.get(self._seq)
-        if entry is not None and not (entry.kind == "patch" and entry.name == patch_id):
-            return self._answer(False)  # recorded before the patch: no position consumed
-        seq, entry = self._replay(patch_id, "patch")
-        if entry is not None:
-            return self._answer(True)
-        return self._durable(self._value(seq, None, "patch", True, bool, name=patch_id))
+        return self._engine.patched(patch_id)
 
     def deprecate_patch(self, patch_id: str) -> Any:
         """Accept a patch marker where runs recorded one, and record nothing otherwise."""
-        check_patch_id(patch_id)
-        entry = self._journal.get(self._seq)
-        if entry is not None and entry.kind == "patch" and entry.name == patch_id:
-            self._seq += 1
-        return self._answer(None)
-
-    def _answer(self, value: Any) -> Any:
-        """``value`` as a durable call returns it: awaitable in async workflows."""
-        if not self._is_async:
-            return value
-
-        async def answer() -> Any:
-            return value
-        return answer()
+        return self._engine.deprecate_patch(patch_id)
 
     def wait_for_signal(self, name: str, timeout: timedelta | float | None = None) -> Any:
         """Wait (durably) for signal ``name`` and return its payload.
@@ -306,38 +127,20 @@ class Context:
         Signals sent earlier wait in the run's mailbox and are taken in order,
         each once. Raises :class:`~pgflow.errors.SignalTimeout` after ``timeout``.
         """
-        from pgflow import definitions
-
-        definitions.check_name(name, "signal name")
-        limit = None if timeout is None else as_timedelta(timeout, "signal timeout")
-        seq, entry = self._replay(name, "signal")
-        return self._durable(self._wait_signal(seq, entry, name, limit))
+        return self._engine.wait_for_signal(name, timeout)
 
     def set_state(self, key: str, value: Any) -> Any:
         """Publish ``value`` under ``key``: ``pgflow.get_state`` and view ``pgflow.run_state``."""
-        from pgflow import queries
-
-        queries.check_key(key, "state key")
-        data = codec.to_json(value, f"state {key!r}")
-        return self._durable(self._set_state(key, data))
+        return self._engine.set_state(key, value)
 
     def start_child(self, workflow: Any, *args: Any, key: str | None = None,
                     **kwargs: Any) -> Any:
         """Start a child run; returns a :class:`ChildHandle` (awaited in async workflows)."""
-        from pgflow import queries
-
-        start = queries.start_params(workflow, args, kwargs, key, None, 0, None)
-        seq, entry = self._replay(start[0], "start_child")
-        return self._durable(self._start_child(seq, entry, workflow, start))
+        return self._engine.start_child(workflow, args, key, kwargs)
 
     def call(self, workflow: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a child workflow and return its result; :class:`~pgflow.errors.ChildFailed` if it fails."""
-        if self._is_async:
-            async def call_async() -> Any:
-                handle = await self.start_child(workflow, *args, **kwargs)
-                return await handle.result()
-            return call_async()
-        return self.start_child(workflow, *args, **kwargs).result()
+        return self._engine.call(workflow, args, kwargs)
 
     def map(self, step: Any, items: Any) -> Any:
         """Run ``step(item)`` for every item in parallel, each claimable by any worker.
@@ -345,15 +148,7 @@ class Context:
         Returns the results in item order. An item that fails after its
         retries raises :class:`~pgflow.errors.StepFailed` once all have finished.
         """
-        from pgflow import definitions
-
-        if not isinstance(step, definitions.Step):
-            raise TypeError(f"ctx.map needs a @pgflow.step function, not {step!r}")
-        inputs = [codec.to_json([item], f"item {i} of ctx.map({step.name})")
-                  for i, item in enumerate(items)]
-        target = definitions.map_workflow(step)
-        seq, entry = self._replay(target.name, "map")
-        return self._durable(self._map(seq, entry, step, target, inputs))
+        return self._engine.map(step, items)
 
     def continue_as_new(self, *args: Any, **kwargs: Any) -> Any:
         """End this run here and start the workflow afresh with this input (same key)."""
@@ -361,373 +156,10 @@ class Context:
 
     def saga(self) -> Any:
         """``with ctx.saga() as saga:`` (``async with`` in async workflows): see :class:`pgflow.saga.Saga`."""
-        from pgflow.saga import Saga
-
         return Saga(self)
 
-    def _recorded_value(self, kind: str, value: Any, decode: Callable[[Any], Any]) -> Any:
-        seq, entry = self._replay(kind, kind)
-        return self._durable(self._value(seq, entry, kind, value, decode))
 
-    # -- plumbing shared by durable calls -----------------------------------
-
-    def _durable(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        if self._is_async:
-            return coro
-        return self._session.call(coro)
-
-    def _replay(self, name: str, kind: str) -> tuple[int, JournalEntry | None]:
-        seq = self._seq
-        self._seq += 1
-        entry = self._journal.get(seq)
-        if entry is not None and (entry.name != name or entry.kind != kind):
-            hint = (f" (the code no longer calls ctx.patched or ctx.deprecate_patch"
-                    f"({entry.name!r}) here)" if entry.kind == "patch" else "")
-            raise errors.NonDeterminismError(
-                f"run {self.workflow_id}: durable call #{seq} is {kind} {name!r} in the code "
-                f"but {entry.kind} {entry.name!r} in the journal{hint}")
-        if (entry is None or entry.status in ("retrying", "sleeping", "waiting")
-                or (self._cancel_seq is not None and seq >= self._cancel_seq)):
-            self._live_point()
-        return seq, entry
-
-    def _live_point(self) -> None:
-        """The workflow is about to act for real: cancel here, or let the session stop it."""
-        if self._cancel_requested and not self._cancel_raised:
-            self._cancel_raised = True  # once: cleanup and compensations then proceed
-            raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
-        self._session.at_live_point()
-
-    async def flush(self) -> None:
-        """Send the held-back step checkpoint, if any (before anything else acts)."""
-        pending, self._unflushed = self._unflushed, None
-        if pending is None:
-            return
-        try:
-            cancel = await self._session.complete_step(
-                pending["seq"], pending["name"], pending["kind"], pending["output"],
-                timedelta(seconds=pending["duration_s"]), pending["ended"])
-        except Exception as exc:
-            raise Abandon(f"checkpoint of step {pending['name']!r} failed: {exc}") from exc
-        if cancel:
-            self._cancel_requested = True
-
-    def take_unflushed(self) -> dict[str, Any] | None:
-        """The held-back checkpoint, for the run's completion to carry (see flush)."""
-        pending, self._unflushed = self._unflushed, None
-        return pending
-
-    async def _report(self, what: str, report: Coroutine[Any, Any, Any],
-                      cancellable: bool = True) -> Any:
-        """Await a report; any failure to make it ends the run here (see :class:`Abandon`).
-
-        The held-back checkpoint goes first; if its answer says the run was cancelled,
-        a cancellable report (an action: sleeping, waiting, starting) is not made.
-        """
-        try:
-            await self.flush()
-            if cancellable and self._cancel_requested and not self._cancel_raised:
-                self._cancel_raised = True
-                raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
-        except BaseException:
-            report.close()  # never awaited
-            raise
-        try:
-            return await report
-        except (ValueError, errors.WorkflowNotFound, errors.KeyConflict):
-            # The database refused the request itself (PF002, PF005): a bad
-            # argument is the workflow's error to handle, not lost contact.
-            raise
-        except Exception as exc:
-            raise Abandon(f"{what} failed: {exc}") from exc
-
-    async def _sleep(self, seq: int, entry: JournalEntry | None, until: datetime | None,
-                     duration: timedelta | None) -> None:
-        if entry is not None and entry.status == "completed":
-            return
-        if self._cancel_requested and not self._cancel_raised:
-            # Known already: the held checkpoint goes alone, then Cancelled here.
-            await self.flush()
-            self._cancel_raised = True
-            raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
-        # The held-back checkpoint travels with the sleep: one report, not two.
-        pending = self.take_unflushed()
-        try:
-            outcome = await self._session.sleep(seq, "sleep", until, duration, pending)
-        except Exception as exc:
-            raise Abandon(f"recording a sleep failed: {exc}") from exc
-        if outcome == "cancel":
-            self._cancel_requested = self._cancel_raised = True
-            raise errors.Cancelled(f"run {self.workflow_id} was cancelled")
-        if outcome == "sleeping":
-            raise Suspend()
-        self._journal[seq] = JournalEntry(seq, "sleep", "sleep", "completed", 1, None, None)
-
-    async def _value(self, seq: int, entry: JournalEntry | None, kind: str, value: Any,
-                     decode: Callable[[Any], Any], name: str | None = None) -> Any:
-        if entry is None:
-            recorded = await self._report(
-                f"recording ctx.{kind}()", self._session.record_value(seq, kind, value, name))
-            entry = JournalEntry(seq, name or kind, kind, "completed", 1, recorded, None)
-            self._journal[seq] = entry
-        return decode(entry.output)
-
-    async def _wait_signal(self, seq: int, entry: JournalEntry | None, name: str,
-                           timeout: timedelta | None) -> Any:
-        if entry is None or entry.status != "completed":
-            outcome, payload = await self._report(
-                f"waiting for signal {name!r}",
-                self._session.wait_signal(seq, name, timeout))
-            if outcome == "waiting":
-                raise Suspend()
-            output = {"timed_out": True} if outcome == "timed_out" else {"payload": payload}
-            entry = JournalEntry(seq, name, "signal", "completed", 1, output, None)
-            self._journal[seq] = entry
-        if isinstance(entry.output, dict) and entry.output.get("timed_out"):
-            raise errors.SignalTimeout(f"signal {name!r} did not arrive in time")
-        return entry.output.get("payload") if isinstance(entry.output, dict) else None
-
-    async def _set_state(self, key: str, data: Any) -> None:
-        if self._seq <= self._replay_until:
-            return  # replaying: this value was published when the code first ran here
-        # Not cancellable: it publishes what has already happened (e.g. progress).
-        if await self._report(f"publishing state {key!r}",
-                              self._session.set_state(key, data), cancellable=False):
-            self._cancel_requested = True
-
-    async def _start_child(self, seq: int, entry: JournalEntry | None, workflow: Any,
-                           start: tuple[Any, ...]) -> ChildHandle:
-        if entry is not None:
-            child_id = uuid.UUID(str(entry.output["run_id"]))
-        else:
-            child_id = await self._report(f"starting child {start[0]!r}",
-                                          self._session.start_child(seq, start))
-            self._journal[seq] = JournalEntry(seq, start[0], "start_child", "completed", 1,
-                                              {"run_id": str(child_id)}, None)
-        return ChildHandle(self, child_id, workflow)
-
-    async def _child_result(self, seq: int, entry: JournalEntry | None, handle: ChildHandle) -> Any:
-        if entry is None or entry.status != "completed":
-            outcome = await self._report("waiting for a child",
-                                         self._session.wait_child(seq, handle.run_id))
-            if outcome is None:
-                raise Suspend()
-            entry = JournalEntry(seq, "child", "child", "completed", 1, outcome, None)
-            self._journal[seq] = entry
-        outcome = entry.output
-        child_id = uuid.UUID(str(outcome["run_id"]))
-        if outcome["status"] == "completed":
-            signature = getattr(handle.workflow, "signature", None)
-            if signature is None:
-                return outcome["output"]
-            return signature.decode_result(outcome["output"], f"the result of child {child_id}")
-        error = outcome.get("error") or {}
-        if outcome["status"] == "cancelled":
-            error = {"type": "pgflow.errors.WorkflowCancelled",
-                     "message": f"child run {child_id} was cancelled"}
-        raise errors.ChildFailed(child_id, error)
-
-    async def _map(self, seq: int, entry: JournalEntry | None, step: Any, target: Any,
-                   inputs: list[Any]) -> list[Any]:
-        if entry is None or entry.status != "completed":
-            queue = step.queue or self._session.queue  # items go where this run's workers are
-            outcome = await self._report(f"ctx.map({step.name})", self._session.map(
-                seq, target.name, inputs, queue, target.version))
-            if outcome is None:
-                raise Suspend()
-            entry = JournalEntry(seq, target.name, "map", "completed", 1, outcome, None)
-            self._journal[seq] = entry
-        results = []
-        for index, item in enumerate(entry.output["items"]):
-            if item["status"] != "completed":
-                raise _item_failed(step.name, index, item)
-            results.append(step.signature.decode_result(
-                item["output"], f"the result of {step.name!r} for item {index}"))
-        return results
-
-    # -- durable steps ------------------------------------------------------
-
-    def _call_step(self, step: Step | Callable[..., Any], name: str, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
-        live, value = self._begin(step, name)
-        if self._is_async:
-            return self._step_async(step, live, value, args, kwargs)
-        return self._step_sync(step, live, value, args, kwargs)
-
-    def _policy(self, step: Step | Callable[..., Any]) -> Retry:
-        own = getattr(step, "retry", None)
-        return own or self._workflow_retry or self._session.default_retry
-
-    def _begin(self, step: Any, name: str) -> tuple[_LiveStep | None, Any]:
-        """Replay the step if recorded: ``(None, value)``; else ``(live step, None)``."""
-        seq, entry = self._replay(name, "step")
-        decode = _result_decoder(step, name)
-        if entry is not None and entry.status != "retrying":
-            return None, (lambda: self._recorded(name, entry, decode))
-        fn = getattr(step, "fn", step)
-        is_async = getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn)
-        timeout = getattr(step, "timeout", None)
-        return _LiveStep(seq, name, fn, is_async, decode, timeout), None
-
-    def _before_live_step(self) -> None:
-        """The previous step's checkpoint commits before this step acts (and may bring news
-        of a cancellation, honoured here)."""
-        if self._cancel_requested and not self._cancel_raised:
-            self._live_point()
-
-    def _step_sync(self, step: Any, live: _LiveStep | None, recorded: Any,
-                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if live is None:
-            return recorded()
-        if self._unflushed is not None:
-            self._session.call(self.flush())
-            self._before_live_step()
-        started = time.monotonic()
-        try:
-            if live.is_async:
-                result = self._session.call(_with_timeout_async(live, args, kwargs))
-            elif live.timeout is not None:
-                result = _in_own_thread(live, args, kwargs)
-            else:
-                result = _outside_workflow(live.fn, args, kwargs)
-            output = codec.to_json(result, f"the result of step {live.name!r}")
-        except Exception as exc:
-            return self._session.call(self._failed(step, live, exc, started))
-        self._hold(live, output, started)
-        return live.decode(output)
-
-    async def _step_async(self, step: Any, live: _LiveStep | None, recorded: Any,
-                          args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if live is None:
-            return recorded()
-        if self._unflushed is not None:
-            await self.flush()
-            self._before_live_step()
-        started = time.monotonic()
-        fn = live.fn
-        try:
-            if live.is_async:
-                result = await _with_timeout_async(live, args, kwargs)
-            else:
-                result = await _timed(live, self._session.run_in_thread(lambda: fn(*args, **kwargs)))
-            output = codec.to_json(result, f"the result of step {live.name!r}")
-        except Exception as exc:
-            return await self._failed(step, live, exc, started)
-        self._hold(live, output, started)
-        return live.decode(output)
-
-    def _recorded(self, name: str, entry: JournalEntry, decode: Callable[[Any], Any]) -> Any:
-        if entry.status == "failed":
-            raise _step_failed(name, entry)
-        return decode(entry.output)
-
-    def _hold(self, live: _LiveStep, output: Any, started: float) -> None:
-        """Keep the step's checkpoint until the next durable call or the end (see flush).
-
-        Nothing acts before it is sent, so a crash meanwhile only repeats this step,
-        as a crash during it would.
-        """
-        assert self._unflushed is None, "a checkpoint is sent before the next step runs"
-        ended = time.monotonic()  # the checkpoint records when it ended, not when it was sent
-        self._unflushed = {"seq": live.seq, "name": live.name, "kind": "step",
-                           "output": output, "duration_s": ended - started, "ended": ended}
-        self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
-                                               output, None)
-
-    async def _failed(self, step: Any, live: _LiveStep, exc: Exception, started: float) -> Any:
-        duration = timedelta(seconds=time.monotonic() - started)
-        policy = self._policy(step)
-        retryable = policy.is_retryable(exc) and not isinstance(exc, errors.EncodingError)
-        error = error_json(exc)
-        outcome = await self._report(f"failure report of step {live.name!r}", self._session.fail_step(
-            live.seq, live.name, "step", error, duration, retryable, policy), cancellable=False)
-        if outcome.outcome == "retry":
-            raise Suspend()
-        entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)
-        self._journal[live.seq] = entry
-        raise _step_failed(live.name, entry) from exc
-
-
-def check_patch_id(patch_id: object) -> None:
-    if not isinstance(patch_id, str) or not patch_id.strip() or len(patch_id) > 200:
-        raise ValueError(f"a patch id must be a non-empty string of at most 200 characters, "
-                         f"got {patch_id!r}")
-
-
-def _decode_datetime(data: Any) -> datetime:
-    return codec.from_json(data, datetime, "the recorded ctx.now()")
-
-
-def _timeout_error(live: _LiveStep) -> errors.StepTimeout:
-    return errors.StepTimeout(f"step {live.name!r} did not finish within {live.timeout}")
-
-
-async def _timed(live: _LiveStep, awaitable: Any) -> Any:
-    if live.timeout is None:
-        return await awaitable
-    try:
-        return await asyncio.wait_for(awaitable, live.timeout.total_seconds())
-    except asyncio.TimeoutError:
-        raise _timeout_error(live) from None
-
-
-async def _with_timeout_async(live: _LiveStep, args: tuple[Any, ...],
-                              kwargs: dict[str, Any]) -> Any:
-    return await _timed(live, _outside_workflow_async(live.fn, args, kwargs))
-
-
-def _in_own_thread(live: _LiveStep, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a sync step with a timeout. A thread cannot be stopped: one that
-    overruns is left to finish on its own, and its result is discarded."""
-    outcome: dict[str, Any] = {}
-    finished = threading.Event()
-
-    def target() -> None:
-        try:
-            outcome["value"] = _outside_workflow(live.fn, args, kwargs)
-        except BaseException as exc:
-            outcome["error"] = exc
-        finally:
-            finished.set()
-
-    threading.Thread(target=target, daemon=True, name=f"pgflow-step-{live.name}").start()
-    assert live.timeout is not None
-    if not finished.wait(live.timeout.total_seconds()):
-        raise _timeout_error(live)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def _result_decoder(step: Any, name: str) -> Callable[[Any], Any]:
-    signature = getattr(step, "signature", None)
-    if signature is None:
-        return lambda data: data
-    return lambda data: signature.decode_result(data, f"the result of step {name!r}")
-
-
-def _outside_workflow(fn: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Any:
-    # Inside a step, further step calls are plain calls, not durable ones.
-    token = _current.set(None)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _current.reset(token)
-
-
-async def _outside_workflow_async(fn: Callable[..., Any], args: tuple[Any, ...],
-                                  kwargs: dict[str, Any]) -> Any:
-    token = _current.set(None)
-    try:
-        return await fn(*args, **kwargs)
-    finally:
-        _current.reset(token)
-
-
-def enter(ctx: Context) -> contextvars.Token[Context | None]:
-    return _current.set(ctx)
-
-
-def leave(token: contextvars.Token[Context | None]) -> None:
-    _current.reset(token)
+def engine_of(ctx: Context) -> Replay:
+    """The engine behind ``ctx``: for the worker (:mod:`pgflow.runner`) and the replay
+    check (:mod:`pgflow.replaycheck`), never for workflow code."""
+    return ctx._engine

@@ -3,6 +3,10 @@
 A decorated workflow stays callable as a plain function; a decorated step is
 checkpointed when called inside a running workflow and is a plain call
 anywhere else, so both can be unit-tested without a database.
+
+Inside a workflow a step call goes to the engine (:mod:`pgflow.replay`) of the
+workflow that :func:`pgflow.steps.current` finds running; the argument checks
+are :mod:`pgflow.validation`'s.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
-from pgflow import codec
-from pgflow.durations import as_timedelta
+from pgflow import codec, steps
 from pgflow.retry import Retry
+from pgflow.validation import check_name, check_retry, check_timeout
 
 __all__ = ["Step", "Workflow", "registered_workflows", "step", "workflow"]
 
@@ -33,42 +37,6 @@ MAP_PREFIX = RESERVED_PREFIX + "map:"
 MAP_VERSION = "map"
 
 
-MAX_NAME_LENGTH = 200  # characters; the schema enforces the same bound
-
-
-def check_text(value: str, what: str) -> str:
-    """Refuse what PostgreSQL text cannot hold (a NUL, a lone surrogate), naming ``what``.
-
-    Without this the driver would fail later with an error that names neither.
-    """
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain a NUL character, got {value[:80]!r}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} must be valid Unicode (it holds a lone surrogate), "
-                         f"got {value[:80]!r}") from None
-    return value
-
-
-def check_name(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {repr(value)[:80]}")
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValueError(f"{what} must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
-    return check_text(value, what)
-
-
-def _check_timeout(value: timedelta | float | None) -> timedelta | None:
-    return None if value is None else as_timedelta(value, "timeout", positive=True)
-
-
-def _check_retry(value: object) -> Retry | None:
-    if value is not None and not isinstance(value, Retry):
-        raise TypeError(f"retry must be a pgflow.Retry, not {value!r}")
-    return value
-
-
 class Workflow:
     """A workflow definition: ``fn(ctx, *inputs)`` plus its name, version and queue."""
 
@@ -78,8 +46,8 @@ class Workflow:
         self.name = check_name(name or fn.__name__, "workflow name")
         self.version = check_name(version, "workflow version")
         self.queue = check_name(queue, "workflow queue")
-        self.retry = _check_retry(retry)
-        self.timeout = _check_timeout(timeout)
+        self.retry = check_retry(retry)
+        self.timeout = check_timeout(timeout)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = codec.Signature(fn, skip_first=True)
         functools.update_wrapper(self, fn)
@@ -98,17 +66,15 @@ class Step:
                  timeout: timedelta | float | None, queue: str | None) -> None:
         self.fn = fn
         self.name = check_name(name or fn.__name__, "step name")
-        self.retry = _check_retry(retry)
-        self.timeout = _check_timeout(timeout)
+        self.retry = check_retry(retry)
+        self.timeout = check_timeout(timeout)
         self.queue = None if queue is None else check_name(queue, "step queue")
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = codec.Signature(fn)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from pgflow import context
-
-        ctx = context.current()
+        ctx = steps.current()
         if ctx is None:
             return self.fn(*args, **kwargs)
         return ctx._call_step(self, self.name, args, kwargs)

@@ -3,6 +3,11 @@
 One function a procedure, one round trip each, on autocommit connections:
 every call is its own transaction. Errors raised by the procedures come back
 as pgflow exceptions (:func:`pgflow.errors.from_database`).
+
+The journal types they return are :mod:`pgflow.journal`'s. Checkpoints,
+completions and sleeps of many runs share calls through :mod:`pgflow.reporter`;
+:meth:`Procedures.fail_step` sends the retry policy, and ``pgflow.fail_step``
+decides in SQL whether and when the step runs again.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from pgflow import errors
-from pgflow.context import FailOutcome, JournalEntry
+from pgflow.journal import FailOutcome, JournalEntry
 from pgflow.retry import Retry
 
 Conn = psycopg.AsyncConnection[Any]

@@ -3,6 +3,10 @@
 Statements use ``%s`` placeholders and pass JSON as text cast to ``jsonb``,
 so they run unchanged on any DB-API driver with the ``format`` paramstyle
 (psycopg 3, and psycopg2 underneath SQLAlchemy).
+
+Argument checks are :mod:`pgflow.validation`'s and payload encoding
+:mod:`pgflow.codec`'s; :func:`start_params` also builds ``ctx.start_child``'s
+request in the engine (:mod:`pgflow.replay`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from pgflow import codec, definitions, errors, models
 from pgflow.durations import as_timedelta
+from pgflow.validation import check_key, check_name
 
 START = ("select pgflow.start(name => %s, input => %s::jsonb, key => %s, queue => %s,"
          " priority => %s, delay => %s, version => %s, timeout => %s)")
@@ -34,8 +39,6 @@ CANCEL = "select pgflow.cancel(%s)"
 GET_STATE = ("select r.id, s.value from pgflow.runs r"
              " left join pgflow.run_state s on s.run_id = r.id and s.key = %s where r.id = %s")
 
-MAX_KEY_BYTES = 1024  # idempotency and state keys; the schema enforces the same bound
-
 DONE_CHANNEL = "pgflow_done"
 # After LISTEN: ask the engine to NOTIFY when this run finishes.
 WATCH = "select pgflow.watch(%s)"
@@ -44,19 +47,8 @@ WATCH = "select pgflow.watch(%s)"
 def signal_params(run_id: uuid.UUID | str, name: str, payload: Any) -> tuple[Any, ...]:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"signal name must be a non-empty string, got {name!r}")
-    definitions.check_name(name, "signal name")
+    check_name(name, "signal name")
     return (run_id_param(run_id), name, codec.dumps(payload, f"the payload of signal {name!r}"))
-
-
-def check_key(key: object, what: str) -> str:
-    """An idempotency or state key: a non-empty string of at most :data:`MAX_KEY_BYTES`."""
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"{what} must be a non-empty string, got {repr(key)[:80]}")
-    definitions.check_text(key, what)
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise ValueError(f"{what} must be at most {MAX_KEY_BYTES} bytes in UTF-8, "
-                         f"got {len(key.encode())}")
-    return key
 
 
 def state_params(run_id: uuid.UUID | str, key: str) -> tuple[Any, ...]:
@@ -77,7 +69,7 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
     if key is not None:
         check_key(key, "key")
     if queue is not None:
-        definitions.check_name(queue, "queue")
+        check_name(queue, "queue")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"priority must be an int, not {priority!r}")
     if not -2**31 <= priority < 2**31:
@@ -92,7 +84,7 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
     elif isinstance(workflow, str):
         if not workflow.strip():
             raise ValueError("workflow name must not be empty")
-        definitions.check_name(workflow, "workflow name")
+        check_name(workflow, "workflow name")
         if args and kwargs:
             raise TypeError(f"starting {workflow!r} by name: pass positional or keyword "
                             "arguments, not both (without the code their order is unknown)")

@@ -7,6 +7,9 @@ durable call that would act for real (nothing runs for real). A mismatch is
 reported as the :class:`~pgflow.errors.NonDeterminismError` the worker would
 raise. Run it in CI over the unfinished runs of production (or a copy)
 before deploying a workflow change.
+
+The replay is the worker's own engine (:mod:`pgflow.replay`), driven here
+with a session that stops at the first live point instead of acting.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pgflow import connections, context, definitions, errors, queries
-from pgflow.context import JournalEntry
+from pgflow import connections, context, definitions, errors, queries, steps
+from pgflow.journal import JournalEntry
+from pgflow.replay import ContinueAsNew, Suspend
 from pgflow.retry import DEFAULT_RETRY, Retry
 
 __all__ = ["ReplayCheck", "check_replay", "check_replays"]
@@ -109,38 +113,39 @@ def _replay(run_id: uuid.UUID, workflow: definitions.Workflow, data: Any,
     session = _ReplayOnly(run_id, workflow.queue)
     ctx = context.Context(session, journal, is_async=workflow.is_async,  # type: ignore[arg-type]
                           workflow_retry=workflow.retry)
+    engine = context.engine_of(ctx)
     total = len(journal)
 
-    def report(ok: bool, next_call: str | None, error: str | None) -> ReplayCheck:
-        return ReplayCheck(run_id, ok, min(ctx._seq, total), total, next_call, error)
+    def report(ok: bool, next_call: str | None, error: str | None,
+               replayed: int | None = None) -> ReplayCheck:
+        made = engine.position if replayed is None else replayed
+        return ReplayCheck(run_id, ok, min(made, total), total, next_call, error)
 
     try:
         args, kwargs = workflow.signature.decode_args(data, f"input of {workflow.name!r}")
-        entered = context.enter(ctx)
+        entered = steps.enter(ctx)
         try:
             if workflow.is_async:
                 asyncio.run(workflow.fn(ctx, *args, **kwargs))
             else:
                 workflow.fn(ctx, *args, **kwargs)
         finally:
-            context.leave(entered)
+            steps.leave(entered)
     except _ReachedLiveCall:
-        ctx._seq -= 1  # the call that stopped us is not a replayed one
-        if ctx._seq < total:  # stopped before the end: a recorded wait met again
-            return report(True, f"durable call #{ctx._seq} (resumes there)", None)
-        return report(True, f"durable call #{ctx._seq}", None)
+        stopped = engine.stopped_position()  # the call that stopped us is not a replayed one
+        if stopped < total:  # stopped before the end: a recorded wait met again
+            return report(True, f"durable call #{stopped} (resumes there)", None, stopped)
+        return report(True, f"durable call #{stopped}", None, stopped)
     except errors.NonDeterminismError as exc:
         return report(False, None, str(exc))
-    except (context.Suspend, context.ContinueAsNew, errors.Cancelled):
+    except (Suspend, ContinueAsNew, errors.Cancelled):
         return report(True, None, None)
     except Exception as exc:  # the recorded run failed this way too, or the code now raises
-        if ctx._seq < total:
+        if engine.position < total:
             return report(False, None, f"the code raised {type(exc).__name__}: {exc} after "
-                                       f"{ctx._seq} of {total} recorded entries")
+                                       f"{engine.position} of {total} recorded entries")
         return report(True, None, None)
-    if ctx._seq < total:
-        return report(False, None, f"the code returned after {ctx._seq} durable calls but the "
-                                   f"journal holds {total}")
+    if engine.position < total:
+        return report(False, None, f"the code returned after {engine.position} durable calls "
+                                   f"but the journal holds {total}")
     return report(True, None, None)
-
-

@@ -6,6 +6,12 @@ waiting for its own commit. The run ends with exactly one report:
 ``complete_run``, ``fail_run``, ``release_run`` (worker draining), or none at
 all when a procedure already moved it (a retry back-off) or the lease was
 lost.
+
+The replay itself is :mod:`pgflow.replay` (behind the :class:`pgflow.Context`
+the workflow is handed); :class:`RunExecution` is its
+:class:`~pgflow.replay.RunSession`, reporting checkpoints, completions and
+sleeps through :mod:`pgflow.reporter` (batched) and the rest through
+:mod:`pgflow.procedures`. Claiming and concurrency are :mod:`pgflow.worker`'s.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from concurrent.futures import Executor
 from datetime import datetime, timedelta
 from typing import Any
 
-from pgflow import codec, context, errors
+from pgflow import codec, context, errors, steps
 from pgflow.definitions import Workflow
+from pgflow.journal import FailOutcome, error_json
 from pgflow.procedures import ClaimedRun, Procedures
+from pgflow.replay import Abandon, ContinueAsNew, Release, Replay, Suspend
 from pgflow.reporter import Reporter
 from pgflow.retry import Retry
 
@@ -28,7 +36,7 @@ logger = logging.getLogger("pgflow.worker")
 
 
 class RunExecution:
-    """One claimed run on one worker; the :class:`context.RunSession` of its context."""
+    """One claimed run on one worker; the :class:`~pgflow.replay.RunSession` of its engine."""
 
     def __init__(self, claimed: ClaimedRun, workflow: Workflow, procedures: Procedures,
                  reporter: Reporter, loop: asyncio.AbstractEventLoop, executor: Executor,
@@ -52,7 +60,7 @@ class RunExecution:
 
     def at_live_point(self) -> None:
         if self._is_draining():
-            raise context.Release()  # give the run back here, before acting
+            raise Release()  # give the run back here, before acting
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` on the worker's loop from a workflow thread and wait for it."""
@@ -68,7 +76,7 @@ class RunExecution:
 
     async def fail_step(self, seq: int, name: str, kind: str, error: dict[str, Any],
                         duration: timedelta, retryable: bool,
-                        policy: Retry) -> context.FailOutcome:
+                        policy: Retry) -> FailOutcome:
         return await self._procedures.fail_step(self.run_id, self.claimed.lease_token, seq, name,
                                                 kind, error, duration, retryable, policy)
 
@@ -110,56 +118,57 @@ class RunExecution:
                               workflow_retry=self.workflow.retry,
                               cancel_requested=self.claimed.cancel_requested,
                               cancel_seq=self.claimed.cancel_seq)
+        engine = context.engine_of(ctx)
         token = self.claimed.lease_token
         try:
             result = await self._invoke(ctx)
             output = codec.to_json(result, f"the result of workflow {self.workflow.name!r}")
-        except context.Suspend:
+        except Suspend:
             return
-        except context.Abandon as exc:
+        except Abandon as exc:
             self._abandon(exc)
             return
         except BaseException as exc:
-            await self._end_otherwise(ctx, token, exc)
+            await self._end_otherwise(engine, token, exc)
             return
         self._on_code_done()
         await self._report(self._reporter.complete_run(self.run_id, token, output,
-                                                       ctx.take_unflushed()))
+                                                       engine.take_unflushed()))
 
-    async def _end_otherwise(self, ctx: context.Context, token: int, exc: BaseException) -> None:
+    async def _end_otherwise(self, engine: Replay, token: int, exc: BaseException) -> None:
         """Every ending but success: send the held-back checkpoint, then report it."""
         try:
-            await ctx.flush()
-        except context.Abandon as lost:
+            await engine.flush()
+        except Abandon as lost:
             self._abandon(lost)
             return
-        if isinstance(exc, context.Release):
+        if isinstance(exc, Release):
             await self._report(self._procedures.release_run(self.run_id, token))
             logger.info("run %s released while draining", self.run_id)
         elif isinstance(exc, errors.Cancelled):
             logger.info("run %s cancelled", self.run_id)
             await self._report(self._procedures.cancel_run(self.run_id, token))
-        elif isinstance(exc, context.ContinueAsNew):
+        elif isinstance(exc, ContinueAsNew):
             await self._continue_as_new(token, exc)
         elif isinstance(exc, Exception):
             logger.info("run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
             await self._report(self._procedures.fail_run(self.run_id, token,
-                                                         context.error_json(exc)))
+                                                         error_json(exc)))
         else:
             raise exc  # KeyboardInterrupt, SystemExit: not the run's doing
 
-    def _abandon(self, exc: context.Abandon) -> None:
+    def _abandon(self, exc: Abandon) -> None:
         logger.warning("run %s abandoned: %s", self.run_id, exc)
         if not isinstance(exc.__cause__, errors.LeaseLost):
             self._on_lost_contact()
 
-    async def _continue_as_new(self, token: int, again: context.ContinueAsNew) -> None:
+    async def _continue_as_new(self, token: int, again: ContinueAsNew) -> None:
         what = f"continue_as_new of workflow {self.workflow.name!r}"
         try:
             data = self.workflow.signature.encode_args(again.args_, again.kwargs, what)
         except Exception as exc:  # bad new input: the run fails, clearly
             await self._report(self._procedures.fail_run(self.run_id, token,
-                                                         context.error_json(exc)))
+                                                         error_json(exc)))
             return
         await self._report(self._procedures.continue_as_new(self.run_id, token, data))
         logger.info("run %s continued as new", self.run_id)
@@ -169,18 +178,18 @@ class RunExecution:
         args, kwargs = self.workflow.signature.decode_args(
             self.claimed.input, f"input of workflow {self.workflow.name!r}")
         if self.workflow.is_async:
-            entered = context.enter(ctx)
+            entered = steps.enter(ctx)
             try:
                 return await fn(ctx, *args, **kwargs)
             finally:
-                context.leave(entered)
+                steps.leave(entered)
 
         def in_thread() -> Any:
-            entered = context.enter(ctx)
+            entered = steps.enter(ctx)
             try:
                 return fn(ctx, *args, **kwargs)
             finally:
-                context.leave(entered)
+                steps.leave(entered)
 
         return await self._loop.run_in_executor(self._executor, in_thread)
 

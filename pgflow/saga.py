@@ -15,26 +15,29 @@ order, then the original exception propagates. A compensation that fails for
 good does not stop the others; the original exception is still the one
 raised. The engine's own control flow (suspending, draining) passes through
 untouched: replay gets back to the same point and compensates then.
+
+Each compensation is an ordinary step call of the engine (:mod:`pgflow.replay`),
+so it is journaled, replayed and retried like any other step.
 """
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pgflow import context, errors
-
-if TYPE_CHECKING:
-    from pgflow.context import Context
+from pgflow import errors
+from pgflow.replay import Abandon, ContinueAsNew, Release, Suspend
 
 __all__ = ["Saga"]
 
-_ENGINE_FLOW = (context.Suspend, context.Release, context.Abandon, context.ContinueAsNew)
+_ENGINE_FLOW = (Suspend, Release, Abandon, ContinueAsNew)
 
 
 class Saga:
-    def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
+    """The compensations of one ``ctx.saga()`` block (``ctx``: the workflow's Context)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._call_step = ctx._call_step
         self._compensations: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
 
     def add(self, step: Any, *args: Any, **kwargs: Any) -> None:
@@ -60,7 +63,7 @@ class Saga:
         if self._should_compensate(exc):
             for step, args, kwargs in self._pending():
                 try:
-                    self._ctx._call_step(step, _name(step), args, kwargs)
+                    self._call_step(step, _name(step), args, kwargs)
                 except errors.StepFailed:
                     continue  # recorded in the journal; the others still run
         return False
@@ -75,7 +78,7 @@ class Saga:
         if self._should_compensate(exc):
             for step, args, kwargs in self._pending():
                 try:
-                    await self._ctx._call_step(step, _name(step), args, kwargs)
+                    await self._call_step(step, _name(step), args, kwargs)
                 except errors.StepFailed:
                     continue
         return False
