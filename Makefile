@@ -1,4 +1,4 @@
-# The two commands of the README: `make example` and `make test`.
+# The two commands of the README: `make example` and `make test` (`make test-all`: every tier).
 # Both create ./.venv on first use. Without PGFLOW_DSN / PGFLOW_TEST_DSN they
 # use the embedded PostgreSQL kept under ./.pgflow/.
 
@@ -6,19 +6,36 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: example test lint stop-embedded clean
+.PHONY: example test test-slow test-all lint stop-embedded clean
 
+# The distribution was called "pgflow" before it was "pgflow-engine": an old venv's
+# copy goes first, or the two would both claim the pgflow package and command.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip uninstall --quiet --yes pgflow 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 example: $(VENV)/.installed
 	$(PY) examples/order_provisioning.py
 
+# The test tiers (tests marked `slow` use real worker processes, kill -9, many runs):
+#   make test       the quick inner loop: every test not marked slow
+#   make test-slow  only the slow ones
+#   make test-all   everything (what CI runs)
+# PYTEST_ARGS passes more options, e.g. make test PYTEST_ARGS='-x -k timers'.
+# pytest exits 5 when a selection holds no test: for a tier that is not a failure.
+PYTEST_ARGS ?=
+
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

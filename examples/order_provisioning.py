@@ -101,4 +101,7 @@ def _cli_command() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except pgflow.PgflowError as exc:  # no database, an old ./.pgflow/, ...: say it in one line
+        sys.exit(f"pgflow: error: {exc}")

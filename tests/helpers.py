@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,18 @@ REPO = Path(__file__).resolve().parent.parent
 EFFECTS_DSN_ENV = "PGFLOW_TEST_EFFECTS_DSN"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+def effects_app(pid: int) -> str:
+    """The ``application_name`` of process ``pid``'s connections to the effects log."""
+    return f"pgflow-test-effects:{pid}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05,
              what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
+
+    The deadline bounds a hang, never a speed: tests assert what happens, not how
+    fast, and must pass on a loaded machine (deadlines of tens of seconds).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -43,7 +53,7 @@ def status_of(conn: psycopg.Connection[Any], run_id: uuid.UUID) -> str:
 
 
 def wait_status(conn: psycopg.Connection[Any], run_id: uuid.UUID, status: str,
-                timeout: float = 30.0) -> None:
+                timeout: float = 60.0) -> None:
     wait_for(lambda: status_of(conn, run_id) == status, timeout, what=f"run {run_id} {status}")
 
 
@@ -79,6 +89,51 @@ class Effects:
             "select step, count(*) from public.effects where run_id = %s group by step",
             (str(run_id),)).fetchall()
         return {step: int(n) for step, n in rows}
+
+
+def log_timers(conn: psycopg.Connection[Any]) -> None:
+    """Keep a copy of every timer the engine inserts, in ``public.timer_log``.
+
+    A timer row is deleted when it fires; its copy lets a test read the due time
+    the engine set (a back-off, a sleep) instead of timing a worker against it.
+    """
+    conn.execute("""
+        create table public.timer_log (like pgflow.timers);
+        create function public.log_timer() returns trigger language plpgsql
+        set search_path = pg_catalog as $$
+        begin
+            insert into public.timer_log select new.*;
+            return new;
+        end $$;
+        create trigger log_timer after insert on pgflow.timers
+            for each row execute function public.log_timer();
+    """)
+
+
+@dataclass
+class Backoff:
+    """One failed attempt and the retry timer it set."""
+
+    attempt: int
+    delay: timedelta  # the retry's due time minus the failed attempt's end (engine clock)
+    due: datetime  # that due time on the database's real clock (as ``public.effects.at``)
+
+
+def backoffs(conn: psycopg.Connection[Any], run_id: Any) -> list[Backoff]:
+    """The retry timers of ``run_id`` (needs :func:`log_timers`), each with its failed attempt.
+
+    Both ends come from one statement of ``pgflow.fail_step``, so ``delay`` is
+    exactly the back-off the engine computed, however busy the machine was.
+    """
+    attempts = conn.execute(
+        "select attempt, finished_at from pgflow.step_attempts where run_id = %s"
+        " order by seq, attempt", (run_id,)).fetchall()
+    timers = conn.execute(
+        "select t.due_at, t.due_at - c.offset_by from public.timer_log t, pgflow.clock c"
+        " where t.run_id = %s and t.kind = 'retry' order by t.id", (run_id,)).fetchall()
+    # the last attempt of a step that failed for good set no timer
+    return [Backoff(attempt, due - ended, real_due)
+            for (attempt, ended), (due, real_due) in zip(attempts, timers, strict=False)]
 
 
 class Processes:
@@ -125,7 +180,7 @@ def scheduler_leader_pid(conn: psycopg.Connection[Any]) -> int | None:
     return int(row[0].split(":")[1]) if row else None
 
 
-def wait_registered(conn: psycopg.Connection[Any], count: int, timeout: float = 30.0) -> None:
+def wait_registered(conn: psycopg.Connection[Any], count: int, timeout: float = 60.0) -> None:
     """Wait until ``count`` workers are registered in the database."""
     wait_for(lambda: conn.execute("select count(*) from pgflow.workers").fetchone()[0] >= count,
              timeout, what=f"{count} registered worker(s)")

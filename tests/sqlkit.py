@@ -241,7 +241,7 @@ class Worker:
         self.listener.close()
         wait_for(lambda: not self.db.execute(
             "select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
-            timeout=10, what=f"backend {pid} to exit")
+            timeout=60, what=f"backend {pid} to exit")
 
     def close(self) -> None:
         self.listener.close()
@@ -293,7 +293,7 @@ def received(listen: Conn, conn: Conn, channel: str) -> list[str]:
     """
     conn.execute("select pg_notify(%s, 'marker')", (channel,))
     found = []
-    for notify in listen.notifies(timeout=5):
+    for notify in listen.notifies(timeout=60):  # ends at the marker
         if notify.channel != channel:
             continue
         if notify.payload == "marker":
@@ -310,5 +310,5 @@ def is_blocked(conn: Conn, pid: int) -> bool:
 
 def wait_until_blocked(conn: Conn, pid: int, what: str = "a lock") -> None:
     """Wait until backend ``pid`` waits for a heavyweight lock."""
-    wait_for(lambda: is_blocked(conn, pid), timeout=10, interval=0.01,
+    wait_for(lambda: is_blocked(conn, pid), timeout=60, interval=0.01,
              what=f"backend {pid} to wait for {what}")

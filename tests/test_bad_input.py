@@ -168,6 +168,7 @@ def leased(conn: Conn, workers: Callable[..., Worker]) -> tuple[Worker, Claim]:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @given(value=json_values.filter(lambda v: "nan" not in json.dumps(v).lower()
                                 and "infinity" not in json.dumps(v).lower()))
 @example(value=[0] * 1000)

@@ -35,7 +35,12 @@ pytestmark = pytest.mark.slow
 CHAOS_RUNS = 500
 CHAOS_CONCURRENCY = 6
 KILL_EVERY = (1.0, 3.0)  # seconds between kills of one worker, at random
+# ...and never this many completed runs (at random in the range) without a kill, whatever
+# the machine's speed: one that gets through the runs quickly still sees MIN_KILLS kills.
+KILL_EVERY_RUNS = (20, 40)
+MIN_KILLS = 10
 CHAOS_LIMIT = 75.0  # seconds of killing at most; then the last workers finish in peace
+SETTLE_TIMEOUT = 150.0  # seconds for the survivors to finish: bounds a hang, not a speed
 EARLY_SIGNALS = 3  # one run in this many gets its signal with its start
 
 
@@ -113,12 +118,15 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
     runs = _start_chaos_runs(conn, CHAOS_RUNS, rng)
     signaller = Signaller(runs, rng)
     next_kill = [started + rng.uniform(*KILL_EVERY) for _ in slots]
+    next_kill_at_runs, turn = rng.randint(*KILL_EVERY_RUNS), 0
     kills, snapshots, next_snapshot = 0, 0, started + 2.0
 
-    while _counts(conn).get("completed", 0) < CHAOS_RUNS:
+    while (completed := _counts(conn).get("completed", 0)) < CHAOS_RUNS:
         now = time.monotonic()
         if now - started > CHAOS_LIMIT:
             break
+        if completed >= next_kill_at_runs:  # no kill for that many runs: one in turn, now
+            next_kill[turn], turn = now, 1 - turn
         for i, proc in enumerate(slots):
             if now >= next_kill[i]:
                 proc.send_signal(signal.SIGKILL)
@@ -127,6 +135,7 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
                 kills += 1
                 slots[i] = processes.worker(dsn, MODULE, concurrency=CHAOS_CONCURRENCY)
                 next_kill[i] = time.monotonic() + rng.uniform(*KILL_EVERY)
+                next_kill_at_runs = completed + rng.randint(*KILL_EVERY_RUNS)
         signaller.tick(conn)
         if now >= next_snapshot:  # mid-chaos: nothing doubled, nothing stuck so far
             invariants.check(conn, status=None, disturbed=disturbed, run_ids=runs)
@@ -139,7 +148,8 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
         signaller.tick(conn)
         return _counts(conn).get("completed", 0) == CHAOS_RUNS
     try:
-        wait_for(finished, timeout=60, interval=0.1, what=f"{CHAOS_RUNS} completed runs")
+        wait_for(finished, timeout=SETTLE_TIMEOUT, interval=0.1,
+                 what=f"{CHAOS_RUNS} completed runs")
     finally:
         total = time.monotonic() - started
         summary = _chaos_check(conn, runs, disturbed)
@@ -147,9 +157,8 @@ def test_chaos_loop_workers_sigkilled_at_random(dsn, conn, processes, report):
                chaos_s=f"{chaos_seconds:.1f}", total_s=f"{total:.1f}",
                signals=signaller.sent, step_executions=summary.executions,
                repeated_executions=summary.repeated)
-    assert kills >= 10, f"only {kills} kills: the loop did not exercise recovery"
+    assert kills >= MIN_KILLS, f"only {kills} kills: the loop did not exercise recovery"
     assert all(p.poll() is None for p in slots), "the last workers are alive"
-    assert total < 140, f"the chaos loop took {total:.0f}s"
 
 
 def test_postgres_fast_restart_mid_load(processes, report):
@@ -166,7 +175,7 @@ def test_postgres_fast_restart_mid_load(processes, report):
 
 
 def _connect_retrying(dsn: str) -> psycopg.Connection[Any]:
-    return wait_for(lambda: _try_connect(dsn), timeout=30, interval=0.1, what="the server back")
+    return wait_for(lambda: _try_connect(dsn), timeout=60, interval=0.1, what="the server back")
 
 
 def _try_connect(dsn: str) -> psycopg.Connection[Any] | None:
@@ -185,13 +194,17 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
     conn = psycopg.connect(dsn, autocommit=True)
     try:
         invariants.prepare_effects(conn)
-        workers = [processes.worker(dsn, MODULE, concurrency=CHAOS_CONCURRENCY) for _ in range(2)]
+        # Workers that never poll (within the test): every pick-up below comes from a
+        # NOTIFY, so the runs completing at all show that LISTEN is back after the restart.
+        workers = [processes.worker(dsn, MODULE, concurrency=CHAOS_CONCURRENCY,
+                                    extra_env={"PGFLOW_TEST_POLL_INTERVAL": "3600"})
+                   for _ in range(2)]
         wait_registered(conn, 2)
         started = time.monotonic()
         runs = _start_chaos_runs(conn, count, rng)
         signaller = Signaller(runs, rng)
         wait_for(lambda: (signaller.tick(conn), _counts(conn).get("completed", 0))[1]
-                 >= count // 3, timeout=60, interval=0.05, what="a third of the runs completed")
+                 >= count // 3, timeout=120, interval=0.05, what="a third of the runs completed")
         at_restart = _counts(conn)
         ids_before = {r[0] for r in conn.execute("select id from pgflow.workers")}
         conn.close()
@@ -204,7 +217,7 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
         def settled() -> bool:
             signaller.tick(conn)
             return _counts(conn).get("completed", 0) == count
-        wait_for(settled, timeout=90, interval=0.1, what=f"{count} completed runs")
+        wait_for(settled, timeout=SETTLE_TIMEOUT, interval=0.1, what=f"{count} completed runs")
         load_s = time.monotonic() - started
 
         assert all(w.poll() is None for w in workers), \
@@ -216,21 +229,20 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
                 " and l.objid = w.lock_key and l.objsubid = 2)")
         wait_for(lambda: sorted(r[1] for r in conn.execute(live)) == sorted(w.pid for w in workers)
                  and len(list(conn.execute("select 1 from pgflow.workers"))) == 2,
-                 timeout=15, what="both workers registered again, and only them")
+                 timeout=60, what="both workers registered again, and only them")
         assert not ids_before & {r[0] for r in conn.execute(live)}
         summary = _chaos_check(conn, runs, invariants.Disturbed(
             cut_off={w.pid for w in workers}))
 
-        # LISTEN is back: an idle worker picks a new run up on its NOTIFY, well
-        # before its 2 s poll would (5 in a row under 0.5 s: by polling, ~0.1% odds).
+        # LISTEN is back: idle workers that never poll pick each new run up on its
+        # NOTIFY (no pick-up at all would time out). The latencies are reported, not bounded.
         latencies = []
         for n in range(5):
             run_id = pgflow.start(conn, chaos.ping, n)
-            assert pgflow.result(conn, run_id, timeout=10) == f"pong:{n}"
+            assert pgflow.result(conn, run_id, timeout=60) == f"pong:{n}"
             latencies.append(conn.execute(
                 "select extract(epoch from started_at - created_at) from pgflow.runs"
                 " where id = %s", (run_id,)).fetchone()[0])
-            time.sleep(0.3)  # idle again: the claim loop waits for a NOTIFY or its poll
         invariants.check(conn, disturbed=invariants.Disturbed(cut_off={w.pid for w in workers}),
                          expected_runs=count + 5)
         report("postgres restart", runs=count + 5, restarts=1,
@@ -238,7 +250,6 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
                restart_s=f"{restart_s:.2f}", load_s=f"{load_s:.1f}",
                repeated_executions=summary.repeated,
                pickup_ms_after=[round(float(x) * 1000) for x in latencies])
-        assert max(latencies) < 0.5, f"pick-up latencies after the restart: {latencies}"
     finally:
         conn.close()
 
@@ -253,7 +264,7 @@ def test_scheduler_leader_killed_while_timers_are_due(dsn, conn, processes, repo
     runs: dict[uuid.UUID, int] = {}
     started = time.monotonic()
     for r in range(rounds):
-        leader = wait_for(lambda: scheduler_leader_pid(conn), timeout=15, what="a scheduler leader")
+        leader = wait_for(lambda: scheduler_leader_pid(conn), timeout=60, what="a scheduler leader")
         victim = next(w for w in workers if w.pid == leader)
         batch = {}
         with conn.transaction():
@@ -267,28 +278,31 @@ def test_scheduler_leader_killed_while_timers_are_due(dsn, conn, processes, repo
         # nobody fires timers (it keeps the lock), so they pile up and come due.
         wait_for(lambda ids=[str(i) for i in batch], pid=victim.pid: conn.execute(
             "select count(*) from public.effects where pid = %s and run_id = any(%s)",
-            (pid, ids)).fetchone()[0] > 0, timeout=30, what="the leader working on the round")
+            (pid, ids)).fetchone()[0] > 0, timeout=60, what="the leader working on the round")
         victim.send_signal(signal.SIGSTOP)
         wait_for(lambda ids=list(batch): conn.execute(
             "select count(*) from pgflow.timers where run_id = any(%s)",
-            (ids,)).fetchone()[0] >= per_round // 4, timeout=30, what="the round's runs asleep")
-        time.sleep(0.4)  # sleeps of 0.3 s: those timers are due now
-        due = conn.execute("select count(*) from pgflow.timers where due_at <= pgflow.now()"
-                           ).fetchone()[0]
-        assert due > 0, "timers are due at the kill"
+            (ids,)).fetchone()[0] >= per_round // 4, timeout=60, what="the round's runs asleep")
+        # sleeps of 0.3 s: those timers come due while nobody fires them
+        due = wait_for(lambda: conn.execute(
+            "select count(*) from pgflow.timers where due_at <= pgflow.now()").fetchone()[0],
+            timeout=60, what="timers due at the kill")
         due_at_kill.append(due)
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         disturbed.kill(conn, victim.pid)
         killed = time.monotonic()
         survivor = next(w for w in workers if w is not victim)
-        wait_for(lambda pid=survivor.pid: scheduler_leader_pid(conn) == pid, timeout=10, what="a new leader")
+        # The survivor leads once the victim's lock has gone with its connection, and fires
+        # what came due. How fast is reported, not bounded: these deadlines bound a hang.
+        wait_for(lambda pid=survivor.pid: scheduler_leader_pid(conn) == pid, timeout=60,
+                 what="a new leader")
         wait_for(lambda: conn.execute(
             "select count(*) from pgflow.timers where due_at <= pgflow.now() - interval '1 second'"
-        ).fetchone()[0] == 0, timeout=10, what="the due timers fired")
+        ).fetchone()[0] == 0, timeout=60, what="the due timers fired")
         takeovers.append(round(time.monotonic() - killed, 2))
         workers = [survivor, processes.worker(dsn, MODULE)]
-        wait_for(lambda: _counts(conn).get("completed", 0) == len(runs), timeout=60,
+        wait_for(lambda: _counts(conn).get("completed", 0) == len(runs), timeout=120,
                  what=f"round {r + 1} completed")
     summary = _chaos_check(conn, runs, disturbed)
     lateness = conn.execute(
@@ -299,5 +313,4 @@ def test_scheduler_leader_killed_while_timers_are_due(dsn, conn, processes, repo
            worst_timer_lateness_s=f"{float(lateness):.2f}",
            total_s=f"{time.monotonic() - started:.1f}",
            repeated_executions=summary.repeated)
-    assert max(takeovers) < 5
 

@@ -159,6 +159,7 @@ def _version_rows(dsn: str) -> list[tuple[Any, ...]]:
         return c.execute("select version_num from pgflow.alembic_version").fetchall()
 
 
+@pytest.mark.slow
 def test_migrate_prints_revision_and_is_idempotent(empty_dsn: str) -> None:
     head = schema.head_revision()
     first = ok(pgflow_cli("migrate", "--dsn", empty_dsn))
@@ -171,6 +172,7 @@ def test_migrate_prints_revision_and_is_idempotent(empty_dsn: str) -> None:
         ["ID", "WORKFLOW", "STATUS", "CREATED", "KEY"]
 
 
+@pytest.mark.slow
 def test_two_concurrent_migrates_both_succeed(empty_dsn: str) -> None:
     head = schema.head_revision()
     procs = [subprocess.Popen([sys.executable, "-m", "pgflow", "migrate", "--dsn", empty_dsn],
@@ -186,6 +188,7 @@ def test_two_concurrent_migrates_both_succeed(empty_dsn: str) -> None:
 
 # --- start / list / show ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_start_list_show(dsn: str, conn: psycopg.Connection[Any]) -> None:
     # not registered yet: the CLI refuses a workflow nobody serves
     assert_one_line_error(pgflow_cli("start", "two_steps", "--input", "[3]", "--dsn", dsn),
@@ -253,6 +256,7 @@ def test_start_list_show(dsn: str, conn: psycopg.Connection[Any]) -> None:
 
 # --- DSN resolution --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dsn_from_environment(dsn: str, conn: psycopg.Connection[Any]) -> None:
     run_id = pgflow.start(conn, two_steps, 1)
 
@@ -273,6 +277,7 @@ def test_dsn_from_environment(dsn: str, conn: psycopg.Connection[Any]) -> None:
 
 # --- end to end ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_worker_runs_a_started_workflow_and_stops_on_sigterm(dsn, conn, effects, processes):
     worker = processes.worker(dsn, "tests.workflows.simple", concurrency=2)
     wait_registered(conn, 1)
@@ -312,6 +317,7 @@ def test_usage_errors_are_one_line_with_exit_2(args: list[str], fragment: str) -
     assert_one_line_error(pgflow_cli(*args), fragment, exit_code=2)
 
 
+@pytest.mark.slow
 def test_retry_resumes_a_failed_run_and_refuses_others(dsn: str, conn: psycopg.Connection[Any]
                                                        ) -> None:
     register_two_steps(dsn)
@@ -347,6 +353,7 @@ def _mailbox(conn: psycopg.Connection[Any], run_id: str) -> list[tuple[Any, ...]
                         " order by id", (run_id,)).fetchall()
 
 
+@pytest.mark.slow
 def test_signal_queues_the_payload_for_the_run(dsn: str, conn: psycopg.Connection[Any]) -> None:
     run_id = _started_two_steps(dsn, conn)
     out = ok(pgflow_cli("signal", run_id, "approve", "--payload", '{"by": "ann", "n": [1, 2]}',
@@ -359,6 +366,7 @@ def test_signal_queues_the_payload_for_the_run(dsn: str, conn: psycopg.Connectio
         "pending",)
 
 
+@pytest.mark.slow
 def test_signal_refuses_bad_json_unknown_and_finished_runs(dsn: str,
                                                            conn: psycopg.Connection[Any]) -> None:
     run_id = _started_two_steps(dsn, conn)
@@ -373,6 +381,7 @@ def test_signal_refuses_bad_json_unknown_and_finished_runs(dsn: str,
     assert _mailbox(conn, run_id) == []
 
 
+@pytest.mark.slow
 def test_cancel_ends_a_pending_run_and_reports_finished_and_unknown_ones(
         dsn: str, conn: psycopg.Connection[Any]) -> None:
     run_id = _started_two_steps(dsn, conn)
@@ -415,6 +424,7 @@ def _listed(*args: str, env: dict[str, str] | None = None) -> list[str]:
     return [r["id"] for r in json.loads(ok(pgflow_cli("list", "--json", *args, env=env)))]
 
 
+@pytest.mark.slow
 def test_list_filters_by_key_and_since(dsn: str, conn: psycopg.Connection[Any]) -> None:
     register_two_steps(dsn)
     ages = {"now": None, "m90": "90 minutes", "d3": "3 days", "d10": "10 days"}
@@ -447,6 +457,7 @@ def test_list_filters_by_key_and_since(dsn: str, conn: psycopg.Connection[Any]) 
                           "--since 'yesterday'", "30m")
 
 
+@pytest.mark.slow
 def test_list_unserved_marks_runs_no_live_worker_can_serve(dsn: str,
                                                            conn: psycopg.Connection[Any]) -> None:
     register_two_steps(dsn)  # a worker row serving two_steps v1 on queue default
@@ -529,6 +540,7 @@ def pgflow_cli_tty(*args: str, answer: str, prompt: bytes = b"[y/N]",
     return code, text
 
 
+@pytest.mark.slow
 def test_bulk_cancel_by_filter(dsn: str, conn: psycopg.Connection[Any]) -> None:
     register_two_steps(dsn)
     pending = [_start_sql(conn), _start_sql(conn)]
@@ -564,6 +576,7 @@ def test_bulk_cancel_by_filter(dsn: str, conn: psycopg.Connection[Any]) -> None:
     assert _statuses(conn, *bystanders) == before
 
 
+@pytest.mark.slow
 def test_bulk_cancel_asks_on_a_terminal(dsn: str, conn: psycopg.Connection[Any]) -> None:
     register_two_steps(dsn)
     pending = [_start_sql(conn), _start_sql(conn)]
@@ -582,6 +595,7 @@ def test_bulk_cancel_asks_on_a_terminal(dsn: str, conn: psycopg.Connection[Any])
     assert _statuses(conn, *pending, other_name) == ["cancelled", "cancelled", "pending"]
 
 
+@pytest.mark.slow
 def test_bulk_retry_resumes_only_failed_runs(dsn: str, conn: psycopg.Connection[Any]) -> None:
     register_two_steps(dsn)
     failed = [_start_sql(conn), _start_sql(conn)]

@@ -20,7 +20,8 @@ def test_worker_connections_terminated_mid_step(dsn, conn, effects, processes):
                               extra_env={"PGFLOW_TEST_BLOCK_SECONDS": "1.5"})
     wait_registered(conn, 1)
     run_id = pgflow.start(conn, provision_order, "cust-t", 100)
-    wait_for(lambda: effects.count(run_id, "create_account") == 1, what="step 2 running")
+    wait_for(lambda: effects.count(run_id, "create_account") == 1, timeout=60,
+             what="step 2 running")
 
     terminated = conn.execute(
         "select count(pg_terminate_backend(pid)) from pg_stat_activity"
@@ -28,7 +29,7 @@ def test_worker_connections_terminated_mid_step(dsn, conn, effects, processes):
         "   and backend_type = 'client backend'").fetchone()[0]
     assert terminated >= 2  # the worker's listener and pool connections (and effects log)
 
-    wait_status(conn, run_id, "completed", timeout=30)
+    wait_status(conn, run_id, "completed", timeout=60)
     assert worker.poll() is None, processes.log_of(worker)
     counts = effects.per_step(run_id)
     # checkpointed steps never ran again; step 2 ran once or twice (at least once)
@@ -48,15 +49,16 @@ def test_a_frozen_worker_is_declared_dead_and_its_late_reports_are_refused(dsn, 
                               extra_env={"PGFLOW_TEST_BLOCK_SECONDS": "3"})
     wait_registered(conn, 1)
     run_id = pgflow.start(conn, provision_order, "cust-f", 300)
-    wait_for(lambda: effects.count(run_id, "create_account") == 1, what="step 2 running")
+    wait_for(lambda: effects.count(run_id, "create_account") == 1, timeout=60,
+             what="step 2 running")
     frozen.send_signal(signal.SIGSTOP)  # alive, connected, holding its lock: but silent
 
     # A survivor that declares a worker dead after 2 s without a heartbeat takes the run over.
     processes.worker(dsn, "tests.workflows.provisioning", extra_args=("--stale-after", "2"))
-    wait_status(conn, run_id, "completed", timeout=30)
+    wait_status(conn, run_id, "completed", timeout=60)
     frozen.send_signal(signal.SIGCONT)  # its step finishes, and it tries to checkpoint it
 
-    wait_for(lambda: "abandoned" in processes.log_of(frozen), timeout=20,
+    wait_for(lambda: "abandoned" in processes.log_of(frozen), timeout=60,
              what="the frozen worker's report refused")
     assert "lease lost" in processes.log_of(frozen)
     assert frozen.poll() is None, "it lives on, re-registered under a new id"

@@ -22,7 +22,7 @@ JOURNAL = [("step", "first"), ("step", "second")]
 def done(conn, effects, inprocess_worker):
     inprocess_worker.start([two_steps])
     run_id = pgflow.start(conn, two_steps, 3)
-    assert pgflow.result(conn, run_id, timeout=20) == 8
+    assert pgflow.result(conn, run_id, timeout=60) == 8
     inprocess_worker.stop_all()
     invariants.check(conn, expected_runs=1, journal=lambda _: JOURNAL)  # clean to begin with
     return run_id

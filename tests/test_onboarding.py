@@ -98,7 +98,7 @@ def _settle(conn: psycopg.Connection) -> None:
     """Wait until no run is pending or running: every run sleeps or has finished."""
     wait_for(lambda: conn.execute(
         "select count(*) from pgflow.runs where status in ('pending', 'running')"
-    ).fetchone()[0] == 0, timeout=20, what="runs to settle")
+    ).fetchone()[0] == 0, timeout=60, what="runs to settle")
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_three_weeks_of_onboarding_in_seconds(conn, effects, customers, inproces
     assert advance_time(conn, DAY) == 2
     _settle(conn)                                    # day 22: 'flaky' paid, 'dead' suspended
 
-    outputs = {c: pgflow.result(conn, rid, timeout=5) for c, rid in runs.items()}
+    outputs = {c: pgflow.result(conn, rid, timeout=60) for c, rid in runs.items()}
     assert outputs == {"early": "paid-1", "late": "paid-1", "never": "deactivated",
                        "flaky": "paid-3", "dead": "suspended"}
     expected = {

@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 import pgflow
-from tests.helpers import wait_status
+from tests.helpers import backoffs, log_timers, wait_status
 from tests.workflows.effects import record
 
 FAST = pgflow.Retry(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=1)
@@ -56,7 +56,7 @@ def test_typed_payloads_survive_replay(conn, effects, inprocess_worker):
     order = Order(id=uuid.uuid4(), total=Decimal("12.50"),
                   placed=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc))
     run_id = pgflow.start(conn, typed, order, dt.datetime.now(dt.timezone.utc))
-    assert pgflow.result(conn, run_id, timeout=15) == {"receipt": "ok 25.00", "id": str(order.id)}
+    assert pgflow.result(conn, run_id, timeout=60) == {"receipt": "ok 25.00", "id": str(order.id)}
     run = pgflow.get(conn, run_id)
     assert [(s.name, s.status, s.attempts) for s in run.steps] == [
         ("price", "completed", 1), ("flaky_once", "completed", 2)]
@@ -95,14 +95,22 @@ def fatal(ctx: pgflow.Context) -> None:
 
 def test_retries_back_off_in_the_database_and_step_failed_is_catchable(conn, effects,
                                                                         inprocess_worker):
+    log_timers(conn)
     inprocess_worker.start([catches], poll_interval=0.05)
     run_id = pgflow.start(conn, catches)
-    assert pgflow.result(conn, run_id, timeout=20) == "always_fails/ValueError/nope/3"
+    assert pgflow.result(conn, run_id, timeout=60) == "always_fails/ValueError/nope/3"
     times = [row[0] for row in conn.execute(
         "select at from public.effects where run_id = %s order by at", (str(run_id),))]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert len(gaps) == 2
-    assert 0.3 <= gaps[0] < 0.3 + 0.5 and 0.6 <= gaps[1] < 0.6 + 0.5, gaps
+    assert gaps[0] >= 0.3 and gaps[1] >= 0.6, gaps
+    # The back-off is a database timer: 0.3 s, then 0.6 s, exactly as the policy says
+    # (read from the timers, not from how soon a busy worker came back), and each
+    # attempt began no earlier than its timer was due.
+    retries = backoffs(conn, run_id)
+    assert [round(b.delay.total_seconds(), 3) for b in retries] == [0.3, 0.6]
+    for retry, next_attempt in zip(retries, times[1:], strict=True):
+        assert next_attempt >= retry.due, (retry, next_attempt)
 
 
 def test_non_retryable_error_stops_at_one_attempt_and_fails_the_run(conn, effects,
@@ -110,7 +118,7 @@ def test_non_retryable_error_stops_at_one_attempt_and_fails_the_run(conn, effect
     inprocess_worker.start([fatal])
     run_id = pgflow.start(conn, fatal)
     with pytest.raises(pgflow.WorkflowFailed, match="card declined"):
-        pgflow.result(conn, run_id, timeout=10)
+        pgflow.result(conn, run_id, timeout=60)
     assert effects.count(run_id, "fails_fatally") == 1
     step = pgflow.get(conn, run_id).steps[0]
     assert (step.status, step.attempts, step.error["type"]) == (
@@ -146,8 +154,8 @@ def test_async_and_sync_workflows_and_steps_mix(conn, inprocess_worker):
     inprocess_worker.start([async_flow, sync_flow])
     first = pgflow.start(conn, async_flow, 4)
     second = pgflow.start(conn, sync_flow, 3)
-    assert pgflow.result(conn, first, timeout=10) == [8, 9, 90]
-    assert pgflow.result(conn, second, timeout=10) == [6, 36]
+    assert pgflow.result(conn, first, timeout=60) == [8, 9, 90]
+    assert pgflow.result(conn, second, timeout=60) == [6, 36]
     assert [s.name for s in pgflow.get(conn, first).steps] == [
         "async_double", "sync_increment", "lambda_step"]
 
@@ -171,7 +179,7 @@ def test_unencodable_step_result_fails_the_step_once(conn, inprocess_worker):
     inprocess_worker.start([garbage])
     run_id = pgflow.start(conn, garbage)
     with pytest.raises(pgflow.WorkflowFailed):
-        pgflow.result(conn, run_id, timeout=10)
+        pgflow.result(conn, run_id, timeout=60)
     step = pgflow.get(conn, run_id).steps[0]
     assert (step.status, step.attempts) == ("failed", 1)
     assert step.error["type"] == "pgflow.errors.EncodingError"
@@ -185,7 +193,7 @@ def test_input_that_does_not_fit_the_signature_fails_the_run(conn, inprocess_wor
         " '[{\"id\": \"not-a-uuid\"}, \"2026-01-01T00:00:00Z\"]', version => '1')"
     ).fetchone()[0]
     with pytest.raises(pgflow.WorkflowFailed, match="EncodingError"):
-        pgflow.result(conn, run_id, timeout=10)
+        pgflow.result(conn, run_id, timeout=60)
 
 
 @pgflow.workflow(name="replay_versions", version="1")
@@ -202,10 +210,10 @@ def test_a_worker_claims_only_the_versions_it_has(conn, inprocess_worker):
     old = pgflow.start(conn, versions_v1)
     new = pgflow.start(conn, versions_v2)
     inprocess_worker.start([versions_v2])
-    assert pgflow.result(conn, new, timeout=10) == "v2"
+    assert pgflow.result(conn, new, timeout=60) == "v2"
     assert pgflow.get(conn, old).status == "pending"
     inprocess_worker.start([versions_v1])
-    assert pgflow.result(conn, old, timeout=10) == "v1"
+    assert pgflow.result(conn, old, timeout=60) == "v1"
 
 
 def test_changed_code_is_a_non_determinism_error(conn, inprocess_worker):
@@ -216,6 +224,6 @@ def test_changed_code_is_a_non_determinism_error(conn, inprocess_worker):
                  (run_id,))
     inprocess_worker.start([async_flow])
     with pytest.raises(pgflow.WorkflowFailed, match="NonDeterminismError"):
-        pgflow.result(conn, run_id, timeout=10)
+        pgflow.result(conn, run_id, timeout=60)
     wait_status(conn, run_id, "failed")
     assert len(pgflow.get(conn, run_id).steps) == 1  # nothing ran on the diverged path

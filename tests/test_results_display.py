@@ -50,6 +50,7 @@ def _show(dsn: str, run_id: object) -> list[str]:
                              timeout=60)).splitlines()
 
 
+@pytest.mark.slow
 def test_a_step_waiting_for_a_signal_shows_its_deadline_not_a_duration(dsn, conn,
                                                                         inprocess_worker):
     inprocess_worker.start([awaits_review])
@@ -87,6 +88,7 @@ def test_list_json_is_one_array_with_payloads(dsn, conn, inprocess_worker):
     assert (record["input"], record["output"], record["error"]) == ([], "ana", None)
 
 
+@pytest.mark.slow
 def test_the_examples_closing_hint_is_a_command_that_works_as_shown(dsn):
     env = cli_env(PGFLOW_DSN=dsn)
     shown = ok(subprocess.run([sys.executable, "examples/order_provisioning.py"], cwd=REPO,

@@ -48,7 +48,7 @@ def test_purge_deletes_old_finished_runs_in_batches_and_nothing_else(conn, effec
             old.append(pgflow.start(conn, retained, 0))
             pgflow.signal(conn, old[-1], "unread", {"kept": "in the mailbox"})
     for run_id in old:
-        assert pgflow.result(conn, run_id, timeout=10) == "ok"
+        assert pgflow.result(conn, run_id, timeout=60) == "ok"
     assert set(_rows(conn, old).values()) != {0}
     sleeper = pgflow.start(conn, retained, 100)   # unfinished: never purged
     wait_status(conn, sleeper, "sleeping")
@@ -56,7 +56,7 @@ def test_purge_deletes_old_finished_runs_in_batches_and_nothing_else(conn, effec
     conn.execute("update pgflow.runs set finished_at = finished_at - interval '31 days',"
                  " created_at = created_at - interval '31 days' where id = any(%s)", (old,))
     recent = pgflow.start(conn, retained, 0)      # finished, but recently
-    assert pgflow.result(conn, recent, timeout=10) == "ok"
+    assert pgflow.result(conn, recent, timeout=60) == "ok"
     kept_before = _rows(conn, [sleeper, recent])
 
     batches = []

@@ -221,8 +221,9 @@ def test_a_step_is_dated_back_by_the_time_its_report_waited(conn, workers):
     assert (entry["finished_at"] - entry["started_at"]).total_seconds() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("history, analyzed", [(100_000, True), (300, False)],
-                         ids=["large-analyzed", "small-never-analyzed"])
+@pytest.mark.parametrize("history, analyzed", [
+    pytest.param(100_000, True, id="large-analyzed", marks=pytest.mark.slow),
+    pytest.param(300, False, id="small-never-analyzed")])
 def test_the_batch_statement_probes_indexes_whatever_the_history(conn, workers, history, analyzed):
     """complete_batch keeps one generic plan per connection: it must not scan history.
 

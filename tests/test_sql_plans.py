@@ -86,6 +86,7 @@ def scans_by(conn: Conn, call: Any) -> dict[str, int]:
             if n != before.get(table, 0)}
 
 
+@pytest.mark.slow
 def test_claim(conn, workers):
     worker = workers()
     for i in range(SMALL):
@@ -96,6 +97,7 @@ def test_claim(conn, workers):
     assert scans_by(worker.db, lambda: worker.claim(limit=5)) == {}
 
 
+@pytest.mark.slow
 def test_checkpoints_and_completions(conn, workers):
     worker = workers()
     for i in range(SMALL):
@@ -112,6 +114,7 @@ def test_checkpoints_and_completions(conn, workers):
     assert scans_by(worker.db, report) == {}
 
 
+@pytest.mark.slow
 def test_firing_timers(dsn, conn):
     for i in range(SMALL):
         start(conn, input=[i], delay=timedelta(seconds=i + 1))

@@ -10,10 +10,9 @@ a test (``conftest.py``).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -109,7 +108,7 @@ def test_a_sleep_suspends_the_run_until_fire_timers_wakes_it(dsn, conn, workers)
         1, "cool-off", "sleep", "sleeping", 1)
     [timer] = timer_rows(conn)
     assert (timer["run_id"], timer["kind"], timer["seq"]) == (run_id, "sleep", 1)
-    assert HOUR <= timer["due_at"] - before < HOUR + 5 * SECOND
+    assert before + HOUR <= timer["due_at"] <= engine_now(conn) + HOUR
     assert timer["due_at"] == entry["started_at"] + HOUR
     until = conn.execute("select (output ->> 'until')::timestamptz from pgflow.steps"
                          " where run_id = %s and seq = 1", (run_id,)).fetchone()[0]
@@ -354,15 +353,26 @@ def test_fire_timers_skips_a_run_locked_by_another_transaction_until_it_ends(dsn
 
 
 def test_next_timer_in_counts_seconds_to_the_earliest_timer(conn):
+    def real_now() -> datetime:
+        return conn.execute("select statement_timestamp()").fetchone()[0]
+
+    def assert_next_timer_in(seconds: float, timer_set_after: datetime) -> None:
+        """``seconds`` at the timer's setting, less the real time passed since (measured)."""
+        got = next_timer_in(conn)
+        passed = (real_now() - timer_set_after).total_seconds()
+        assert seconds - passed <= got <= seconds, (got, seconds, passed)
+
     assert next_timer_in(conn) is None
+    later_set = real_now()
     start(conn, key="later", delay=2 * HOUR)
-    assert 2 * 3600 - 5 < next_timer_in(conn) <= 2 * 3600
+    assert_next_timer_in(2 * 3600, later_set)
+    sooner_set = real_now()
     start(conn, key="sooner", delay=HOUR)
-    assert 3600 - 5 < next_timer_in(conn) <= 3600
+    assert_next_timer_in(3600, sooner_set)
     set_clock(conn, timedelta(minutes=90))  # the clock moved, nothing fired
-    assert -1800 - 5 < next_timer_in(conn) <= -1800
+    assert_next_timer_in(-1800, sooner_set)
     assert fire_timers(conn) == 1
-    assert 1800 - 5 < next_timer_in(conn) <= 1800
+    assert_next_timer_in(1800, later_set)
     assert advance_time(conn, HOUR) == 1
     assert next_timer_in(conn) is None
 
@@ -558,6 +568,7 @@ def assert_uses_timers_due(conn: Conn, explain: str) -> dict[str, Any]:
     return assert_plan_uses(conn, explain, "timers", "timers_due")
 
 
+@pytest.mark.slow
 def test_fire_timers_reads_only_the_due_timers_among_100k_sleeping_runs(dsn, conn):
     conn.execute("""
         with sleeping as (
@@ -585,18 +596,17 @@ def test_fire_timers_reads_only_the_due_timers_among_100k_sleeping_runs(dsn, con
     conn.execute("reset plan_cache_mode")
 
     with psycopg.connect(dsn) as tx:
-        began = time.monotonic()
         assert fire_timers(tx) == 3
-        took = time.monotonic() - began
         timers, runs = table_stats(tx, "timers"), table_stats(tx, "runs")
         tx.commit()
+    # the work done, counted (not timed): no scan, a few index fetches for 3 of 100,000
     assert (timers["seq_scan"], runs["seq_scan"]) == (0, 0), (timers, runs)
     assert timers["idx_tup_fetch"] + runs["idx_tup_fetch"] < 50, (timers, runs)
-    assert took < 0.5, f"fire_timers took {took:.3f}s"
     assert {r for (r,) in conn.execute("select id from pgflow.runs where status = 'pending'")} == due
     assert count(conn, "timers") == 100000
 
 
+@pytest.mark.slow
 def test_adding_a_timer_does_not_read_every_timer(dsn, conn):
     conn.execute("""
         insert into pgflow.timers (run_id, kind, seq, due_at, created_at)

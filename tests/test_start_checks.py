@@ -102,6 +102,7 @@ def test_python_start_by_name_refuses_it_with_a_value_error(conn, served, data, 
     assert _runs(conn) == 0
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_it_in_one_line(dsn, conn, served):
     result = subprocess.run(
         [sys.executable, "-m", "pgflow", "start", "checked_signup", "--input", '["x", "y", "extra"]',
@@ -149,6 +150,7 @@ def test_a_workflow_announced_without_parameters_is_started_unchecked(conn):
         conn.execute("""select pgflow.start('legacy', '[]')""")
 
 
+@pytest.mark.slow
 def test_the_unknown_workflow_hint_names_options_that_exist(dsn, conn):
     with pytest.raises(pgflow.WorkflowNotFound) as unknown:
         pgflow.start(conn, "never_registered", 1)
@@ -163,6 +165,7 @@ def test_the_unknown_workflow_hint_names_options_that_exist(dsn, conn):
     assert_one_line_error(result, "unknown workflow 'other_unknown'", "start a worker")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pgflow.map:greet", "pgflow.anything"])
 def test_internal_workflow_names_cannot_be_started_from_outside(dsn, conn, served, name):
     with pytest.raises(ValueError, match="is reserved"):
@@ -182,6 +185,7 @@ def test_a_workflow_cannot_take_a_reserved_name():
         def mine(ctx: pgflow.Context) -> None: ...
 
 
+@pytest.mark.slow
 def test_start_checks_pass_with_the_cli(dsn, conn, served):
     run_id = ok(subprocess.run(
         [sys.executable, "-m", "pgflow", "start", "checked_signup", "--input",

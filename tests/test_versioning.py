@@ -39,8 +39,8 @@ def test_a_patch_keeps_runs_started_on_old_code_on_their_old_branch(dsn, conn, e
         ("new-pricing", 1)]
 
     advance_time(conn, timedelta(hours=2))
-    assert pgflow.result(conn, old_run, timeout=20) == "charged 100"
-    assert pgflow.result(conn, new_run, timeout=20) == "charged 90"
+    assert pgflow.result(conn, old_run, timeout=60) == "charged 100"
+    assert pgflow.result(conn, new_run, timeout=60) == "charged 90"
     assert effects.per_step("order-old") == {"old_price": 1, "charge": 1}
     assert effects.per_step("order-new") == {"new_price": 1, "charge": 1}
 
@@ -56,14 +56,14 @@ def test_reordered_steps_fail_the_run_and_retry_completes_it_on_fixed_code(dsn, 
     worker = _replace(processes, conn, worker, dsn, "reorder_ba")  # the broken deploy
     advance_time(conn, timedelta(hours=2))
     with pytest.raises(pgflow.WorkflowFailed) as info:
-        pgflow.result(conn, run_id, timeout=20)
+        pgflow.result(conn, run_id, timeout=60)
     assert info.value.error_type == "pgflow.errors.NonDeterminismError"
     assert "step 'step_b' in the code but step 'step_a' in the journal" in info.value.message
     assert effects.per_step(run_id) == {"step_a": 1, "step_b": 1}  # nothing ran on the diverged path
 
     _replace(processes, conn, worker, dsn, "reorder_ab")  # the fix: the original code again
     pgflow.retry(conn, run_id)
-    assert pgflow.result(conn, run_id, timeout=20) == "abc"
+    assert pgflow.result(conn, run_id, timeout=60) == "abc"
     assert effects.per_step(run_id) == {"step_a": 1, "step_b": 1, "step_c": 1}
 
 
@@ -77,7 +77,7 @@ def test_each_worker_claims_only_its_own_version(dsn, conn, effects, processes):
             for version in ("1", "2")}
     for version, ids in runs.items():
         for run_id in ids:
-            assert pgflow.result(conn, run_id, timeout=20) == workers[version].pid
+            assert pgflow.result(conn, run_id, timeout=60) == workers[version].pid
             assert effects.per_step(run_id) == {f"v{version}": 1}
     # with the version-2 worker gone, new version-2 runs are marked as unserved, not stolen
     workers["2"].send_signal(signal.SIGTERM)
@@ -146,7 +146,7 @@ def test_check_replay_tells_which_deploys_are_safe(conn, effects, inprocess_work
     inprocess_worker.start([replay_check])
     sleeping = pgflow.start(conn, replay_check, 1)
     finished = pgflow.start(conn, replay_check, 0)
-    assert pgflow.result(conn, finished, timeout=10) == "ab"
+    assert pgflow.result(conn, finished, timeout=60) == "ab"
     wait_status(conn, sleeping, "sleeping")
     ran_before = effects.count()
 

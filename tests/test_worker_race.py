@@ -14,10 +14,10 @@ RUNS = 1000
 
 
 def test_two_workers_drain_1000_runs_each_exactly_once(dsn, conn, effects, processes):
+    workers = [processes.worker(dsn, "tests.workflows.simple", concurrency=8) for _ in range(2)]
+    wait_registered(conn, 2)  # both serve before the runs exist: neither starts late to the race
     with conn.transaction():
         run_ids = [pgflow.start(conn, two_steps, n) for n in range(RUNS)]
-    workers = [processes.worker(dsn, "tests.workflows.simple", concurrency=8) for _ in range(2)]
-    wait_registered(conn, 2)
 
     def completed() -> bool:
         row = conn.execute("select count(*) from pgflow.runs where status = 'completed'").fetchone()

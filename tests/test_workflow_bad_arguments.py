@@ -53,7 +53,7 @@ def _finished(conn, run_id):
     return wait_for(lambda: conn.execute(
         "select status, output, error from pgflow.runs where id = %s"
         " and status in ('completed', 'failed')", (run_id,)).fetchone(),
-        timeout=20, what=f"run {run_id} finished")
+        timeout=60, what=f"run {run_id} finished")
 
 
 def test_an_error_message_with_a_nul_byte_is_recorded_mended(conn, inprocess_worker):

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 import pgflow
+from tests.helpers import effects_app
 
 SIGNAL = "go"
 BODY_SECONDS = 0.05
@@ -30,6 +31,16 @@ LAYOUTS: tuple[tuple[str, ...], ...] = (
 )
 
 _local = threading.local()
+
+# PGFLOW_TEST_POLL_INTERVAL sets the claim loop's poll (seconds) of a worker process that
+# imports this module. An hour leaves NOTIFY the only way an idle worker picks a run up
+# within a test, so a test can check that LISTEN works without timing the pick-up.
+if "PGFLOW_TEST_POLL_INTERVAL" in os.environ:
+    import pgflow.worker
+
+    _defaults = pgflow.worker.Worker.__init__.__kwdefaults__
+    assert "poll_interval" in _defaults, "pgflow.Worker takes no poll_interval keyword"
+    _defaults["poll_interval"] = float(os.environ["PGFLOW_TEST_POLL_INTERVAL"])
 
 
 def journal(variant: int) -> list[tuple[str, str]]:
@@ -51,8 +62,9 @@ def record(run_id: str, step: str) -> None:
         try:
             conn = getattr(_local, "conn", None)
             if conn is None or conn.closed:
-                conn = _local.conn = psycopg.connect(os.environ["PGFLOW_TEST_EFFECTS_DSN"],
-                                                     autocommit=True, connect_timeout=5)
+                conn = _local.conn = psycopg.connect(
+                    os.environ["PGFLOW_TEST_EFFECTS_DSN"], autocommit=True, connect_timeout=5,
+                    application_name=effects_app(os.getpid()))
             conn.execute("insert into public.effects (run_id, step, pid, exec_id)"
                          " values (%s, %s, %s, %s) on conflict (exec_id) do nothing",
                          (run_id, step, os.getpid(), exec_id))

@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from tests.helpers import effects_app
+
 _local = threading.local()
 
 
@@ -19,7 +21,7 @@ def _conn() -> psycopg.Connection[Any]:
     dsn = os.environ["PGFLOW_TEST_EFFECTS_DSN"]
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed or getattr(_local, "dsn", None) != dsn:
-        conn = psycopg.connect(dsn, autocommit=True)
+        conn = psycopg.connect(dsn, autocommit=True, application_name=effects_app(os.getpid()))
         _local.conn, _local.dsn = conn, dsn
     return conn
 
@@ -38,5 +40,13 @@ def _record(run_id: str, step: str) -> int:
         "with ins as (insert into public.effects (run_id, step, pid) values (%s, %s, %s))"
         " select count(*) + 1 from public.effects where run_id = %s and step = %s",
         (run_id, step, os.getpid(), run_id, step)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def executions(run_id: str, step: str) -> int:
+    """How many executions of ``step`` in ``run_id`` are logged so far."""
+    row = _conn().execute("select count(*) from public.effects where run_id = %s and step = %s",
+                          (run_id, step)).fetchone()
     assert row is not None
     return int(row[0])
