@@ -119,7 +119,7 @@ def admin_server(dsn: str | None, private: bool) -> Iterator[str]:
     ``dsn``, else ``$PGFLOW_BENCH_DSN``, else DEFAULT_ADMIN_DSN.
     """
     if private:
-        from tests import pgcluster
+        from tests.support import pgcluster
 
         with pgcluster.private_cluster(PRIVATE_SERVER_OPTIONS) as cluster:
             log(f"private server on port {cluster.port} (pg_stat_statements loaded)")

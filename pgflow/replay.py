@@ -27,7 +27,7 @@ timer in SQL: :meth:`Replay.sleep` reports it, and ``pgflow.complete_batch``
 ``pgflow.fail_step``. See ``sql/README.md``.
 """
 
-# Who imports whom (tests/test_import_graph.py fails on any cycle, and on an
+# Who imports whom (tests/unit/test_import_graph.py fails on any cycle, and on an
 # engine or database module importing a layer above it). Leaves imported nearly
 # everywhere (errors, durations, models) are left out.
 #

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, settings
 from psycopg.conninfo import make_conninfo
 
 from pgflow import embedded, schema
-from tests import helpers
+from tests.support import helpers
 
-# Property tests (tests/test_bad_input.py) run with a fixed budget and a fixed
+# Property tests (tests/properties/test_bad_input.py) run with a fixed budget and a fixed
 # seed, so CI is reproducible and quick: derandomized examples, no deadline
 # (a shared, busy server makes timings meaningless), and the database fixture
 # deliberately shared by the examples of one test (what one example commits,
@@ -94,7 +94,7 @@ def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def effects(conn: psycopg.Connection[Any]) -> helpers.Effects:
-    """The side-effect log that test workflows write to (see tests/workflows)."""
+    """The side-effect log that test workflows write to (see tests/support/workflows)."""
     return helpers.Effects.create(conn)
 
 

@@ -4,7 +4,7 @@
 -- state transition of a run is one call of a function they define, atomic
 -- and fenced; the Python worker only calls them. sql/README.md maps each
 -- behaviour to its file. What Alembic applies to a database is the frozen
--- chain in sql/migrations/; tests/test_schema_layout.py proves that both build
+-- chain in sql/migrations/; tests/migrations/test_schema_layout.py proves that both build
 -- the same catalog.
 --
 -- Who may call what is 12_roles.sql's: the entry points run as the schema

@@ -17,7 +17,7 @@ language plpgsql
 -- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
 -- this statement on every call (its array parameters make each custom plan
 -- look cheaper), which cost 0.3 ms a call, half the claim (measured). The
--- generic plan walks the same indexes (tests/test_sql_procedures.py).
+-- generic plan walks the same indexes (tests/sql/test_sql_procedures.py).
 set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column

@@ -31,7 +31,7 @@
 -- and pgflow._secure() makes the catalog match it, idempotently. A later
 -- revision that adds or re-creates a function (CREATE OR REPLACE resets
 -- SECURITY DEFINER and SET) extends _privileges() and ends with
--- `select pgflow._secure();`. tests/test_security.py fails while any
+-- `select pgflow._secure();`. tests/sql/test_security.py fails while any
 -- function or relation of the schema is missing from the policy.
 --
 -- Roles are cluster-wide: creating them needs CREATEROLE. When they are
