@@ -31,6 +31,7 @@ from pgflow.errors import (
     PgflowError,
     RunNotFound,
     RunStateError,
+    ScheduleNotFound,
     SchemaNotMigrated,
     SchemaTooNew,
     SignalTimeout,
@@ -43,6 +44,15 @@ from pgflow.errors import (
 )
 from pgflow.models import Run, StepRecord
 from pgflow.retry import Retry
+from pgflow.schedules import (
+    backfill_schedule,
+    create_schedule,
+    delete_schedule,
+    pause_schedule,
+    resume_schedule,
+    schedule,
+    trigger_schedule,
+)
 from pgflow.worker import Worker
 
 __version__ = "0.1.0"
@@ -61,6 +71,7 @@ __all__ = [
     "Run",
     "RunNotFound",
     "RunStateError",
+    "ScheduleNotFound",
     "SchemaNotMigrated",
     "SchemaTooNew",
     "SignalTimeout",
@@ -74,14 +85,21 @@ __all__ = [
     "WorkflowFailed",
     "WorkflowNotFound",
     "WorkflowTimeout",
+    "backfill_schedule",
     "cancel",
+    "create_schedule",
+    "delete_schedule",
     "get",
     "get_state",
+    "pause_schedule",
     "result",
+    "resume_schedule",
     "retry",
+    "schedule",
     "signal",
     "start",
     "step",
     "testing",
+    "trigger_schedule",
     "workflow",
 ]

@@ -4,15 +4,18 @@ on a ``psycopg.AsyncConnection`` (or ``AsyncCursor``)."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from pgflow import connections, definitions, errors, models, queries
+from pgflow import connections, definitions, errors, models, queries, schedules
 from pgflow.client import RECHECK_INTERVAL
+from pgflow.validation import check_name
 
-__all__ = ["cancel", "get", "get_state", "result", "retry", "signal", "start"]
+__all__ = ["backfill_schedule", "cancel", "create_schedule", "delete_schedule", "get",
+           "get_state", "pause_schedule", "result", "resume_schedule", "retry", "signal",
+           "start", "trigger_schedule"]
 
 
 async def start(conn: Any, workflow: definitions.Workflow | str, *args: Any,
@@ -88,3 +91,46 @@ async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
                 await conn.rollback()
             await query(f"unlisten {queries.DONE_CHANNEL}")
+
+
+# -- schedules ----------------------------------------------------------------
+
+async def create_schedule(conn: Any, id: str, workflow: definitions.Workflow | str,
+                          **options: Any) -> None:
+    """See :func:`pgflow.create_schedule` (same options)."""
+    spec = schedules.build_spec(id, workflow, **options)
+    now = (await connections.afetch(conn, schedules.NOW, ()))[0][0]
+    await connections.afetch(conn, schedules.CREATE,
+                             schedules.create_params(spec, now, declared=False))
+
+
+async def pause_schedule(conn: Any, id: str) -> None:
+    """See :func:`pgflow.pause_schedule`."""
+    await connections.afetch(conn, schedules.PAUSE, (check_name(id, "schedule id"),))
+
+
+async def resume_schedule(conn: Any, id: str) -> None:
+    """See :func:`pgflow.resume_schedule`."""
+    await connections.afetch(conn, schedules.RESUME, (check_name(id, "schedule id"),))
+
+
+async def delete_schedule(conn: Any, id: str) -> None:
+    """See :func:`pgflow.delete_schedule`."""
+    await connections.afetch(conn, schedules.DELETE, (check_name(id, "schedule id"),))
+
+
+async def trigger_schedule(conn: Any, id: str) -> uuid.UUID:
+    """See :func:`pgflow.trigger_schedule`."""
+    rows = await connections.afetch(conn, schedules.TRIGGER, (check_name(id, "schedule id"),))
+    return queries.as_uuid(rows[0][0])
+
+
+async def backfill_schedule(conn: Any, id: str, start: datetime, end: datetime, *,
+                            overlap: str = "allow_all") -> list[uuid.UUID]:
+    """See :func:`pgflow.backfill_schedule`."""
+    check_name(id, "schedule id")
+    schedules.check_overlap(overlap)
+    spec = await connections.afetch(conn, schedules.SPEC, (id,))
+    rows = await connections.afetch(conn, schedules.BACKFILL,
+                                    schedules.backfill_params(id, spec, start, end, overlap))
+    return [queries.as_uuid(row[0]) for row in rows]

@@ -62,7 +62,8 @@ class Context:
 
     def __init__(self, session: RunSession, journal: list[JournalEntry], *, is_async: bool,
                  workflow_retry: Retry | None = None, cancel_requested: bool = False,
-                 cancel_seq: int | None = None) -> None:
+                 cancel_seq: int | None = None, scheduled_time: datetime | None = None) -> None:
+        self._scheduled_time = scheduled_time
         self._engine = Replay(session, journal, is_async=is_async, child_handle=ChildHandle,
                               workflow_retry=workflow_retry, cancel_requested=cancel_requested,
                               cancel_seq=cancel_seq)
@@ -74,6 +75,14 @@ class Context:
     def workflow_id(self) -> uuid.UUID:
         """The run's id."""
         return self._engine.workflow_id
+
+    @property
+    def scheduled_time(self) -> datetime | None:
+        """The tick's time (aware, UTC) in a run a schedule started; ``None`` otherwise.
+
+        Fixed when the run starts, so it is the same on every replay.
+        """
+        return self._scheduled_time
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` as a step named ``name``.

@@ -48,6 +48,7 @@ __all__ = [
     "PgflowError",
     "RunNotFound",
     "RunStateError",
+    "ScheduleNotFound",
     "SchemaNotMigrated",
     "SchemaTooNew",
     "SignalTimeout",
@@ -82,6 +83,10 @@ class WorkflowNotFound(PgflowError, LookupError):
 
 class RunNotFound(PgflowError, LookupError):
     """No run has that id."""
+
+
+class ScheduleNotFound(PgflowError, LookupError):
+    """No schedule has this id (``pgflow.create_schedule`` or ``pgflow.schedule`` make one)."""
 
 
 class KeyConflict(PgflowError):
@@ -183,6 +188,7 @@ _BY_SQLSTATE: dict[str, type[PgflowError]] = {
     "PF005": KeyConflict,
     "PF006": RunStateError,
     "PF404": RunNotFound,
+    "PF405": ScheduleNotFound,
 }
 
 

@@ -117,7 +117,8 @@ class RunExecution:
         ctx = context.Context(self, self.claimed.journal, is_async=self.workflow.is_async,
                               workflow_retry=self.workflow.retry,
                               cancel_requested=self.claimed.cancel_requested,
-                              cancel_seq=self.claimed.cancel_seq)
+                              cancel_seq=self.claimed.cancel_seq,
+                              scheduled_time=self.claimed.scheduled_time)
         engine = context.engine_of(ctx)
         token = self.claimed.lease_token
         try:

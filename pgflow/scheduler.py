@@ -1,17 +1,20 @@
-"""The timer scheduler: one leader per database wakes the runs whose timers are due.
+"""The scheduler: one leader per database wakes runs whose timers are due and fires schedules.
 
 Every worker process runs a :class:`Scheduler`; the one that holds the session
 advisory lock ``(7366504, 1)`` on its own connection is the leader, the others
 try again every ``LEADERSHIP_RETRY`` seconds. A killed leader's connection
 closes, its lock vanishes and another process leads within that interval.
 
-The leader sleeps until the earliest timer (``pgflow.next_timer_in()``),
-fires due timers in batches (``pgflow.fire_timers``, which NOTIFYs the
-queues of the runs it wakes), and is woken early by :meth:`Scheduler.poke`
-when a ``pgflow_timer`` NOTIFY says a new timer became the earliest or the
-test clock moved. That NOTIFY arrives on the worker's one LISTEN connection
-(membership.py), not on the scheduler's own. The leader never scans
-sleeping runs: the timers index is read in due order only.
+The leader sleeps until the earliest timer or schedule tick
+(``pgflow.next_wake_in()``), fires due timers in batches
+(``pgflow.fire_timers``, which NOTIFYs the queues of the runs it wakes) and
+due schedules (:mod:`pgflow.ticker`), and is woken early by
+:meth:`Scheduler.poke` when a ``pgflow_timer`` NOTIFY says a new timer
+became the earliest, a schedule was created or resumed, a scheduled run
+with buffered ticks finished, or the test clock moved. That NOTIFY arrives
+on the worker's one LISTEN connection (membership.py), not on the
+scheduler's own. The leader never scans sleeping runs or schedules that are
+not due: the timers and schedules indexes are read in due order only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+
+from pgflow import ticker
 
 logger = logging.getLogger("pgflow.scheduler")
 
@@ -80,17 +85,18 @@ class Scheduler:
 
     async def _lead(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         self.is_leader = True
-        logger.info("this process now schedules timers")
+        logger.info("this process now fires timers and schedules")
         while not stop.is_set():
             self._poked.clear()  # before reading the timers: a poke after this counts
             cur = await conn.execute("select pgflow.fire_timers(%s)", (FIRE_BATCH,))
             row = await cur.fetchone()
             fired = int(row[0]) if row else 0
-            if fired:
+            started = await ticker.fire_due_async(conn)
+            if fired or started:
                 self.on_fired()
             if fired >= FIRE_BATCH:
                 continue  # more are due: no sleeping
-            cur = await conn.execute("select pgflow.next_timer_in()")
+            cur = await conn.execute("select pgflow.next_wake_in()")
             row = await cur.fetchone()
             next_in = row[0] if row else None
             if next_in is None:

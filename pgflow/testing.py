@@ -1,8 +1,11 @@
 """Helpers for testing workflows against a real database.
 
 ``advance_time`` moves the engine clock (``pgflow.now()``) forward for the
-whole database and fires every timer that comes due, so a workflow that
-sleeps for weeks is tested in seconds, with a real worker running it. It is
+whole database and fires every timer and schedule tick that comes due, so a
+workflow that sleeps for weeks, or a nightly schedule, is tested in seconds,
+with a real worker running it. The clock stops at each schedule tick on the
+way (so each fires on time, never as "missed"); nothing runs between two
+stops, so a tick sees the runs of earlier ticks as they were left. It is
 for test databases: every run in the database sees the moved clock, and what
 is recorded meanwhile keeps its future timestamps. ``time_travel`` puts the
 clock back where it found it when its block ends; ``reset_time`` puts it
@@ -21,7 +24,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-from pgflow import connections
+from pgflow import connections, ticker
 from pgflow.durations import as_timedelta
 from pgflow.replaycheck import ReplayCheck, check_replay, check_replays
 
@@ -29,24 +32,48 @@ __all__ = ["ReplayCheck", "TimeTravel", "advance_time", "advance_time_async", "c
            "check_replays", "reset_time", "time_travel"]
 
 ADVANCE = "select pgflow.advance_time(%s)"
+# How far (engine time) the next schedule tick is, if it is due within %s.
+NEXT_TICK = ("select min(s.next_fire_at) - pgflow.now() from pgflow.schedules s"
+             " where not s.paused and s.next_fire_at <= pgflow.now() + %s")
 RESET = "select pgflow.reset_time(%s)"
 OFFSET = "select offset_by from pgflow.clock"
 _WHAT = "advance_time's delta (the clock only moves forward)"
 
 
 def advance_time(conn: Any, delta: timedelta | float) -> int:
-    """Move the engine clock by ``delta`` and fire due timers; returns how many fired.
+    """Move the engine clock by ``delta``, firing due timers and schedule ticks on the way.
 
-    Runs in ``conn``'s transaction (use an autocommit connection, or commit).
+    Returns how many timers fired plus how many runs the ticks started. Runs
+    in ``conn``'s transaction (use an autocommit connection, or commit).
     """
-    rows = connections.fetch(conn, ADVANCE, (as_timedelta(delta, _WHAT),))
-    return int(rows[0][0])
+    remaining = as_timedelta(delta, _WHAT)
+    fired = 0
+    last_step: timedelta | None = None
+    while (step := connections.fetch(conn, NEXT_TICK, (remaining,))[0][0]) is not None:
+        step = max(step, timedelta(0))
+        if step == last_step == timedelta(0):
+            break  # a due schedule another transaction holds: the leader fires it
+        fired += int(connections.fetch(conn, ADVANCE, (step,))[0][0])
+        fired += ticker.fire_due(conn)
+        remaining, last_step = max(remaining - step, timedelta(0)), step
+    fired += int(connections.fetch(conn, ADVANCE, (remaining,))[0][0])
+    return fired + ticker.fire_due(conn)
 
 
 async def advance_time_async(conn: Any, delta: timedelta | float) -> int:
     """:func:`advance_time` for a ``psycopg.AsyncConnection``."""
-    rows = await connections.afetch(conn, ADVANCE, (as_timedelta(delta, _WHAT),))
-    return int(rows[0][0])
+    remaining = as_timedelta(delta, _WHAT)
+    fired = 0
+    last_step: timedelta | None = None
+    while (step := (await connections.afetch(conn, NEXT_TICK, (remaining,)))[0][0]) is not None:
+        step = max(step, timedelta(0))
+        if step == last_step == timedelta(0):
+            break
+        fired += int((await connections.afetch(conn, ADVANCE, (step,)))[0][0])
+        fired += await ticker.fire_due_in_transaction_async(conn)
+        remaining, last_step = max(remaining - step, timedelta(0)), step
+    fired += int((await connections.afetch(conn, ADVANCE, (remaining,)))[0][0])
+    return fired + await ticker.fire_due_in_transaction_async(conn)
 
 
 def reset_time(conn: Any, offset: timedelta = timedelta(0)) -> timedelta:
@@ -66,7 +93,7 @@ class TimeTravel:
         self._conn = conn
 
     def advance(self, delta: timedelta | float) -> int:
-        """:func:`advance_time`: move the clock by ``delta``; returns how many timers fired."""
+        """:func:`advance_time`: move the clock by ``delta``; returns how many fired."""
         return advance_time(self._conn, delta)
 
     @property

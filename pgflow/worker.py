@@ -35,6 +35,7 @@ from pgflow.reporter import Reporter
 from pgflow.retry import DEFAULT_RETRY, Retry
 from pgflow.runner import RunExecution
 from pgflow.scheduler import Scheduler
+from pgflow.schedules import ScheduleSpec, apply_declared, declared_schedules
 
 __all__ = ["Worker"]
 
@@ -59,7 +60,9 @@ class Worker:
     :param queues: queues to claim from; default, the queues of ``workflows``.
     :param concurrency: runs in flight at once (and threads for sync code).
     :param retry: default step retry policy (a workflow's or step's own wins).
-    :param schedule_timers: take part in electing the one timer scheduler.
+    :param schedule_timers: take part in electing the one scheduler (timers and schedules).
+    :param schedules: the schedules to create or update when it starts; default, all
+        declared in this process (``pgflow.schedule``). See :mod:`pgflow.schedules`.
     """
 
     def __init__(self, dsn: str, *, workflows: Iterable[Workflow] | None = None,
@@ -67,7 +70,8 @@ class Worker:
                  retry: Retry | None = None, poll_interval: float = POLL_INTERVAL,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  stale_after: timedelta = STALE_AFTER,
-                 shutdown_timeout: float | None = None, schedule_timers: bool = True) -> None:
+                 shutdown_timeout: float | None = None, schedule_timers: bool = True,
+                 schedules: Iterable[ScheduleSpec] | None = None) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.dsn = dsn
@@ -76,6 +80,10 @@ class Worker:
         if not self.workflows:
             raise ValueError("the worker has no workflows: import the modules that define them")
         self.queues = sorted(set(queues) if queues else {wf.queue for wf in self.workflows})
+        # By default, the declared schedules of the workflows this worker serves.
+        served = {wf.name for wf in self.workflows}
+        self.schedules = list(schedules if schedules is not None
+                              else (s for s in declared_schedules() if s.workflow in served))
         self.concurrency = concurrency
         self.retry = retry or DEFAULT_RETRY
         self.poll_interval = poll_interval
@@ -157,7 +165,8 @@ class Worker:
         await claim_pool.open(wait=True)
         procedures = Procedures(pool, claim_pool=claim_pool)
         self._reporter = Reporter(procedures)
-        await self._membership.connect()
+        await self._membership.connect()  # registers the workflows the schedules name
+        await asyncio.to_thread(self._apply_schedules)
         logger.info("pgflow schema at revision %s (this worker works with %s)",
                     self._schema_revision, schema.supported_revisions())
         membership_task = asyncio.create_task(self._membership.run(self._stop))
@@ -178,6 +187,15 @@ class Worker:
             await pool.close()
             executor.shutdown(wait=False, cancel_futures=True)
             logger.info("worker stopped")
+
+    def _apply_schedules(self) -> None:
+        with psycopg.connect(self.dsn) as conn, conn.transaction():
+            applied, deleted = apply_declared(conn, sorted({wf.name for wf in self.workflows}),
+                                              self.schedules)
+        if applied or deleted:
+            logger.info("schedules declared in code: %d applied%s", len(applied),
+                        f", {len(deleted)} no longer declared deleted ({', '.join(deleted)})"
+                        if deleted else "")
 
     def _check_schema(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:

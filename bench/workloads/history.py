@@ -126,7 +126,7 @@ def claim_plan(dsn: str) -> dict[str, Any]:
     with psycopg.connect(dsn) as conn:
         for i in range(W5_PLAN_PENDING):
             pgflow.start(conn, workflows.one_step, i)
-        candidates = schema.procedure_query(conn, "pgflow.claim", "candidates", CLAIM_VARIABLES)
+        candidates = schema.procedure_query(conn, "pgflow.claim_runs", "candidates", CLAIM_VARIABLES)
         row = conn.execute("explain (analyze, buffers, format json) " + candidates, {
             "queues": sorted({w.queue for w in defined}), "names": [w.name for w in defined],
             "versions": [w.version for w in defined], "limit": WORKER_CONCURRENCY}).fetchone()

@@ -1,13 +1,13 @@
 -- pgflow engine: an overview of sql/schema/, the engine as it is now.
 --
--- The files of this folder, read in order (00 to 12), are the engine: every
+-- The files of this folder, read in order (00 to 13), are the engine: every
 -- state transition of a run is one call of a function they define, atomic
 -- and fenced; the Python worker only calls them. sql/README.md maps each
 -- behaviour to its file. What Alembic applies to a database is the frozen
 -- chain in sql/migrations/; tests/migrations/test_schema_layout.py proves that both build
 -- the same catalog.
 --
--- Who may call what is 12_roles.sql's: the entry points run as the schema
+-- Who may call what is 13_roles.sql's: the entry points run as the schema
 -- owner with a fixed search_path, and the roles pgflow_client, pgflow_worker
 -- and pgflow_reader each get their duty's share.
 --
@@ -64,7 +64,7 @@
 --   PF001 lease lost          PF002 bad argument / unknown workflow
 --   PF003 worker unknown      PF004 duplicate checkpoint
 --   PF005 key conflict        PF006 run not in a state that allows this
---   PF404 unknown run
+--   PF404 unknown run         PF405 unknown schedule
 --
 -- Limits: every JSON payload a caller hands in (workflow input, signal
 -- payload, state value, recorded value, continue-as-new input, map item) is

@@ -61,6 +61,8 @@ create table pgflow.runs (
     lease_owner  uuid,                       -- worker holding the run while running
     lease_token  bigint not null default 0,  -- fencing counter: bumped by claim and recovery
     watched      boolean not null default false, -- someone waits in result(): NOTIFY pgflow_done
+    schedule_id  text,                       -- the schedule whose tick started it (12_schedules.sql)
+    scheduled_time timestamptz,              -- that tick's time: ctx.scheduled_time
     constraint runs_status_known check (
         status in ('pending', 'running', 'sleeping', 'waiting', 'completed', 'failed', 'cancelled')),
     constraint runs_leased_iff_running check ((status = 'running') = (lease_owner is not null)),
@@ -94,6 +96,10 @@ create index runs_parent on pgflow.runs (parent_id, parent_seq, parent_index)
 -- Listing recent runs by name / status.
 create index runs_name_created on pgflow.runs (name, created_at desc);
 create index runs_status_created on pgflow.runs (status, created_at desc);
+-- A schedule's runs (is one unfinished? the overlap policies ask). Partial:
+-- other runs are not in it, and no update of a run touches its columns.
+create index runs_schedule on pgflow.runs (schedule_id, scheduled_time)
+    where schedule_id is not null;
 -- Retention: the oldest finished runs first.
 create index runs_finished on pgflow.runs (finished_at) where finished_at is not null;
 

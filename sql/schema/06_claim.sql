@@ -4,15 +4,18 @@
 
 -- Lease up to p_limit ready runs of the given queues whose (name, version)
 -- the worker has code for, highest priority first, oldest first. Each comes
--- with its journal so that replay needs no further round trip.
-create function pgflow.claim(
+-- with its journal so that replay needs no further round trip, the time its
+-- schedule's tick was due (ctx.scheduled_time; null if no schedule started
+-- it) and since when it was ready (available_at: the claim delay).
+create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
     p_names     text[],
     p_versions  text[],
     p_limit     integer
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
-                 journal jsonb, cancel_requested boolean, cancel_seq integer)
+                 journal jsonb, cancel_requested boolean, cancel_seq integer,
+                 scheduled_time timestamptz, ready_since timestamptz)
 language plpgsql
 -- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
 -- this statement on every call (its array parameters make each custom plan
@@ -61,7 +64,7 @@ begin
         from candidates c
         where r.id = c.id
         returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
-                  r.cancel_seq
+                  r.cancel_seq, r.scheduled_time, r.available_at
     )
     select c.id, c.name, c.version, c.input, c.lease_token,
            coalesce((select jsonb_agg(jsonb_build_object(
@@ -70,7 +73,24 @@ begin
                              order by s.seq)
                      from pgflow.steps s where s.run_id = c.id),
                     '[]'::jsonb),
-           c.cancel_requested, c.cancel_seq
+           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at
     from claimed c;
 end;
+$$;
+
+-- The claim of workers of release 0.1.0 (revision 0006), kept for them until
+-- the next release: claim_runs without its newer columns.
+create function pgflow.claim(
+    p_worker_id uuid,
+    p_queues    text[],
+    p_names     text[],
+    p_versions  text[],
+    p_limit     integer
+) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
+                 journal jsonb, cancel_requested boolean, cancel_seq integer)
+language sql
+as $$
+    select c.run_id, c.name, c.version, c.input, c.lease_token, c.journal, c.cancel_requested,
+           c.cancel_seq
+    from pgflow.claim_runs(p_worker_id, p_queues, p_names, p_versions, p_limit) c
 $$;

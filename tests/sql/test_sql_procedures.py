@@ -727,7 +727,7 @@ def test_step_rows_that_break_the_state_machine_are_rejected(conn, columns, cons
 
 def candidates(conn: Conn, queues: str, now: str, names: str, versions: str, limit: str) -> str:
     """pgflow.claim's candidate query as installed: one ordered walk of runs_claimable per queue."""
-    return schema.procedure_query(conn, "pgflow.claim", "candidates", {
+    return schema.procedure_query(conn, "pgflow.claim_runs", "candidates", {
         "p_queues": queues, "v_now": now, "p_names": names, "p_versions": versions, "p_limit": limit})
 
 

@@ -182,7 +182,7 @@ class Worker:
         pairs = self.pairs if pairs is None else pairs
         rows = self._call(
             via, "select run_id, name, version, input, lease_token, journal"
-                 " from pgflow.claim(%s, %s::text[], %s::text[], %s::text[], %s)",
+                 " from pgflow.claim_runs(%s, %s::text[], %s::text[], %s::text[], %s)",
             (self.id, self.queues if queues is None else queues,
              [n for n, _ in pairs], [v for _, v in pairs], limit))
         return [Claim(*row) for row in rows]

@@ -90,7 +90,8 @@ as $$
     ('definer', 'unregister_worker', '{pgflow_worker}'),
     ('definer', 'recover',           '{pgflow_worker}'),
     -- worker: claiming and reporting (pgflow/procedures.py)
-    ('definer', 'claim',             '{pgflow_worker}'),
+    ('definer', 'claim',             '{pgflow_worker}'),  -- workers of 0.1.0
+    ('definer', 'claim_runs',        '{pgflow_worker}'),  -- revision 0007
     ('definer', 'complete_step',     '{pgflow_worker}'),
     ('definer', 'complete_batch',    '{pgflow_worker}'),  -- checkpoints, completions, sleeps
     ('definer', 'fail_step',         '{pgflow_worker}'),
@@ -109,12 +110,25 @@ as $$
     -- worker: the timer scheduler (pgflow/scheduler.py)
     ('definer', 'fire_timers',       '{pgflow_worker}'),
     ('definer', 'next_timer_in',     '{pgflow_worker}'),
+    -- worker: schedules (pgflow/ticker.py; revision 0007)
+    ('definer', 'next_wake_in',      '{pgflow_worker}'),
+    ('definer', 'due_schedules',     '{pgflow_worker}'),
+    ('definer', 'fire_schedules',    '{pgflow_worker}'),
+    ('definer', 'start_buffered_ticks', '{pgflow_worker}'),
     -- client: control runs (pgflow/client.py, pgflow/aio.py, the CLI)
     ('definer', 'start',             '{pgflow_client}'),
     ('definer', 'signal',            '{pgflow_client}'),
     ('definer', 'cancel',            '{pgflow_client}'),
     ('definer', 'retry',             '{pgflow_client}'),
     ('definer', 'watch',             '{pgflow_client}'),  -- result(): also needs pgflow_reader
+    -- client: schedules (pgflow/schedules.py; revision 0007). Workers apply the
+    -- schedules declared in their code when they start.
+    ('definer', 'create_schedule',   '{pgflow_client,pgflow_worker}'),
+    ('definer', 'delete_schedule',   '{pgflow_client,pgflow_worker}'),
+    ('definer', 'pause_schedule',    '{pgflow_client}'),
+    ('definer', 'resume_schedule',   '{pgflow_client}'),
+    ('definer', 'trigger_schedule',  '{pgflow_client}'),
+    ('definer', 'backfill_schedule', '{pgflow_client}'),
     -- owner only: the test clock and retention are operator tools
     ('definer', 'advance_time',      '{}'),
     ('definer', 'reset_time',        '{}'),  -- revision 0004
@@ -137,6 +151,8 @@ as $$
     ('relation', 'timers',           '{pgflow_reader}'),
     ('relation', 'workers',          '{pgflow_reader}'),
     ('relation', 'workflows',        '{pgflow_reader}'),
+    ('relation', 'schedules',        '{pgflow_reader}'),  -- revision 0007
+    ('relation', 'schedule_ticks',   '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),
     ('relation', 'patches_in_use',   '{pgflow_reader}')
