@@ -19,7 +19,9 @@ before deploying a change to a workflow.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -35,6 +37,12 @@ ADVANCE = "select pgflow.advance_time(%s)"
 # How far (engine time) the next schedule tick is, if it is due within %s.
 NEXT_TICK = ("select min(s.next_fire_at) - pgflow.now() from pgflow.schedules s"
              " where not s.paused and s.next_fire_at <= pgflow.now() + %s")
+ANY_DUE = ("select exists (select 1 from pgflow.schedules s"
+           " where not s.paused and s.next_fire_at <= pgflow.now())")
+# A due schedule another transaction holds (a worker's scheduler deciding it,
+# an open backfill) is waited for this long, polling, before the clock moves on.
+SETTLE_TIMEOUT = 10.0  # seconds
+SETTLE_POLL = 0.01  # seconds
 RESET = "select pgflow.reset_time(%s)"
 OFFSET = "select offset_by from pgflow.clock"
 _WHAT = "advance_time's delta (the clock only moves forward)"
@@ -54,10 +62,32 @@ def advance_time(conn: Any, delta: timedelta | float) -> int:
         if step == last_step == timedelta(0):
             break  # a due schedule another transaction holds: the leader fires it
         fired += int(connections.fetch(conn, ADVANCE, (step,))[0][0])
-        fired += ticker.fire_due(conn)
+        fired += _settle(conn)
         remaining, last_step = max(remaining - step, timedelta(0)), step
     fired += int(connections.fetch(conn, ADVANCE, (remaining,))[0][0])
-    return fired + ticker.fire_due(conn)
+    return fired + _settle(conn)
+
+
+def _settle(conn: Any) -> int:
+    """Fire the due schedules; wait for those another transaction holds to be decided.
+
+    Moving the clock past a tick nobody decided would make it late (missed).
+    """
+    fired = ticker.fire_due(conn)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while connections.fetch(conn, ANY_DUE, ())[0][0] and time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL)
+        fired += ticker.fire_due(conn)
+    return fired
+
+
+async def _settle_async(conn: Any) -> int:
+    fired = await ticker.fire_due_in_transaction_async(conn)
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while (await connections.afetch(conn, ANY_DUE, ()))[0][0] and time.monotonic() < deadline:
+        await asyncio.sleep(SETTLE_POLL)
+        fired += await ticker.fire_due_in_transaction_async(conn)
+    return fired
 
 
 async def advance_time_async(conn: Any, delta: timedelta | float) -> int:
@@ -70,10 +100,10 @@ async def advance_time_async(conn: Any, delta: timedelta | float) -> int:
         if step == last_step == timedelta(0):
             break
         fired += int((await connections.afetch(conn, ADVANCE, (step,)))[0][0])
-        fired += await ticker.fire_due_in_transaction_async(conn)
+        fired += await _settle_async(conn)
         remaining, last_step = max(remaining - step, timedelta(0)), step
     fired += int((await connections.afetch(conn, ADVANCE, (remaining,)))[0][0])
-    return fired + await ticker.fire_due_in_transaction_async(conn)
+    return fired + await _settle_async(conn)
 
 
 def reset_time(conn: Any, offset: timedelta = timedelta(0)) -> timedelta:

@@ -95,15 +95,16 @@ def plan(due: Due) -> Plan:
         if fire_at > due.now:
             result.next_fire_at = fire_at
             break
-        if tick < cutoff and missed == MAX_MISSED_RECORDED:
+        late = fire_at < cutoff  # measured from when it should fire: jitter is not lateness
+        if late and missed == MAX_MISSED_RECORDED:
             # Too many to record one by one: go on from the catch-up window.
             logger.warning("schedule %r: more than %d ticks missed; those before %s are not "
                            "recorded", due.id, missed, cutoff.isoformat())
             result.handled_through = cutoff - _ONE_US
             ticks = timetable.ticks_after(result.handled_through)
             continue
-        missed += tick < cutoff
-        result.ticks.append((tick, "missed" if tick < cutoff else "fire"))
+        missed += late
+        result.ticks.append((tick, "missed" if late else "fire"))
         result.handled_through = tick
     if missed:
         logger.warning("schedule %r: %d tick(s) came due more than %s ago (its catch-up "

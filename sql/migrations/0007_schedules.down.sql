@@ -11,6 +11,7 @@ drop function pgflow.create_schedule(text, text, text, interval, text, jsonb, te
                                      interval, timestamptz, timestamptz, boolean, text, integer,
                                      timestamptz, boolean);
 drop function pgflow.next_wake_in();
+drop function pgflow.purge_schedule_ticks(interval, integer);
 drop function pgflow.start_buffered_ticks();
 drop function pgflow.fire_schedules(text[], timestamptz[], timestamptz[], text[], timestamptz[], text[],
                                     text[]);

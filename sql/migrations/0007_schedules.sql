@@ -97,6 +97,8 @@ create table pgflow.schedule_ticks (
 );
 create index schedule_ticks_buffered on pgflow.schedule_ticks (schedule_id, scheduled_time)
     where outcome = 'buffered';
+-- Retention (pgflow.purge_schedule_ticks): the oldest records first.
+create index schedule_ticks_recorded on pgflow.schedule_ticks (recorded_at);
 
 -- ---------------------------------------------------------------------------
 -- Checks
@@ -408,6 +410,37 @@ begin
 end;
 $$;
 
+-- Retention: delete up to p_batch tick records older than p_older_than (real
+-- time, like pgflow.purge), oldest first; buffered ticks, still to run, stay.
+-- Call it until it returns 0 (`pgflow purge` does, after the runs).
+create function pgflow.purge_schedule_ticks(p_older_than interval, p_batch integer default 1000)
+returns integer
+language plpgsql
+as $$
+declare
+    v_deleted integer;
+begin
+    if p_older_than is null or p_older_than < interval '0' then
+        raise exception using errcode = 'PF002', message = 'older_than must not be negative';
+    end if;
+    if p_batch is null or p_batch < 1 then
+        raise exception using errcode = 'PF002', message = 'purge batch must be at least 1';
+    end if;
+    with old as (
+        select t.schedule_id, t.scheduled_time from pgflow.schedule_ticks t
+        where t.recorded_at < pg_catalog.statement_timestamp() - p_older_than
+          and t.outcome <> 'buffered'
+        order by t.recorded_at
+        limit p_batch
+        for update skip locked
+    )
+    delete from pgflow.schedule_ticks t using old
+    where t.schedule_id = old.schedule_id and t.scheduled_time = old.scheduled_time;
+    get diagnostics v_deleted = row_count;
+    return v_deleted;
+end;
+$$;
+
 -- Seconds from now (engine clock) until the earliest timer or tick; null if
 -- none. The leader sleeps that long unless pgflow_timer wakes it earlier.
 create function pgflow.next_wake_in() returns double precision
@@ -598,7 +631,10 @@ as $$
 declare
     v_schedule pgflow.schedules := pgflow._lock_schedule(trigger_schedule.id);
 begin
-    return pgflow._fire_tick(v_schedule, pgflow.now(), 'allow_all');
+    -- Two triggers in one transaction share its instant, and so its tick and run.
+    return coalesce(pgflow._fire_tick(v_schedule, pgflow.now(), 'allow_all'),
+                    (select t.run_id from pgflow.schedule_ticks t
+                     where t.schedule_id = v_schedule.id and t.scheduled_time = pgflow.now()));
 end;
 $$;
 
@@ -813,6 +849,7 @@ as $$
     ('definer', 'advance_time',      '{}'),
     ('definer', 'reset_time',        '{}'),  -- revision 0004
     ('definer', 'purge',             '{}'),
+    ('definer', 'purge_schedule_ticks', '{}'),  -- revision 0007
     -- kept inlinable
     ('invoker', 'now',               '{pgflow_worker,pgflow_client,pgflow_reader}'),
     ('invoker', 'uuid_v7',           '{}'),  -- column default of runs.id, used by start()
@@ -831,7 +868,7 @@ as $$
     ('relation', 'timers',           '{pgflow_reader}'),
     ('relation', 'workers',          '{pgflow_reader}'),
     ('relation', 'workflows',        '{pgflow_reader}'),
-    ('relation', 'schedules',        '{pgflow_reader}'),  -- revision 0007
+    ('relation', 'schedules',        '{pgflow_reader,pgflow_client}'),  -- 0007; backfill reads it
     ('relation', 'schedule_ticks',   '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),

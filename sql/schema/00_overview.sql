@@ -20,7 +20,8 @@
 -- Worker procedures (called by `pgflow worker`):
 --   pgflow.register_worker(...)   join: takes the worker's liveness lock
 --   pgflow.heartbeat(worker)      still alive
---   pgflow.claim(worker, ...)     lease ready runs, with their journals
+--   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals
+--   pgflow.claim(worker, ...)     the same for workers of 0.1.0 (fewer columns)
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up
 --   pgflow.complete_run(...)      the workflow returned
@@ -36,6 +37,17 @@
 --   pgflow.next_timer_in()        seconds until the earliest timer
 --   pgflow.advance_time(delta)    move the engine clock and fire what came due (tests)
 --   pgflow.reset_time(offset)     put the engine clock back (tests)
+--   pgflow.next_wake_in()         seconds until the earliest timer or schedule tick
+--   pgflow.due_schedules(limit)   lock due schedules, in due order (12_schedules.sql)
+--   pgflow.fire_schedules(...)    record their ticks: start runs, move next fire times
+--   pgflow.start_buffered_ticks() start buffered ticks whose schedule is free again
+--
+-- Schedules (public; cron ticks are computed in Python, pgflow/timetable.py):
+--   pgflow.create_schedule(id, workflow, cron | every, timezone, input, overlap, ...)
+--   pgflow.pause_schedule(id), resume_schedule(id), delete_schedule(id)
+--   pgflow.trigger_schedule(id)   one run now
+--   pgflow.backfill_schedule(id, start_at, end_at, overlap, ticks)  one run a tick
+--   pgflow.purge_schedule_ticks(older_than, batch)  retention of the tick records
 --
 -- Interaction and composition (worker side):
 --   pgflow.wait_signal(...)       take a queued signal, or wait for one

@@ -133,6 +133,7 @@ as $$
     ('definer', 'advance_time',      '{}'),
     ('definer', 'reset_time',        '{}'),  -- revision 0004
     ('definer', 'purge',             '{}'),
+    ('definer', 'purge_schedule_ticks', '{}'),  -- revision 0007
     -- kept inlinable
     ('invoker', 'now',               '{pgflow_worker,pgflow_client,pgflow_reader}'),
     ('invoker', 'uuid_v7',           '{}'),  -- column default of runs.id, used by start()
@@ -151,7 +152,7 @@ as $$
     ('relation', 'timers',           '{pgflow_reader}'),
     ('relation', 'workers',          '{pgflow_reader}'),
     ('relation', 'workflows',        '{pgflow_reader}'),
-    ('relation', 'schedules',        '{pgflow_reader}'),  -- revision 0007
+    ('relation', 'schedules',        '{pgflow_reader,pgflow_client}'),  -- 0007; backfill reads it
     ('relation', 'schedule_ticks',   '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),

@@ -180,6 +180,17 @@ def scheduler_leader_pid(conn: psycopg.Connection[Any]) -> int | None:
     return int(row[0].split(":")[1]) if row else None
 
 
+def align_clock(conn: psycopg.Connection[Any], minute: int = 15) -> datetime:
+    """Put the engine clock at the next hh:<minute>:00 (real time plus an offset); returns it.
+
+    Which schedule ticks fall in a span of test time is then exact.
+    """
+    real = conn.execute("select statement_timestamp()").fetchone()[0]
+    target = (real + timedelta(hours=1)).replace(minute=minute, second=0, microsecond=0)
+    conn.execute("select pgflow.reset_time(%s)", (target - real,))
+    return target
+
+
 def wait_registered(conn: psycopg.Connection[Any], count: int, timeout: float = 60.0) -> None:
     """Wait until ``count`` workers are registered in the database."""
     wait_for(lambda: conn.execute("select count(*) from pgflow.workers").fetchone()[0] >= count,

@@ -1,29 +1,29 @@
-"""Workflows started by schedules: for the schedule tests (tests/*/test_schedules*.py)."""
+"""Workflows started by schedules: for the schedule tests (tests/*/test_schedule*.py)."""
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 import pgflow
 from tests.support.workflows.effects import record
 
 
+def _tick(ctx: pgflow.Context) -> str:
+    return ctx.scheduled_time.isoformat() if ctx.scheduled_time else "none"
+
+
 @pgflow.step
-def note_tick(run_id: str, label: str, scheduled: str) -> str:
+def note_tick(run_id: str, label: str) -> None:
     record(run_id, f"tick:{label}")
-    return scheduled
 
 
 @pgflow.workflow(name="report_tick")
 def report_tick(ctx: pgflow.Context, label: str) -> str:
-    """Records the tick's time (ctx.scheduled_time) once, and returns it."""
-    scheduled = ctx.scheduled_time.isoformat() if ctx.scheduled_time else "none"
-    return note_tick(str(ctx.workflow_id), label, scheduled)
+    """Logs one execution, and returns the tick's time (ctx.scheduled_time)."""
+    note_tick(str(ctx.workflow_id), label)
+    return _tick(ctx)
 
 
-@pgflow.workflow(name="long_tick")
-def long_tick(ctx: pgflow.Context, label: str, hours: float = 1.5) -> str:
-    """Outlives an hourly schedule's interval: sleeps `hours` of engine time."""
-    ctx.sleep(timedelta(hours=hours))
-    scheduled = ctx.scheduled_time.isoformat() if ctx.scheduled_time else "none"
-    return note_tick(str(ctx.workflow_id), label, scheduled)
+@pgflow.workflow(name="held_tick")
+def held_tick(ctx: pgflow.Context, label: str) -> str:
+    """Outlives any interval: runs until the test sends it signal "finish"."""
+    ctx.wait_for_signal("finish")
+    return _tick(ctx)
