@@ -868,7 +868,7 @@ as $$
     ('relation', 'timers',           '{pgflow_reader}'),
     ('relation', 'workers',          '{pgflow_reader}'),
     ('relation', 'workflows',        '{pgflow_reader}'),
-    ('relation', 'schedules',        '{pgflow_reader,pgflow_client}'),  -- 0007; backfill reads it
+    ('relation', 'schedules',        '{pgflow_reader,pgflow_client,pgflow_worker}'),  -- 0007: backfill and a worker's declared schedules read it
     ('relation', 'schedule_ticks',   '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),

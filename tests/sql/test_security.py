@@ -12,6 +12,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -137,6 +138,32 @@ def test_client_starts_signals_and_cancels_but_reads_and_changes_no_table(dsn, c
     assert conn.execute("select name, payload from pgflow.signals where run_id = %s",
                         (kept,)).fetchall() == [("approve", {"by": "ana"})]
     assert sqlkit.run_row(conn, kept)["watched"] is True
+
+
+def test_client_controls_schedules_through_procedures_only(dsn, conn, login):
+    register_two_steps(dsn)
+    client_dsn = login(CLIENT)
+    with psycopg.connect(client_dsn, autocommit=True) as client:
+        pgflow.create_schedule(client, "nightly", two_steps, cron="0 3 * * *",
+                               timezone="Europe/Paris", args=[1])
+        pgflow.pause_schedule(client, "nightly")
+        pgflow.resume_schedule(client, "nightly")
+        triggered = pgflow.trigger_schedule(client, "nightly")
+        backfilled = pgflow.backfill_schedule(client, "nightly",
+                                              datetime(2026, 3, 1, tzinfo=timezone.utc),
+                                              datetime(2026, 3, 3, tzinfo=timezone.utc))
+        assert len(backfilled) == 2
+        for table in ("schedule_ticks", "runs"):
+            assert f"permission denied for table {table}" in _denied(
+                client, f"select * from pgflow.{table}")
+        _denied(client, "update pgflow.schedules set paused = true")
+        _denied(client, "select pgflow.purge_schedule_ticks(interval '1 day')")
+        _denied(client, "select * from pgflow.due_schedules(10)")
+        pgflow.delete_schedule(client, "nightly")
+    assert sqlkit.count(conn, "schedules") == 0
+    assert conn.execute("select count(*) from pgflow.runs where schedule_id = 'nightly'"
+                        ).fetchone()[0] == 3
+    assert sqlkit.run_row(conn, triggered)["schedule_id"] == "nightly"
 
 
 def test_client_cannot_attach_its_run_to_another_run_as_a_child(dsn, conn, login):

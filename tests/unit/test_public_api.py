@@ -14,12 +14,16 @@ PUBLIC = {
     "pgflow": [
         "Cancelled", "ChildFailed", "Context", "EncodingError", "KeyConflict", "LeaseLost",
         "NonDeterminismError", "PayloadTooLarge", "PgflowError", "Retry", "Run", "RunNotFound",
-        "RunStateError", "SchemaNotMigrated", "SchemaTooNew", "SignalTimeout", "Step",
-        "StepFailed", "StepRecord", "StepTimeout", "Worker", "Workflow", "WorkflowCancelled",
-        "WorkflowFailed", "WorkflowNotFound", "WorkflowTimeout", "cancel", "get", "get_state",
-        "result", "retry", "signal", "start", "step", "testing", "workflow",
+        "RunStateError", "ScheduleNotFound", "SchemaNotMigrated", "SchemaTooNew",
+        "SignalTimeout", "Step", "StepFailed", "StepRecord", "StepTimeout", "Worker", "Workflow",
+        "WorkflowCancelled", "WorkflowFailed", "WorkflowNotFound", "WorkflowTimeout",
+        "backfill_schedule", "cancel", "create_schedule", "delete_schedule", "get",
+        "get_state", "pause_schedule", "result", "resume_schedule", "retry", "schedule",
+        "signal", "start", "step", "testing", "trigger_schedule", "workflow",
     ],
-    "pgflow.aio": ["cancel", "get", "get_state", "result", "retry", "signal", "start"],
+    "pgflow.aio": ["backfill_schedule", "cancel", "create_schedule", "delete_schedule", "get",
+                   "get_state", "pause_schedule", "result", "resume_schedule", "retry",
+                   "signal", "start", "trigger_schedule"],
     "pgflow.testing": [
         "ReplayCheck", "TimeTravel", "advance_time", "advance_time_async", "check_replay",
         "check_replays", "reset_time", "time_travel",
@@ -27,7 +31,7 @@ PUBLIC = {
     "pgflow.errors": [
         "Cancelled", "ChildFailed", "EncodingError", "KeyConflict", "LeaseLost",
         "NonDeterminismError", "PayloadTooLarge", "PgflowError", "RunNotFound", "RunStateError",
-        "SchemaNotMigrated", "SchemaTooNew", "SignalTimeout", "StepFailed", "StepTimeout",
+        "ScheduleNotFound", "SchemaNotMigrated", "SchemaTooNew", "SignalTimeout", "StepFailed", "StepTimeout",
         "WorkflowCancelled", "WorkflowFailed", "WorkflowNotFound", "WorkflowTimeout",
     ],
 }
