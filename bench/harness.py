@@ -157,9 +157,12 @@ def prepare(b: Bench) -> None:
 
 
 def reset(dsn: str) -> None:
-    """Empty the engine tables between workloads (no worker is running then)."""
+    """Empty the engine tables between workloads (no worker is running then); the engine
+    clock back to the real time (W6 moves it)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("truncate pgflow.runs, pgflow.steps, pgflow.timers")
+        conn.execute("truncate pgflow.runs, pgflow.steps, pgflow.timers, pgflow.schedules,"
+                     " pgflow.schedule_ticks")
+        conn.execute("select pgflow.reset_time()")
         conn.execute("delete from pgflow.workers")
         # No ANALYZE of the emptied tables: statistics saying "0 rows" make every
         # procedure's cached plan a sequential scan for the rest of the workload (plans

@@ -13,6 +13,7 @@ from bench.harness import Bench, pgbench_baseline
 from bench.workloads.drain import w1b_drain, w2_ten_steps
 from bench.workloads.history import w5_history
 from bench.workloads.producer import w0_producer, w1_one_step
+from bench.workloads.schedules import w6_schedules
 from bench.workloads.timers import w4_timers, w4a_async_timers, w4b_many_sleepers
 from bench.workloads.wake import w3_wake_latency
 
@@ -27,4 +28,5 @@ WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "W4": w4_timers,
     "W4a": w4a_async_timers,
     "W4b": w4b_many_sleepers,
+    "W6": w6_schedules,
 }
