@@ -18,6 +18,7 @@ drop function pgflow.fire_schedules(text[], timestamptz[], timestamptz[], text[]
 drop function pgflow.due_schedules(integer);
 drop function pgflow._fire_tick(pgflow.schedules, timestamptz, text);
 drop function pgflow._start_tick(pgflow.schedules, timestamptz);
+drop function pgflow._fired(text[]);
 drop function pgflow._schedule_busy(text);
 drop function pgflow._lock_schedule(text);
 drop function pgflow._check_overlap(text);
@@ -25,6 +26,118 @@ drop function pgflow._check_timezone(text);
 drop function pgflow._check_cron(text);
 drop table pgflow.schedule_ticks;
 drop table pgflow.schedules;
+
+-- _start as revision 0003 made it.
+drop function pgflow._start(text, jsonb, text, text, integer, interval, text, uuid, interval,
+                            text, timestamptz);
+create function pgflow._start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    parent_id uuid default null,
+    timeout  interval default null
+) returns uuid
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_version text := _start.version;
+    v_queue   text := _start.queue;
+    v_timeout interval := _start.timeout;
+    v_params  jsonb;
+    v_now     timestamptz := pgflow.now();
+    v_id      uuid;
+    v_name    text;
+begin
+    perform pgflow._check_name(_start.name, 'workflow name');
+    if _start.name like 'pgflow.%' then
+        raise exception using errcode = 'PF002',
+            message = format('workflow name %L is reserved: names beginning with "pgflow." '
+                             'belong to pgflow''s internal workflows', _start.name);
+    end if;
+    if _start.input is null or jsonb_typeof(_start.input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    perform pgflow._check_payload(_start.input, format('the input of workflow %L', _start.name));
+    if _start.key is not null then
+        perform pgflow._check_key(_start.key, 'key');
+    end if;
+    if _start.queue is not null then
+        perform pgflow._check_name(_start.queue, 'queue');
+    end if;
+    if _start.version is not null then
+        perform pgflow._check_name(_start.version, 'version');
+    end if;
+    perform pgflow._check_span(_start.delay, 'delay', true);
+    perform pgflow._check_span(_start.timeout, 'timeout', false);
+
+    if v_version is null or v_queue is null then
+        -- The newest version a live worker serves; else the newest ever seen.
+        select w.version, w.queue, w.timeout, w.params into v_version, v_queue, v_timeout, v_params
+        from pgflow.workflows w
+        where w.name = _start.name
+          and (_start.version is null or w.version = _start.version)
+        order by exists (
+                     select 1 from pgflow.workers k
+                     where k.workflows @> jsonb_build_array(
+                               jsonb_build_object('name', w.name, 'version', w.version))) desc,
+                 w.first_seen desc
+        limit 1;
+        if not found and _start.version is null then
+            raise exception using errcode = 'PF002',
+                message = format('unknown workflow %L: no worker has registered it '
+                                 '(start a worker that defines it; from SQL, version => ... '
+                                 'starts it before any worker has)', _start.name);
+        end if;
+        v_version := coalesce(_start.version, v_version);
+        v_queue := coalesce(_start.queue, v_queue, 'default');
+        v_timeout := coalesce(_start.timeout, v_timeout);
+    else
+        -- Version and queue given (the Python client with the workflow's code):
+        -- one primary-key probe for the parameters its workers announced.
+        select w.params into v_params
+        from pgflow.workflows w
+        where w.name = _start.name and w.version = v_version;
+    end if;
+    perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
+
+    insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
+                                  timeout, created_at, available_at)
+    values (_start.name, v_version, v_queue, _start.key,
+            case when coalesce(_start.delay, interval '0') > interval '0'
+                 then 'sleeping' else 'pending' end,
+            coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
+            v_now + coalesce(_start.delay, interval '0'))
+    on conflict (key) where key is not null do nothing
+    returning r.id into v_id;
+
+    if v_id is null then
+        -- Idempotent start: the key is taken (by a committed run, or one whose
+        -- transaction we just waited for).
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = _start.key;
+        if v_name is distinct from _start.name then
+            raise exception using errcode = 'PF005',
+                message = format('key %L is already used by a run of workflow %L', _start.key, v_name);
+        end if;
+        return v_id;
+    end if;
+
+    if v_timeout is not null then
+        perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
+    end if;
+    if coalesce(_start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + _start.delay);
+    else
+        perform pgflow._notify_ready(v_queue);
+    end if;
+    return v_id;
+end;
+$$;
 
 -- The claim as revision 0001 made it.
 create or replace function pgflow.claim(

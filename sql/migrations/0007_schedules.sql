@@ -6,8 +6,10 @@
 -- pgflow.claim_runs (new: claim with scheduled_time and ready_since; new
 -- workers call it), pgflow.claim (same signature and result, now a wrapper
 -- of claim_runs, kept for workers of 0.1.0), the schedule functions of
--- sql/schema/12_schedules.sql (new), pgflow._privileges (replaced, same
--- signature). Workers of 0.1.0 keep running on it.
+-- sql/schema/12_schedules.sql (new), pgflow._start (replaced: two trailing
+-- defaulted parameters, the schedule and tick of a run; internal, its callers
+-- unchanged), pgflow._privileges (replaced, same signature). Workers of 0.1.0
+-- keep running on it.
 
 alter table pgflow.runs
     add column schedule_id  text,                       -- the schedule whose tick started it (12_schedules.sql)
@@ -16,6 +18,133 @@ alter table pgflow.runs
 -- other runs are not in it, and no update of a run touches its columns.
 create index runs_schedule on pgflow.runs (schedule_id, scheduled_time)
     where schedule_id is not null;
+
+-- ---------------------------------------------------------------------------
+-- _start: two trailing parameters, the tick a schedule starts a run for
+-- ---------------------------------------------------------------------------
+
+-- pgflow.start and pgflow.start_child call it with their nine arguments, unchanged.
+drop function pgflow._start(text, jsonb, text, text, integer, interval, text, uuid, interval);
+
+-- Start a run of workflow `name`. Runs inside the caller's transaction: the
+-- run exists if and only if that transaction commits. With `key`, a second
+-- start returns the existing run's id. Without `version`, the newest version
+-- a live worker serves is used (else the newest any worker ever announced),
+-- with its queue unless `queue` is given.
+-- pgflow.start and pgflow.start_child share this body; only start_child
+-- (fenced by its parent's lease) may name a parent, so _start is not public.
+create function pgflow._start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    parent_id uuid default null,
+    timeout  interval default null,
+    schedule_id    text default null,        -- a schedule's tick (12_schedules.sql)
+    scheduled_time timestamptz default null
+) returns uuid
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_version text := _start.version;
+    v_queue   text := _start.queue;
+    v_timeout interval := _start.timeout;
+    v_params  jsonb;
+    v_now     timestamptz := pgflow.now();
+    v_id      uuid;
+    v_name    text;
+begin
+    perform pgflow._check_name(_start.name, 'workflow name');
+    if _start.name like 'pgflow.%' then
+        raise exception using errcode = 'PF002',
+            message = format('workflow name %L is reserved: names beginning with "pgflow." '
+                             'belong to pgflow''s internal workflows', _start.name);
+    end if;
+    if _start.input is null or jsonb_typeof(_start.input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    perform pgflow._check_payload(_start.input, format('the input of workflow %L', _start.name));
+    if _start.key is not null then
+        perform pgflow._check_key(_start.key, 'key');
+    end if;
+    if _start.queue is not null then
+        perform pgflow._check_name(_start.queue, 'queue');
+    end if;
+    if _start.version is not null then
+        perform pgflow._check_name(_start.version, 'version');
+    end if;
+    perform pgflow._check_span(_start.delay, 'delay', true);
+    perform pgflow._check_span(_start.timeout, 'timeout', false);
+
+    if v_version is null or v_queue is null then
+        -- The newest version a live worker serves; else the newest ever seen.
+        select w.version, w.queue, w.timeout, w.params into v_version, v_queue, v_timeout, v_params
+        from pgflow.workflows w
+        where w.name = _start.name
+          and (_start.version is null or w.version = _start.version)
+        order by exists (
+                     select 1 from pgflow.workers k
+                     where k.workflows @> jsonb_build_array(
+                               jsonb_build_object('name', w.name, 'version', w.version))) desc,
+                 w.first_seen desc
+        limit 1;
+        if not found and _start.version is null then
+            raise exception using errcode = 'PF002',
+                message = format('unknown workflow %L: no worker has registered it '
+                                 '(start a worker that defines it; from SQL, version => ... '
+                                 'starts it before any worker has)', _start.name);
+        end if;
+        v_version := coalesce(_start.version, v_version);
+        v_queue := coalesce(_start.queue, v_queue, 'default');
+        v_timeout := coalesce(_start.timeout, v_timeout);
+    else
+        -- Version and queue given (the Python client with the workflow's code):
+        -- one primary-key probe for the parameters its workers announced.
+        select w.params into v_params
+        from pgflow.workflows w
+        where w.name = _start.name and w.version = v_version;
+    end if;
+    perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
+
+    insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
+                                  timeout, created_at, available_at, schedule_id,
+                                  scheduled_time)
+    values (_start.name, v_version, v_queue, _start.key,
+            case when coalesce(_start.delay, interval '0') > interval '0'
+                 then 'sleeping' else 'pending' end,
+            coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
+            v_now + coalesce(_start.delay, interval '0'), _start.schedule_id,
+            _start.scheduled_time)
+    on conflict (key) where key is not null do nothing
+    returning r.id into v_id;
+
+    if v_id is null then
+        -- Idempotent start: the key is taken (by a committed run, or one whose
+        -- transaction we just waited for).
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = _start.key;
+        if v_name is distinct from _start.name then
+            raise exception using errcode = 'PF005',
+                message = format('key %L is already used by a run of workflow %L', _start.key, v_name);
+        end if;
+        return v_id;
+    end if;
+
+    if v_timeout is not null then
+        perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
+    end if;
+    if coalesce(_start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + _start.delay);
+    else
+        perform pgflow._notify_ready(v_queue);
+    end if;
+    return v_id;
+end;
+$$;
 
 -- ---------------------------------------------------------------------------
 -- Schedules
@@ -241,26 +370,27 @@ $$;
 
 -- Start the run of one tick: key schedule:<id>:<time in UTC, ISO 8601>. If a
 -- run with that key exists (the schedule was deleted and created again),
--- that run is the tick's run: a tick never starts twice.
+-- that run is the tick's run: a tick never starts twice. The caller records
+-- the schedule's last_fired_at, once a call (pgflow._fired).
 create function pgflow._start_tick(p_schedule pgflow.schedules, p_time timestamptz) returns uuid
-language plpgsql
+language sql
 as $$
-declare
-    v_run uuid;
-begin
-    v_run := pgflow._start(p_schedule.workflow, p_schedule.input,
-                           key => 'schedule:' || p_schedule.id || ':'
-                                  || pg_catalog.to_char(p_time at time zone 'UTC',
-                                         case when extract(microseconds from p_time)::bigint
-                                                   % 1000000 = 0
-                                              then 'YYYY-MM-DD"T"HH24:MI:SS"Z"'
-                                              else 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"' end),
-                           queue => p_schedule.queue, priority => p_schedule.priority);
-    update pgflow.runs r set schedule_id = p_schedule.id, scheduled_time = p_time
-    where r.id = v_run and r.schedule_id is null;
-    update pgflow.schedules s set last_fired_at = pgflow.now() where s.id = p_schedule.id;
-    return v_run;
-end;
+    select pgflow._start(p_schedule.workflow, p_schedule.input,
+                         key => 'schedule:' || p_schedule.id || ':'
+                                || pg_catalog.to_char(p_time at time zone 'UTC',
+                                       case when extract(microseconds from p_time)::bigint
+                                                 % 1000000 = 0
+                                            then 'YYYY-MM-DD"T"HH24:MI:SS"Z"'
+                                            else 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"' end),
+                         queue => p_schedule.queue, priority => p_schedule.priority,
+                         schedule_id => p_schedule.id, scheduled_time => p_time)
+$$;
+
+-- These schedules started runs just now.
+create function pgflow._fired(p_ids text[]) returns void
+language sql
+as $$
+    update pgflow.schedules s set last_fired_at = pgflow.now() where s.id = any(p_ids)
 $$;
 
 -- Decide the tick at p_time of a schedule the caller has locked, by
@@ -350,6 +480,7 @@ declare
     v_tick     record;
     v_schedule pgflow.schedules;
     v_started  integer := 0;
+    v_fired    text[] := '{}';
 begin
     for v_tick in
         select t.schedule_id, t.at, t.outcome, t.error
@@ -367,8 +498,10 @@ begin
             on conflict do nothing;
         elsif pgflow._fire_tick(v_schedule, v_tick.at, v_schedule.overlap) is not null then
             v_started := v_started + 1;
+            v_fired := v_fired || v_tick.schedule_id;
         end if;
     end loop;
+    perform pgflow._fired(v_fired);
 
     update pgflow.schedules s
     set handled_through = greatest(s.handled_through, u.handled_through),
@@ -404,6 +537,7 @@ begin
         v_run := pgflow._start_tick(v_schedule, v_time);
         update pgflow.schedule_ticks t set outcome = 'started', run_id = v_run
         where t.schedule_id = v_id and t.scheduled_time = v_time;
+        perform pgflow._fired(array[v_id]);
         v_started := v_started + 1;
     end loop;
     return v_started;
@@ -631,7 +765,8 @@ as $$
 declare
     v_schedule pgflow.schedules := pgflow._lock_schedule(trigger_schedule.id);
 begin
-    -- Two triggers in one transaction share its instant, and so its tick and run.
+    perform pgflow._fired(array[v_schedule.id]);
+    -- Two triggers in one statement share its instant, and so its tick and run.
     return coalesce(pgflow._fire_tick(v_schedule, pgflow.now(), 'allow_all'),
                     (select t.run_id from pgflow.schedule_ticks t
                      where t.schedule_id = v_schedule.id and t.scheduled_time = pgflow.now()));
@@ -660,6 +795,7 @@ declare
     v_step     double precision;
     v_tick     timestamptz;
     v_run      uuid;
+    v_started  boolean := false;
 begin
     if start_at is null or end_at is null or end_at <= start_at then
         raise exception using errcode = 'PF002',
@@ -695,9 +831,13 @@ begin
     foreach v_tick in array array(select distinct t from unnest(ticks) t order by t) loop
         v_run := pgflow._fire_tick(v_schedule, v_tick, overlap);
         if v_run is not null then
+            v_started := true;
             return next v_run;
         end if;
     end loop;
+    if v_started then
+        perform pgflow._fired(array[v_schedule.id]);
+    end if;
 end;
 $$;
 

@@ -82,7 +82,9 @@ create function pgflow._start(
     delay    interval default null,
     version  text default null,
     parent_id uuid default null,
-    timeout  interval default null
+    timeout  interval default null,
+    schedule_id    text default null,        -- a schedule's tick (12_schedules.sql)
+    scheduled_time timestamptz default null
 ) returns uuid
 language plpgsql
 as $$
@@ -150,12 +152,14 @@ begin
     perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
 
     insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
-                                  timeout, created_at, available_at)
+                                  timeout, created_at, available_at, schedule_id,
+                                  scheduled_time)
     values (_start.name, v_version, v_queue, _start.key,
             case when coalesce(_start.delay, interval '0') > interval '0'
                  then 'sleeping' else 'pending' end,
             coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
-            v_now + coalesce(_start.delay, interval '0'))
+            v_now + coalesce(_start.delay, interval '0'), _start.schedule_id,
+            _start.scheduled_time)
     on conflict (key) where key is not null do nothing
     returning r.id into v_id;
 

@@ -222,26 +222,27 @@ $$;
 
 -- Start the run of one tick: key schedule:<id>:<time in UTC, ISO 8601>. If a
 -- run with that key exists (the schedule was deleted and created again),
--- that run is the tick's run: a tick never starts twice.
+-- that run is the tick's run: a tick never starts twice. The caller records
+-- the schedule's last_fired_at, once a call (pgflow._fired).
 create function pgflow._start_tick(p_schedule pgflow.schedules, p_time timestamptz) returns uuid
-language plpgsql
+language sql
 as $$
-declare
-    v_run uuid;
-begin
-    v_run := pgflow._start(p_schedule.workflow, p_schedule.input,
-                           key => 'schedule:' || p_schedule.id || ':'
-                                  || pg_catalog.to_char(p_time at time zone 'UTC',
-                                         case when extract(microseconds from p_time)::bigint
-                                                   % 1000000 = 0
-                                              then 'YYYY-MM-DD"T"HH24:MI:SS"Z"'
-                                              else 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"' end),
-                           queue => p_schedule.queue, priority => p_schedule.priority);
-    update pgflow.runs r set schedule_id = p_schedule.id, scheduled_time = p_time
-    where r.id = v_run and r.schedule_id is null;
-    update pgflow.schedules s set last_fired_at = pgflow.now() where s.id = p_schedule.id;
-    return v_run;
-end;
+    select pgflow._start(p_schedule.workflow, p_schedule.input,
+                         key => 'schedule:' || p_schedule.id || ':'
+                                || pg_catalog.to_char(p_time at time zone 'UTC',
+                                       case when extract(microseconds from p_time)::bigint
+                                                 % 1000000 = 0
+                                            then 'YYYY-MM-DD"T"HH24:MI:SS"Z"'
+                                            else 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"' end),
+                         queue => p_schedule.queue, priority => p_schedule.priority,
+                         schedule_id => p_schedule.id, scheduled_time => p_time)
+$$;
+
+-- These schedules started runs just now.
+create function pgflow._fired(p_ids text[]) returns void
+language sql
+as $$
+    update pgflow.schedules s set last_fired_at = pgflow.now() where s.id = any(p_ids)
 $$;
 
 -- Decide the tick at p_time of a schedule the caller has locked, by
@@ -331,6 +332,7 @@ declare
     v_tick     record;
     v_schedule pgflow.schedules;
     v_started  integer := 0;
+    v_fired    text[] := '{}';
 begin
     for v_tick in
         select t.schedule_id, t.at, t.outcome, t.error
@@ -348,8 +350,10 @@ begin
             on conflict do nothing;
         elsif pgflow._fire_tick(v_schedule, v_tick.at, v_schedule.overlap) is not null then
             v_started := v_started + 1;
+            v_fired := v_fired || v_tick.schedule_id;
         end if;
     end loop;
+    perform pgflow._fired(v_fired);
 
     update pgflow.schedules s
     set handled_through = greatest(s.handled_through, u.handled_through),
@@ -385,6 +389,7 @@ begin
         v_run := pgflow._start_tick(v_schedule, v_time);
         update pgflow.schedule_ticks t set outcome = 'started', run_id = v_run
         where t.schedule_id = v_id and t.scheduled_time = v_time;
+        perform pgflow._fired(array[v_id]);
         v_started := v_started + 1;
     end loop;
     return v_started;
@@ -612,7 +617,8 @@ as $$
 declare
     v_schedule pgflow.schedules := pgflow._lock_schedule(trigger_schedule.id);
 begin
-    -- Two triggers in one transaction share its instant, and so its tick and run.
+    perform pgflow._fired(array[v_schedule.id]);
+    -- Two triggers in one statement share its instant, and so its tick and run.
     return coalesce(pgflow._fire_tick(v_schedule, pgflow.now(), 'allow_all'),
                     (select t.run_id from pgflow.schedule_ticks t
                      where t.schedule_id = v_schedule.id and t.scheduled_time = pgflow.now()));
@@ -641,6 +647,7 @@ declare
     v_step     double precision;
     v_tick     timestamptz;
     v_run      uuid;
+    v_started  boolean := false;
 begin
     if start_at is null or end_at is null or end_at <= start_at then
         raise exception using errcode = 'PF002',
@@ -676,8 +683,12 @@ begin
     foreach v_tick in array array(select distinct t from unnest(ticks) t order by t) loop
         v_run := pgflow._fire_tick(v_schedule, v_tick, overlap);
         if v_run is not null then
+            v_started := true;
             return next v_run;
         end if;
     end loop;
+    if v_started then
+        perform pgflow._fired(array[v_schedule.id]);
+    end if;
 end;
 $$;
