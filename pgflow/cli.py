@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
@@ -22,79 +21,28 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from pgflow import client, errors, models, schedules, schema
+from pgflow import cli_schedules, client, errors, models, schema
 from pgflow import dsn as dsn_resolution
+from pgflow.cli_support import (
+    DsnOption,
+    JsonOption,
+    columns,
+    connect,
+    one_line,
+    parse_json,
+    user_errors,
+)
 from pgflow.worker import DEFAULT_CONCURRENCY, STALE_AFTER, Worker
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Durable workflows on PostgreSQL.")
-
-DsnOption = Annotated[str | None, typer.Option(
-    "--dsn", help="Database URL or libpq string [default: $PGFLOW_DSN, $DATABASE_URL, "
-                  "or the embedded server under ./.pgflow/]")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn every expected failure into one line on stderr and exit 1."""
-    try:
-        yield
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        if os.environ.get("PGFLOW_DEBUG"):
-            raise
-        typer.echo(f"pgflow: error: {_describe(exc)}", err=True)
-        raise typer.Exit(1) from None
-
-
-# Revision 0002's roles, for a login that was refused (see README, Security).
-ROLES_HINT = ("pgflow_worker runs workflows, pgflow_client starts and controls runs, "
-              "pgflow_reader reads them")
-
-
-def _describe(exc: Exception) -> str:
-    exc = getattr(exc, "orig", None) or exc  # SQLAlchemy (migrate) wraps the psycopg error
-    if isinstance(exc, psycopg.OperationalError):
-        return _one_line(f"cannot connect to the database: {exc}")
-    if isinstance(exc, psycopg.errors.UndefinedFunction | psycopg.errors.UndefinedTable):
-        return "the pgflow schema is not installed: run `pgflow migrate` first"
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege) and "permission denied" in str(exc):
-        return _one_line(f"{exc}: this login lacks the pgflow role for it ({ROLES_HINT})")
-    if isinstance(exc, (errors.PgflowError, ValueError, TypeError, LookupError)):
-        return _one_line(str(exc))
-    return _one_line(f"{type(exc).__name__}: {exc}")
-
-
-def _connect(dsn: str | None) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(dsn_resolution.resolve(dsn), autocommit=True, connect_timeout=10)
-    try:
-        schema.check(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _parse_json(text: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} "
-                         f"column {exc.colno}") from None
-    except RecursionError:
-        raise ValueError(f"{what} is nested too deeply") from None
-
+app.command("schedules")(cli_schedules.list_schedules)
+app.add_typer(cli_schedules.schedule_app, name="schedule")
 
 @app.command()
 def migrate(dsn: DsnOption = None) -> None:
     """Create or upgrade the pgflow schema (safe to repeat, safe to run concurrently)."""
-    with _user_errors():
+    with user_errors():
         target = dsn_resolution.resolve(dsn)
         for note in schema.breaking_notes(target):
             typer.echo(f"pgflow: stop every worker before this migration: {note}", err=True)
@@ -117,7 +65,7 @@ def worker(
     dsn: DsnOption = None,
 ) -> None:
     """Run the workflows defined in MODULES until SIGTERM/SIGINT, then drain."""
-    with _user_errors():
+    with user_errors():
         target = dsn_resolution.resolve(dsn)
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -160,8 +108,8 @@ def start(
     dsn: DsnOption = None,
 ) -> None:
     """Start a run of workflow NAME and print its id."""
-    with _user_errors():
-        data = _parse_json(input, "--input")
+    with user_errors():
+        data = parse_json(input, "--input")
         if isinstance(data, list):
             args, kwargs = tuple(data), {}
         elif isinstance(data, dict):
@@ -169,7 +117,7 @@ def start(
         else:
             raise ValueError("--input must be a JSON array (positional arguments) "
                              "or object (keyword arguments)")
-        with _connect(dsn) as conn:
+        with connect(dsn) as conn:
             run_id = client.start(conn, name, *args, key=key, queue=queue, **kwargs)
         typer.echo(str(run_id))
 
@@ -178,7 +126,7 @@ def start(
 def show(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None,
          as_json: JsonOption = False) -> None:
     """Show a run and its step timeline."""
-    with _user_errors(), _connect(dsn) as conn:
+    with user_errors(), connect(dsn) as conn:
         run = client.get(conn, run_id)
     typer.echo(json.dumps(_run_json(run), default=str, indent=2) if as_json else _render_run(run))
 
@@ -247,11 +195,11 @@ def list_runs(
     as_json: JsonOption = False,
 ) -> None:
     """List runs, newest first; runs no live worker can serve are marked."""
-    with _user_errors():
+    with user_errors():
         where, params = RunFilter(status, name, key, since).sql()
         if unserved:
             where += f" and {_UNSERVED}"
-        with _connect(dsn) as conn:
+        with connect(dsn) as conn:
             rows = conn.execute(
                 f"select {', '.join(_LIST_COLUMNS)}, {_UNSERVED} as unserved"
                 f" from pgflow.runs r where {where}"
@@ -267,7 +215,7 @@ def list_runs(
         marker = f"  (no worker for v{r['version']})" if r["unserved"] else ""
         table.append((str(r["id"]), f"{r['name']} v{r['version']}", f"{r['status']}{marker}",
                       _time(r["created_at"]), r["key"] or ""))
-    typer.echo(_columns(table))
+    typer.echo(columns(table))
 
 
 # What `pgflow list` reads of each run (and prints with --json).
@@ -284,9 +232,9 @@ def signal(
     dsn: DsnOption = None,
 ) -> None:
     """Send a signal to a run."""
-    with _user_errors():
-        data = _parse_json(payload, "--payload")
-        with _connect(dsn) as conn:
+    with user_errors():
+        data = parse_json(payload, "--payload")
+        with connect(dsn) as conn:
             client.signal(conn, run_id, name, data)
     typer.echo(f"signal {name!r} sent to run {run_id}")
 
@@ -300,7 +248,7 @@ def cancel(run_id: RunIdArgument = None, status: StatusOption = None, name: Name
            key: KeyOption = None, since: SinceOption = None, yes: YesOption = False,
            dsn: DsnOption = None) -> None:
     """Cancel a run (and its children) at its next durable point, or every run that matches."""
-    with _user_errors(), _connect(dsn) as conn:
+    with user_errors(), connect(dsn) as conn:
         if run_id is not None:
             _no_filters_with_an_id(status, name, key, since)
             requested = client.cancel(conn, run_id)
@@ -319,7 +267,7 @@ def retry(run_id: RunIdArgument = None, status: StatusOption = None, name: NameO
           key: KeyOption = None, since: SinceOption = None, yes: YesOption = False,
           dsn: DsnOption = None) -> None:
     """Resume a failed run from its last checkpoint, or every failed run that matches."""
-    with _user_errors(), _connect(dsn) as conn:
+    with user_errors(), connect(dsn) as conn:
         if run_id is not None:
             _no_filters_with_an_id(status, name, key, since)
             client.retry(conn, run_id)
@@ -380,10 +328,10 @@ def purge(
     dsn: DsnOption = None,
 ) -> None:
     """Delete finished runs and all their rows, in short batches that never wait for workers."""
-    with _user_errors():
+    with user_errors():
         age = _parse_age(older_than, "--older-than")
         total = 0
-        with _connect(dsn) as conn:
+        with connect(dsn) as conn:
             while deleted := conn.execute("select pgflow.purge(%s, %s)", (age, batch)).fetchone()[0]:
                 total += deleted
     typer.echo(f"purged {total} run(s) that finished more than {older_than} ago")
@@ -409,12 +357,6 @@ _STATUSES = ("pending", "running", "sleeping", "waiting", "completed", "failed",
 
 def _time(value: datetime | None) -> str:
     return "-" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def _columns(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
 
 
 def _run_json(run: models.Run) -> dict[str, Any]:
@@ -450,233 +392,8 @@ def _render_run(run: models.Run) -> str:
             duration = "-"
         error = f"{s.error.get('type')}: {s.error.get('message')}" if s.error else ""
         table.append((str(s.seq), s.name, s.status, str(s.attempts), _time(s.started_at),
-                      duration, _one_line(error)[:80]))
-    lines.append(_columns(table) if run.steps else "(no steps recorded yet)")
-    return "\n".join(lines)
-
-
-# --- schedules -------------------------------------------------------------------------
-
-schedule_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
-                           rich_markup_mode=None,
-                           help="Control one schedule: show, pause, resume, trigger, delete, "
-                                "backfill.")
-app.add_typer(schedule_app, name="schedule")
-
-ScheduleIdArgument = Annotated[str, typer.Argument(help="Schedule id.")]
-
-# What `pgflow schedules` and `pgflow schedule show` read of a schedule (and print with --json).
-_SCHEDULE_COLUMNS = ("id", "workflow", "cron", "every", "timezone", "input", "queue", "priority",
-                     "overlap", "catchup_window", "jitter", "start_at", "end_at", "paused",
-                     "declared", "handled_through", "next_fire_at", "last_fired_at",
-                     "created_at", "updated_at")
-_INTERVAL_COLUMNS = ("every", "catchup_window", "jitter")
-_TICK_COLUMNS = ("scheduled_time", "outcome", "run_id", "error", "recorded_at")
-_SHOWN_TICKS = 20
-
-
-@app.command("schedules")
-def list_schedules(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
-    """List every schedule: its timing, overlap policy, state, next and last fire (UTC)."""
-    with _user_errors(), _connect(dsn) as conn:
-        rows = conn.execute(f"select {', '.join(_SCHEDULE_COLUMNS)} from pgflow.schedules"
-                            " order by id").fetchall()
-    found = [dict(zip(_SCHEDULE_COLUMNS, row, strict=True)) for row in rows]
-    if as_json:  # one JSON array, by id; intervals in seconds
-        typer.echo(json.dumps([_schedule_json(s) for s in found], default=str, indent=2))
-        return
-    if not found:
-        typer.echo("no schedules (declare one with pgflow.schedule() in a worker's code, "
-                   "or create one with pgflow.create_schedule())")
-        return
-    table = [("ID", "WORKFLOW", "SPEC", "TIMEZONE", "OVERLAP", "STATE", "NEXT FIRE",
-              "LAST FIRED")]
-    for s in found:
-        table.append((s["id"], s["workflow"], _spec(s), s["timezone"], s["overlap"],
-                      "paused" if s["paused"] else "active", _utc(s["next_fire_at"]),
-                      _utc(s["last_fired_at"])))
-    typer.echo(_columns(table))
-
-
-@schedule_app.command("show")
-def show_schedule(schedule_id: ScheduleIdArgument, dsn: DsnOption = None,
-                  as_json: JsonOption = False) -> None:
-    """Show a schedule and its last 20 decided ticks, newest first (times in UTC)."""
-    with _user_errors(), _connect(dsn) as conn:
-        row = conn.execute(f"select {', '.join(_SCHEDULE_COLUMNS)} from pgflow.schedules"
-                           " where id = %s", (schedule_id,)).fetchone()
-        if row is None:
-            raise errors.ScheduleNotFound(f"unknown schedule {schedule_id!r}")
-        ticks = [dict(zip(_TICK_COLUMNS, t, strict=True)) for t in conn.execute(
-            f"select {', '.join(_TICK_COLUMNS)} from pgflow.schedule_ticks"
-            " where schedule_id = %s order by scheduled_time desc limit %s",
-            (schedule_id, _SHOWN_TICKS)).fetchall()]
-    found = dict(zip(_SCHEDULE_COLUMNS, row, strict=True))
-    if as_json:
-        typer.echo(json.dumps(_schedule_json(found) | {"ticks": ticks}, default=str, indent=2))
-        return
-    typer.echo(_render_schedule(found, ticks))
-
-
-@schedule_app.command("pause")
-def pause_schedule(schedule_id: ScheduleIdArgument, dsn: DsnOption = None) -> None:
-    """Stop starting runs; the ticks that come due meanwhile are decided on resume."""
-    with _user_errors(), _connect(dsn) as conn:
-        schedules.pause_schedule(conn, schedule_id)
-    typer.echo(f"schedule {schedule_id!r} paused")
-
-
-@schedule_app.command("resume")
-def resume_schedule(schedule_id: ScheduleIdArgument, dsn: DsnOption = None) -> None:
-    """Start again: ticks missed within the catch-up window fire, by the overlap policy."""
-    with _user_errors(), _connect(dsn) as conn:
-        schedules.resume_schedule(conn, schedule_id)
-    typer.echo(f"schedule {schedule_id!r} resumed")
-
-
-@schedule_app.command("trigger")
-def trigger_schedule(schedule_id: ScheduleIdArgument, dsn: DsnOption = None) -> None:
-    """Start one run now, as a tick at this instant would (any overlap policy); print its id."""
-    with _user_errors(), _connect(dsn) as conn:
-        run_id = schedules.trigger_schedule(conn, schedule_id)
-    typer.echo(str(run_id))
-
-
-@schedule_app.command("delete")
-def delete_schedule(schedule_id: ScheduleIdArgument, dsn: DsnOption = None) -> None:
-    """Delete a schedule and its tick records; the runs it started stay.
-
-    A schedule declared in a worker's code comes back when that worker restarts:
-    remove it from the code.
-    """
-    with _user_errors(), _connect(dsn) as conn:
-        schedules.delete_schedule(conn, schedule_id)
-    typer.echo(f"schedule {schedule_id!r} deleted")
-
-
-_ISO_HELP = ("an ISO date or date/time: 2026-11-01, 2026-11-01T03:00, 2026-11-01T03:00:00Z, "
-             "2026-11-01T03:00:00+01:00; without an offset it is UTC")
-
-
-@schedule_app.command("backfill")
-def backfill_schedule(
-    schedule_id: ScheduleIdArgument,
-    start: Annotated[str, typer.Option("--start", help=f"First instant, included: {_ISO_HELP}.")],
-    end: Annotated[str, typer.Option(
-        "--end", help=f"Last instant, excluded (not in the future): {_ISO_HELP}.")],
-    overlap: Annotated[str, typer.Option(
-        "--overlap", help="Policy for a tick while an earlier run is unfinished: "
-                          f"{', '.join(schedules.OVERLAP_POLICIES)}.")] = "allow_all",
-    dsn: DsnOption = None,
-) -> None:
-    """Start a run for every tick in [START, END) not decided before; print their ids.
-
-    A summary goes to stderr. Ticks already decided (fired on time, or by an earlier
-    backfill) start nothing, so repeating a backfill starts nothing new.
-    """
-    with _user_errors():
-        since, until = _parse_iso(start, "--start"), _parse_iso(end, "--end")
-        if until <= since:
-            raise ValueError(f"--end {_utc(until)} must be after --start {_utc(since)}")
-        schedules.check_overlap(overlap)
-        with _connect(dsn) as conn:
-            before = _ticks_between(conn, schedule_id, since, until)
-            run_ids = schedules.backfill_schedule(conn, schedule_id, since, until,
-                                                  overlap=overlap)
-            after = _ticks_between(conn, schedule_id, since, until)
-    for run_id in run_ids:
-        typer.echo(str(run_id))
-    span = f"[{_utc(since)}, {_utc(until)})"
-    if after == 0:
-        summary = f"no tick in {span}: nothing started"
-    elif after == before:
-        summary = f"every tick in {span} was decided before: nothing started"
-    else:
-        summary = f"{len(run_ids)} run(s) started for its ticks in {span}"
-        if held := after - before - len(run_ids):
-            summary += f"; {held} tick(s) skipped or buffered (overlap {overlap})"
-        if before:
-            summary += f"; {before} tick(s) decided before"
-    typer.echo(f"pgflow: schedule {schedule_id!r}: {summary}", err=True)
-
-
-def _ticks_between(conn: psycopg.Connection[Any], schedule_id: str, since: datetime,
-                   until: datetime) -> int:
-    row = conn.execute("select count(*) from pgflow.schedule_ticks where schedule_id = %s"
-                       " and scheduled_time >= %s and scheduled_time < %s",
-                       (schedule_id, since, until)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _parse_iso(text: str, option: str) -> datetime:
-    """An ISO date or date/time; one without an offset is UTC."""
-    try:  # Python 3.10's fromisoformat does not know a trailing Z
-        when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z"))
-                                      else text)
-    except ValueError:
-        raise ValueError(f"{option} {text!r} is not an ISO date/time: use e.g. 2026-11-01, "
-                         "2026-11-01T03:00, 2026-11-01T03:00:00Z or 2026-11-01T03:00+01:00"
-                         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
-def _utc(value: datetime | None) -> str:
-    """An instant in ISO 8601, UTC, with a Z; "-" for none."""
-    if value is None:
-        return "-"
-    value = value.astimezone(timezone.utc)
-    return value.isoformat(timespec="milliseconds" if value.microsecond else "seconds"
-                           ).removesuffix("+00:00") + "Z"
-
-
-def _span(value: timedelta) -> str:
-    """An interval, compactly: 90s -> 1m30s, 1 day -> 1d."""
-    seconds = value.total_seconds()
-    parts = []
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
-        count, seconds = divmod(seconds, size)
-        if count:
-            parts.append(f"{int(count)}{unit}")
-    if seconds or not parts:
-        parts.append(f"{seconds:g}s")
-    return "".join(parts)
-
-
-def _spec(s: dict[str, Any]) -> str:
-    return s["cron"] if s["cron"] is not None else f"every {_span(s['every'])}"
-
-
-def _schedule_json(s: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.total_seconds() if k in _INTERVAL_COLUMNS and v is not None else v
-            for k, v in s.items()}
-
-
-def _render_schedule(s: dict[str, Any], ticks: list[dict[str, Any]]) -> str:
-    rows = [("schedule", s["id"]),
-            ("workflow", s["workflow"]),
-            ("queue", s["queue"] or "- (the workflow's)"),
-            ("priority", str(s["priority"])),
-            ("spec", f"{_spec(s)}  ({s['timezone']})"),
-            ("input", json.dumps(s["input"])),
-            ("overlap", s["overlap"]),
-            ("catch-up", _span(s["catchup_window"])),
-            ("jitter", "-" if s["jitter"] is None else _span(s["jitter"])),
-            ("start at", _utc(s["start_at"])),
-            ("end at", _utc(s["end_at"])),
-            ("state", "paused" if s["paused"] else "active"),
-            ("origin", "declared in code" if s["declared"] else "created at runtime"),
-            ("next fire", _utc(s["next_fire_at"])),
-            ("last fired", _utc(s["last_fired_at"])),
-            ("created", _utc(s["created_at"])),
-            ("updated", _utc(s["updated_at"]))]
-    lines = [f"{label:<10} {value}" for label, value in rows]
-    lines.append("")
-    table = [("SCHEDULED", "OUTCOME", "RUN", "ERROR")]
-    for t in ticks:
-        table.append((_utc(t["scheduled_time"]), t["outcome"],
-                      "-" if t["run_id"] is None else str(t["run_id"]),
-                      _one_line(t["error"] or "")[:80]))
-    lines.append(_columns(table) if ticks else "(no ticks decided yet)")
+                      duration, one_line(error)[:80]))
+    lines.append(columns(table) if run.steps else "(no steps recorded yet)")
     return "\n".join(lines)
 
 
@@ -693,7 +410,7 @@ def main() -> None:
             sys.exit(2)
         if "UsageError" in names:
             hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-            typer.echo(f"pgflow: error: {_one_line(exc.format_message())}{hint}", err=True)
+            typer.echo(f"pgflow: error: {one_line(exc.format_message())}{hint}", err=True)
             sys.exit(2)
         if "Abort" in names:
             typer.echo("\npgflow: error: aborted", err=True)
