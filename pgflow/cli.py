@@ -327,14 +327,21 @@ def purge(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Runs deleted a transaction.")] = 1000,
     dsn: DsnOption = None,
 ) -> None:
-    """Delete finished runs and all their rows, in short batches that never wait for workers."""
+    """Delete finished runs and all their rows, in short batches that never wait for workers.
+
+    Schedules' tick records older than that go too (buffered ticks, still to run, stay).
+    """
     with user_errors():
         age = _parse_age(older_than, "--older-than")
-        total = 0
+        total = ticks = 0
         with connect(dsn) as conn:
             while deleted := conn.execute("select pgflow.purge(%s, %s)", (age, batch)).fetchone()[0]:
                 total += deleted
-    typer.echo(f"purged {total} run(s) that finished more than {older_than} ago")
+            while deleted := conn.execute("select pgflow.purge_schedule_ticks(%s, %s)",
+                                          (age, batch)).fetchone()[0]:
+                ticks += deleted
+    typer.echo(f"purged {total} run(s) that finished more than {older_than} ago"
+               + (f" and {ticks} schedule tick record(s)" if ticks else ""))
 
 
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -18,6 +18,7 @@ import asyncio
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pgflow import connections, context, definitions, errors, queries, steps
@@ -30,7 +31,8 @@ __all__ = ["ReplayCheck", "check_replay", "check_replays"]
 _RUN = ("select r.id, r.name, r.version, r.input, coalesce((select jsonb_agg(jsonb_build_object("
         "'seq', s.seq, 'name', s.name, 'kind', s.kind, 'status', s.status, 'attempts', s.attempts,"
         " 'output', s.output, 'error', s.error) order by s.seq) from pgflow.steps s"
-        " where s.run_id = r.id), '[]'::jsonb) from pgflow.runs r where r.id = %s")
+        " where s.run_id = r.id), '[]'::jsonb), r.scheduled_time from pgflow.runs r"
+        " where r.id = %s")
 _UNFINISHED = ("select id from pgflow.runs where name = %s and version = %s"
                " and status not in ('completed', 'failed', 'cancelled')"
                " order by created_at limit %s")
@@ -91,14 +93,14 @@ def check_replay(conn: Any, run_id: uuid.UUID | str,
     rows = connections.fetch(conn, _RUN, (rid,))
     if not rows:
         raise errors.RunNotFound(f"unknown run {rid}")
-    _, name, version, data, journal_json = rows[0]
+    _, name, version, data, journal_json, scheduled_time = rows[0]
     found = workflow or definitions.lookup(name, version)
     if found is None:
         return ReplayCheck(rid, False, 0, len(journal_json), None,
                            f"this process has no code for workflow {name!r} version {version!r}")
     journal = [JournalEntry.from_json(e) for e in journal_json]
     with ThreadPoolExecutor(1) as pool:  # its own thread: asyncio.run needs a loop-free one
-        return pool.submit(_replay, rid, found, data, journal).result()
+        return pool.submit(_replay, rid, found, data, journal, scheduled_time).result()
 
 
 def check_replays(conn: Any, workflow: definitions.Workflow, limit: int = 1000) -> list[ReplayCheck]:
@@ -109,10 +111,10 @@ def check_replays(conn: Any, workflow: definitions.Workflow, limit: int = 1000) 
 
 
 def _replay(run_id: uuid.UUID, workflow: definitions.Workflow, data: Any,
-            journal: list[JournalEntry]) -> ReplayCheck:
+            journal: list[JournalEntry], scheduled_time: datetime | None) -> ReplayCheck:
     session = _ReplayOnly(run_id, workflow.queue)
     ctx = context.Context(session, journal, is_async=workflow.is_async,  # type: ignore[arg-type]
-                          workflow_retry=workflow.retry)
+                          workflow_retry=workflow.retry, scheduled_time=scheduled_time)
     engine = context.engine_of(ctx)
     total = len(journal)
 

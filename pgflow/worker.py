@@ -80,10 +80,12 @@ class Worker:
         if not self.workflows:
             raise ValueError("the worker has no workflows: import the modules that define them")
         self.queues = sorted(set(queues) if queues else {wf.queue for wf in self.workflows})
-        # By default, the declared schedules of the workflows this worker serves.
+        # By default, the declared schedules of the workflows this worker serves; a
+        # worker that serves the others applies them.
         served = {wf.name for wf in self.workflows}
-        self.schedules = list(schedules if schedules is not None
-                              else (s for s in declared_schedules() if s.workflow in served))
+        declared = declared_schedules() if schedules is None else list(schedules)
+        self.schedules = [s for s in declared if schedules is not None or s.workflow in served]
+        self._left_to_others = [s.id for s in declared if s not in self.schedules]
         self.concurrency = concurrency
         self.retry = retry or DEFAULT_RETRY
         self.poll_interval = poll_interval
@@ -192,6 +194,9 @@ class Worker:
         with psycopg.connect(self.dsn) as conn, conn.transaction():
             applied, deleted = apply_declared(conn, sorted({wf.name for wf in self.workflows}),
                                               self.schedules)
+        if self._left_to_others:
+            logger.info("schedules declared in code for workflows this worker does not serve, "
+                        "left to the workers that do: %s", ", ".join(self._left_to_others))
         if applied or deleted:
             logger.info("schedules declared in code: %d applied%s", len(applied),
                         f", {len(deleted)} no longer declared deleted ({', '.join(deleted)})"

@@ -79,6 +79,14 @@ def test_the_purge_command(dsn, conn):
                                  available_at, started_at, finished_at)
         select 'old', '1', 'default', 'completed', '[]', 'null', t, t, t, t
         from generate_series(1, 25) g, lateral (select now() - interval '40 days' as t) x""")
+    # Tick records of a schedule: one old (purged), one recent (kept).
+    conn.execute("""select pgflow.register_worker(gen_random_uuid(), 'h', 1, array['default'],
+                    '[{"name": "old", "version": "1", "queue": "default"}]')""")
+    conn.execute("select pgflow.create_schedule('s', 'old', cron => '0 * * * *')")
+    conn.execute("""
+        insert into pgflow.schedule_ticks (schedule_id, scheduled_time, outcome, recorded_at)
+        values ('s', now() - interval '40 days', 'missed', now() - interval '40 days'),
+               ('s', now() - interval '1 day', 'skipped', now() - interval '1 day')""")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,8 +95,10 @@ def test_the_purge_command(dsn, conn):
 
     done = cli("--older-than", "30d", "--batch", "10")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "purged 25 run(s) that finished more than 30d ago"
+    assert done.stdout.strip() == ("purged 25 run(s) that finished more than 30d ago"
+                                   " and 1 schedule tick record(s)")
     assert conn.execute("select count(*) from pgflow.runs").fetchone()[0] == 0
+    assert conn.execute("select outcome from pgflow.schedule_ticks").fetchall() == [("skipped",)]
     bad = cli("--older-than", "a while")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("pgflow: error: --older-than 'a while'")

@@ -202,6 +202,10 @@ def test_trigger_starts_a_run_now_and_plain_runs_have_no_scheduled_time(conn, wo
     assert output == scheduled.isoformat()
     plain = pgflow.start(conn, report_tick, "plain")
     assert pgflow.result(conn, plain, timeout=60) == "none"
+    # The replay check sees the run's scheduled time, as the worker did.
+    assert [s.name for s in pgflow.get(conn, run_id).steps] == ["note_tick"]
+    assert pgflow.testing.check_replay(conn, run_id).ok
+    assert pgflow.testing.check_replay(conn, plain).ok
 
 
 BAD = [

@@ -309,3 +309,12 @@ def test_two_triggers_in_one_statement_share_its_instant_and_its_run(wf):
     assert first == second and count(wf, "runs") == 1
     third = wf.execute("select pgflow.trigger_schedule('s')").fetchone()[0]
     assert third != first and count(wf, "runs") == 2  # each statement: a run of its own
+
+
+def test_a_backfill_over_ticks_the_leader_fired_starts_only_the_others(wf):
+    create(wf, every=timedelta(hours=1), input='["x"]')
+    fire(wf, "s", T1)  # the leader fired T1 on time
+    started = wf.execute("select * from pgflow.backfill_schedule('s', %s, %s)",
+                         (T1 - timedelta(hours=1), T2 + timedelta(hours=1))).fetchall()
+    assert len(started) == 2  # T1 - 1 h and T2; T1's run is the leader's
+    assert [r[0] for r in runs_of(wf, "s")] == [T1 - timedelta(hours=1), T1, T2]
