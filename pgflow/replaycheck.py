@@ -111,7 +111,7 @@ def check_replays(conn: Any, workflow: definitions.Workflow, limit: int = 1000) 
 
 
 def _replay(run_id: uuid.UUID, workflow: definitions.Workflow, data: Any,
-            journal: list[JournalEntry], scheduled_time: datetime | None) -> ReplayCheck:
+            journal: list[JournalEntry], scheduled_time: datetime | None = None) -> ReplayCheck:
     session = _ReplayOnly(run_id, workflow.queue)
     ctx = context.Context(session, journal, is_async=workflow.is_async,  # type: ignore[arg-type]
                           workflow_retry=workflow.retry, scheduled_time=scheduled_time)

@@ -73,6 +73,12 @@ class Scheduler:
                                " ".join(str(exc).split())[:200], delay)
                 await _wait(stop, delay)
                 delay = min(delay * 2, RECONNECT_DELAY_MAX)
+            except Exception:
+                # A bug must not end timers and schedules for this process: say it
+                # loudly, let go of the leadership, and try again.
+                logger.exception("scheduler failed; retrying in %.1fs", delay)
+                await _wait(stop, delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX)
             finally:
                 self.is_leader = False
                 if conn is not None:
