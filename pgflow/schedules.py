@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pgflow import codec, connections, definitions, errors
+from pgflow import codec, connections, definitions, errors, queries
 from pgflow.durations import as_timedelta
 from pgflow.timetable import Timetable, jitter_for
 from pgflow.validation import check_name
@@ -232,7 +232,7 @@ def delete_schedule(conn: Any, id: str) -> None:
 def trigger_schedule(conn: Any, id: str) -> uuid.UUID:
     """Start one run now, as a tick at this instant would (whatever the overlap policy)."""
     rows = connections.fetch(conn, TRIGGER, (check_name(id, "schedule id"),))
-    return _uuid(rows[0][0])
+    return queries.as_uuid(rows[0][0])
 
 
 
@@ -249,7 +249,7 @@ def backfill_schedule(conn: Any, id: str, start: datetime, end: datetime, *,
     found = connections.fetch(conn, BACKFILL,
                               backfill_params(id, connections.fetch(conn, SPEC, (id,)), start,
                                               end, overlap))
-    return [_uuid(row[0]) for row in found]
+    return [queries.as_uuid(row[0]) for row in found]
 
 
 def check_overlap(overlap: str) -> str:
@@ -270,6 +270,3 @@ def backfill_params(id: str, spec_rows: list[tuple[Any, ...]], start: datetime, 
     # An interval schedule's ticks are worked out in SQL, from the same anchor.
     return (id, start, end, overlap, ticks if cron is not None else None)
 
-
-def _uuid(value: Any) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
