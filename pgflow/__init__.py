@@ -42,6 +42,7 @@ from pgflow.errors import (
     WorkflowNotFound,
     WorkflowTimeout,
 )
+from pgflow.flow import Concurrency, RateLimit, pause_queue, resume_queue, set_queue
 from pgflow.models import Run, StepRecord
 from pgflow.retry import Retry
 from pgflow.schedules import (
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cancelled",
     "ChildFailed",
+    "Concurrency",
     "Context",
     "EncodingError",
     "KeyConflict",
@@ -67,6 +69,7 @@ __all__ = [
     "NonDeterminismError",
     "PayloadTooLarge",
     "PgflowError",
+    "RateLimit",
     "Retry",
     "Run",
     "RunNotFound",
@@ -91,11 +94,14 @@ __all__ = [
     "delete_schedule",
     "get",
     "get_state",
+    "pause_queue",
     "pause_schedule",
     "result",
+    "resume_queue",
     "resume_schedule",
     "retry",
     "schedule",
+    "set_queue",
     "signal",
     "start",
     "step",

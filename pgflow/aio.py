@@ -9,20 +9,22 @@ from typing import Any
 
 import psycopg
 
-from pgflow import connections, definitions, errors, models, queries, schedules
+from pgflow import connections, definitions, errors, flow, models, queries, schedules
 from pgflow.client import RECHECK_INTERVAL
 from pgflow.validation import check_name
 
 __all__ = ["backfill_schedule", "cancel", "create_schedule", "delete_schedule", "get",
-           "get_state", "pause_schedule", "result", "resume_schedule", "retry", "signal",
-           "start", "trigger_schedule"]
+           "get_state", "pause_queue", "pause_schedule", "result", "resume_queue",
+           "resume_schedule", "retry", "set_queue", "signal", "start", "trigger_schedule"]
 
 
 async def start(conn: Any, workflow: definitions.Workflow | str, *args: Any,
                 key: str | None = None, queue: str | None = None, priority: int = 0,
-                delay: timedelta | float | None = None, **kwargs: Any) -> uuid.UUID:
+                delay: timedelta | float | None = None, concurrency_key: str | None = None,
+                **kwargs: Any) -> uuid.UUID:
     """See :func:`pgflow.start`."""
-    params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay)
+    params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay,
+                                  concurrency_key)
     rows = await connections.afetch(conn, queries.START, params)
     return queries.as_uuid(rows[0][0])
 
@@ -134,3 +136,23 @@ async def backfill_schedule(conn: Any, id: str, start: datetime, end: datetime, 
     rows = await connections.afetch(conn, schedules.BACKFILL,
                                     schedules.backfill_params(id, spec, start, end, overlap))
     return [queries.as_uuid(row[0]) for row in rows]
+
+
+# -- flow control -------------------------------------------------------------
+
+async def set_queue(conn: Any, name: str, *, concurrency: int | None = None,
+                    rate_limit: flow.RateLimit | None = None) -> flow.QueueInfo:
+    """See :func:`pgflow.set_queue`."""
+    params = flow.set_queue_params(name, concurrency, rate_limit)
+    rows = await connections.afetch(conn, flow.SET_QUEUE, params)
+    return flow.settings_info(rows[0])
+
+
+async def pause_queue(conn: Any, name: str) -> None:
+    """See :func:`pgflow.pause_queue`."""
+    await connections.afetch(conn, flow.PAUSE, (check_name(name, "queue"),))
+
+
+async def resume_queue(conn: Any, name: str) -> None:
+    """See :func:`pgflow.resume_queue`."""
+    await connections.afetch(conn, flow.RESUME, (check_name(name, "queue"),))

@@ -23,13 +23,16 @@ RECHECK_INTERVAL = 5.0  # seconds; NOTIFY is a hint, the status query is the tru
 
 def start(conn: Any, workflow: definitions.Workflow | str, *args: Any, key: str | None = None,
           queue: str | None = None, priority: int = 0, delay: timedelta | float | None = None,
-          **kwargs: Any) -> uuid.UUID:
+          concurrency_key: str | None = None, **kwargs: Any) -> uuid.UUID:
     """Start a run of ``workflow`` (the decorated function, or its name) with these inputs.
 
     With ``key``, starting again while a run with that key exists returns that
-    run's id. ``delay`` holds the run back for that long.
+    run's id. ``delay`` holds the run back for that long. ``concurrency_key``
+    sets the key of the workflow's :class:`pgflow.Concurrency` limit for this
+    run (else it is the argument the limit names).
     """
-    params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay)
+    params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay,
+                                  concurrency_key)
     rows = connections.fetch(conn, queries.START, params)
     return queries.as_uuid(rows[0][0])
 

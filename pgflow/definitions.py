@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 from pgflow import codec, steps
+from pgflow.flow import Concurrency, key_text
 from pgflow.retry import Retry
 from pgflow.validation import check_name, check_retry, check_timeout
 
@@ -41,7 +42,8 @@ class Workflow:
     """A workflow definition: ``fn(ctx, *inputs)`` plus its name, version and queue."""
 
     def __init__(self, fn: Callable[..., Any], *, name: str | None, version: str, queue: str,
-                 retry: Retry | None, timeout: timedelta | float | None) -> None:
+                 retry: Retry | None, timeout: timedelta | float | None,
+                 concurrency: Concurrency | None = None) -> None:
         self.fn = fn
         self.name = check_name(name or fn.__name__, "workflow name")
         self.version = check_name(version, "workflow version")
@@ -50,7 +52,35 @@ class Workflow:
         self.timeout = check_timeout(timeout)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = codec.Signature(fn, skip_first=True)
+        self.concurrency = self._check_concurrency(concurrency)
         functools.update_wrapper(self, fn)
+
+    def _check_concurrency(self, concurrency: object) -> Concurrency | None:
+        if concurrency is None:
+            return None
+        if not isinstance(concurrency, Concurrency):
+            raise TypeError(f"concurrency of workflow {self.name!r} must be a "
+                            f"pgflow.Concurrency, not {concurrency!r}")
+        if concurrency.key is not None:
+            named = {p.name: p for p in self.signature.parameters
+                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            if concurrency.key not in named:
+                raise ValueError(
+                    f"Concurrency key {concurrency.key!r} of workflow {self.name!r} is not one "
+                    f"of its parameters ({', '.join(named) or 'it has none'})")
+        return concurrency
+
+    def concurrency_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The key of a run started with these arguments, defaults applied (None: no key)."""
+        if self.concurrency is None or self.concurrency.key is None:
+            return None
+        bound = self.signature.signature.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        if self.concurrency.key not in bound.arguments:
+            return None
+        value = codec.to_json(bound.arguments[self.concurrency.key],
+                              f"the concurrency key of workflow {self.name!r}")
+        return key_text(value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -87,18 +117,21 @@ class Step:
 def workflow(fn: F, /) -> Workflow: ...
 @overload
 def workflow(*, name: str | None = None, version: str = DEFAULT_VERSION, queue: str = DEFAULT_QUEUE,
-             retry: Retry | None = None,
-             timeout: timedelta | float | None = None) -> Callable[[F], Workflow]: ...
+             retry: Retry | None = None, timeout: timedelta | float | None = None,
+             concurrency: Concurrency | None = None) -> Callable[[F], Workflow]: ...
 def workflow(fn: Any = None, /, *, name: str | None = None, version: str = DEFAULT_VERSION,
              queue: str = DEFAULT_QUEUE, retry: Retry | None = None,
-             timeout: timedelta | float | None = None) -> Any:
+             timeout: timedelta | float | None = None,
+             concurrency: Concurrency | None = None) -> Any:
     """Declare a workflow: ``fn(ctx, *inputs)``, ``def`` or ``async def``.
 
     Registers it under ``(name, version)`` for workers started in this process.
+    ``concurrency`` (:class:`pgflow.Concurrency`) caps its executing runs.
     """
 
     def decorate(f: Callable[..., Any]) -> Workflow:
-        wf = Workflow(f, name=name, version=version, queue=queue, retry=retry, timeout=timeout)
+        wf = Workflow(f, name=name, version=version, queue=queue, retry=retry, timeout=timeout,
+                      concurrency=concurrency)
         if wf.name.startswith(RESERVED_PREFIX):
             raise ValueError(f"workflow name {wf.name!r} is reserved: names beginning with "
                              f"{RESERVED_PREFIX!r} belong to pgflow's internal workflows")

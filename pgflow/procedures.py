@@ -192,7 +192,8 @@ class Procedures:
 
     async def start_child(self, run_id: uuid.UUID, token: int, seq: int,
                           start: tuple[Any, ...]) -> uuid.UUID:
-        name, input_text, key, queue, _priority, _delay, version, timeout = start
+        # The child's concurrency key: SQL reads it from the input.
+        name, input_text, key, queue, _priority, _delay, version, timeout, _ckey = start
         rows = await self._execute(
             "select pgflow.start_child(%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
             (run_id, token, seq, name, input_text, key, queue, version, timeout))

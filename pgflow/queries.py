@@ -21,8 +21,8 @@ from pgflow import codec, definitions, errors, models
 from pgflow.durations import as_timedelta
 from pgflow.validation import check_key, check_name
 
-START = ("select pgflow.start(name => %s, input => %s::jsonb, key => %s, queue => %s,"
-         " priority => %s, delay => %s, version => %s, timeout => %s)")
+START = ("select pgflow.start_run(name => %s, input => %s::jsonb, key => %s, queue => %s,"
+         " priority => %s, delay => %s, version => %s, timeout => %s, concurrency_key => %s)")
 
 GET_RUN = ("select id, name, version, queue, key, status, priority, input, output, error,"
            " parent_id, created_at, started_at, finished_at from pgflow.runs where id = %s")
@@ -64,10 +64,18 @@ def state_value(rows: list[tuple[Any, ...]], run_id: uuid.UUID) -> Any:
 
 def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
                  kwargs: dict[str, Any], key: str | None, queue: str | None, priority: int,
-                 delay: timedelta | float | None) -> tuple[Any, ...]:
-    """Validate a start request and return the parameters of :data:`START`."""
+                 delay: timedelta | float | None,
+                 concurrency_key: str | None = None) -> tuple[Any, ...]:
+    """Validate a start request and return the parameters of :data:`START`.
+
+    Without ``concurrency_key``, a workflow with a keyed :class:`pgflow.Concurrency`
+    gets its key from its arguments, defaults applied (from a name alone, SQL
+    reads it from the input).
+    """
     if key is not None:
         check_key(key, "key")
+    if concurrency_key is not None:
+        check_key(concurrency_key, "concurrency_key")
     if queue is not None:
         check_name(queue, "queue")
     if isinstance(priority, bool) or not isinstance(priority, int):
@@ -81,6 +89,8 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
         data = workflow.signature.encode_args(args, kwargs, f"start of {what}")
         name, version, queue = workflow.name, workflow.version, queue or workflow.queue
         timeout = workflow.timeout
+        if concurrency_key is None:
+            concurrency_key = workflow.concurrency_key(args, kwargs)
     elif isinstance(workflow, str):
         if not workflow.strip():
             raise ValueError("workflow name must not be empty")
@@ -94,7 +104,7 @@ def start_params(workflow: definitions.Workflow | str, args: tuple[Any, ...],
     else:
         raise TypeError(f"workflow must be a @pgflow.workflow function or a name, not {workflow!r}")
     return (name, codec.dumps(data, f"the arguments of {name!r}"), key, queue, priority, delay,
-            version, timeout)
+            version, timeout, concurrency_key)
 
 
 def as_uuid(value: Any) -> uuid.UUID:

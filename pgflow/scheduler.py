@@ -98,7 +98,10 @@ class Scheduler:
             row = await cur.fetchone()
             fired = int(row[0]) if row else 0
             started = await ticker.fire_due_async(conn)
-            if fired or started:
+            cur = await conn.execute("select pgflow.wake_queues()")  # rate limits (flow.py)
+            row = await cur.fetchone()
+            woken = int(row[0]) if row else 0
+            if fired or started or woken:
                 self.on_fired()
             if fired >= FIRE_BATCH:
                 continue  # more are due: no sleeping

@@ -152,7 +152,8 @@ class Worker:
             self.dsn, self.queues,
             [{"name": wf.name, "version": wf.version, "queue": wf.queue,
               "timeout_seconds": wf.timeout.total_seconds() if wf.timeout else None,
-              "params": wf.signature.describe()}
+              "params": wf.signature.describe(),
+              "concurrency": wf.concurrency.announced() if wf.concurrency else None}
              for wf in self.workflows],
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
             stale_after=self.stale_after,

@@ -16,6 +16,11 @@ create table pgflow.workflows (
     -- keyword_only, var_positional, var_keyword). pgflow._start checks every
     -- input against it. Null: announced only by workers older than revision 0003.
     params     jsonb,
+    -- Concurrency(limit, key) of the workflow (13_flow_control.sql): at most
+    -- concurrency_limit runs executing, per value of the parameter
+    -- concurrency_param when it is set. Null: no limit.
+    concurrency_limit integer,
+    concurrency_param text,
     primary key (name, version)
 );
 
@@ -63,6 +68,9 @@ create table pgflow.runs (
     watched      boolean not null default false, -- someone waits in result(): NOTIFY pgflow_done
     schedule_id  text,                       -- the schedule whose tick started it (12_schedules.sql)
     scheduled_time timestamptz,              -- that tick's time: ctx.scheduled_time
+    concurrency_key text,                    -- its value of its workflow's Concurrency key
+    held_by      text,                       -- pending, parked by this full scope (13_flow_control.sql)
+    holds_slots  boolean not null default false,  -- running with concurrency slots taken
     constraint runs_status_known check (
         status in ('pending', 'running', 'sleeping', 'waiting', 'completed', 'failed', 'cancelled')),
     constraint runs_leased_iff_running check ((status = 'running') = (lease_owner is not null)),
@@ -86,9 +94,10 @@ create table pgflow.runs (
 create unique index runs_key_unique on pgflow.runs (key) where key is not null;
 -- The claim: only pending runs are in it, so its cost is independent of
 -- finished history and of suspended runs (sleeping runs, delayed starts and
--- retry back-offs wait as 'sleeping' with a timer, outside this index).
+-- retry back-offs wait as 'sleeping' with a timer, outside this index), and
+-- of runs parked by a full concurrency scope (held_by, 13_flow_control.sql).
 create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
-    where status = 'pending';
+    where status = 'pending' and held_by is null;
 -- Recovery: runs held by workers.
 create index runs_leased on pgflow.runs (lease_owner) where status = 'running';
 create index runs_parent on pgflow.runs (parent_id, parent_seq, parent_index)

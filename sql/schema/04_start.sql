@@ -84,7 +84,8 @@ create function pgflow._start(
     parent_id uuid default null,
     timeout  interval default null,
     schedule_id    text default null,        -- a schedule's tick (12_schedules.sql)
-    scheduled_time timestamptz default null
+    scheduled_time timestamptz default null,
+    concurrency_key text default null        -- overrides the key read from the input (13_flow_control.sql)
 ) returns uuid
 language plpgsql
 as $$
@@ -94,6 +95,8 @@ declare
     v_queue   text := _start.queue;
     v_timeout interval := _start.timeout;
     v_params  jsonb;
+    v_param   text;        -- the workflow's Concurrency key parameter, if any
+    v_ckey    text := _start.concurrency_key;
     v_now     timestamptz := pgflow.now();
     v_id      uuid;
     v_name    text;
@@ -118,12 +121,16 @@ begin
     if _start.version is not null then
         perform pgflow._check_name(_start.version, 'version');
     end if;
+    if v_ckey is not null then
+        perform pgflow._check_key(v_ckey, 'concurrency key');
+    end if;
     perform pgflow._check_span(_start.delay, 'delay', true);
     perform pgflow._check_span(_start.timeout, 'timeout', false);
 
     if v_version is null or v_queue is null then
         -- The newest version a live worker serves; else the newest ever seen.
-        select w.version, w.queue, w.timeout, w.params into v_version, v_queue, v_timeout, v_params
+        select w.version, w.queue, w.timeout, w.params, w.concurrency_param
+        into v_version, v_queue, v_timeout, v_params, v_param
         from pgflow.workflows w
         where w.name = _start.name
           and (_start.version is null or w.version = _start.version)
@@ -145,21 +152,30 @@ begin
     else
         -- Version and queue given (the Python client with the workflow's code):
         -- one primary-key probe for the parameters its workers announced.
-        select w.params into v_params
+        select w.params, w.concurrency_param into v_params, v_param
         from pgflow.workflows w
         where w.name = _start.name and w.version = v_version;
     end if;
     perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
+    if v_ckey is null and v_param is not null then
+        v_ckey := pgflow._concurrency_key(v_params, v_param, _start.input);
+        if octet_length(v_ckey) > 1024 then  -- it names a scope: a btree key
+            raise exception using errcode = 'PF002',
+                message = format('the concurrency key of workflow %L (argument %L) must be at '
+                                 'most 1024 bytes, got %s', _start.name, v_param,
+                                 octet_length(v_ckey));
+        end if;
+    end if;
 
     insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
                                   timeout, created_at, available_at, schedule_id,
-                                  scheduled_time)
+                                  scheduled_time, concurrency_key)
     values (_start.name, v_version, v_queue, _start.key,
             case when coalesce(_start.delay, interval '0') > interval '0'
                  then 'sleeping' else 'pending' end,
             coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
             v_now + coalesce(_start.delay, interval '0'), _start.schedule_id,
-            _start.scheduled_time)
+            _start.scheduled_time, v_ckey)
     on conflict (key) where key is not null do nothing
     returning r.id into v_id;
 
@@ -187,7 +203,8 @@ end;
 $$;
 
 -- The public entry point: everything of _start but the parent, which only a
--- running parent may set (start_child).
+-- running parent may set (start_child). Its arguments are those of release
+-- 0.1.0, frozen; start_run has the options added since.
 create function pgflow.start(
     name     text,
     input    jsonb default '[]'::jsonb,
@@ -202,4 +219,25 @@ language sql
 as $$
     select pgflow._start(start.name, start.input, start.key, start.queue, start.priority,
                          start.delay, start.version, null, start.timeout)
+$$;
+
+-- start with every option: what the Python client calls. concurrency_key
+-- sets the run's key under its workflow's Concurrency limit (else it is read
+-- from the input; 13_flow_control.sql).
+create function pgflow.start_run(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    timeout  interval default null,
+    concurrency_key text default null
+) returns uuid
+language sql
+as $$
+    select pgflow._start(start_run.name, start_run.input, start_run.key, start_run.queue,
+                         start_run.priority, start_run.delay, start_run.version, null,
+                         start_run.timeout, null, null, start_run.concurrency_key)
 $$;

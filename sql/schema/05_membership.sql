@@ -9,12 +9,13 @@ create function pgflow.register_worker(
     p_hostname  text,
     p_pid       integer,
     p_queues    text[],
-    p_workflows jsonb   -- [{name, version, queue, timeout_seconds, params}]
+    p_workflows jsonb   -- [{name, version, queue, timeout_seconds, params, concurrency}]
 ) returns integer
 language plpgsql
 as $$
 declare
     v_lock_key integer := pg_catalog.nextval('pgflow.worker_lock_key_seq');
+    v_changed  bigint;
 begin
     -- Lock first, row second: recovery never sees a row without its lock.
     perform pg_catalog.pg_advisory_lock(7366502, v_lock_key);
@@ -31,6 +32,26 @@ begin
         set last_seen = pg_catalog.clock_timestamp(), queue = excluded.queue,
             timeout = excluded.timeout,
             params = coalesce(excluded.params, w.params);  -- an older worker announces none
+
+    -- Concurrency limits, as announced (workers older than revision 0008
+    -- announce none: the limit known stays). A workflow whose limit changes
+    -- gets its parked runs back; the next claims park again those still
+    -- over the new limit.
+    with announced as (
+        select d ->> 'name' as name, d ->> 'version' as version,
+               ((d -> 'concurrency') ->> 'limit')::integer as lim,
+               (d -> 'concurrency') ->> 'key' as param
+        from jsonb_array_elements(p_workflows) d
+        where d ? 'concurrency' and not (d ->> 'name') like 'pgflow.%'
+    ), changed as (
+        update pgflow.workflows w set concurrency_limit = a.lim, concurrency_param = a.param
+        from announced a
+        where w.name = a.name and w.version = a.version
+          and (w.concurrency_limit, w.concurrency_param) is distinct from (a.lim, a.param)
+        returning w.name
+    )
+    select coalesce(sum(pgflow._unpark_workflow(c.name)), 0) into v_changed
+    from (select distinct c.name from changed c) c;
     return v_lock_key;
 end;
 $$;

@@ -6,7 +6,9 @@
 -- the worker has code for, highest priority first, oldest first. Each comes
 -- with its journal so that replay needs no further round trip, the time its
 -- schedule's tick was due (ctx.scheduled_time; null if no schedule started
--- it) and since when it was ready (available_at: the claim delay).
+-- it) and since when it was ready (available_at: the claim delay). Runs
+-- over a concurrency or rate limit, and runs of paused queues, stay pending
+-- (13_flow_control.sql).
 create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
@@ -25,7 +27,9 @@ set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
-    v_now timestamptz := pgflow.now();
+    v_now     timestamptz := pgflow.now();
+    v_chosen  uuid[];
+    v_slotted uuid[] := '{}';  -- the chosen runs that took concurrency slots
 begin
     if p_limit is null or p_limit < 1 then
         raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
@@ -35,34 +39,50 @@ begin
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
     end if;
 
-    -- One ordered walk of runs_claimable per queue (an `= any(queues)` filter
-    -- would read and sort every ready run of those queues on each claim),
-    -- then the best p_limit of the per-queue candidates. Candidates beyond
-    -- p_limit stay locked until this statement's transaction ends, which
-    -- only makes other claimers skip them for that instant.
+    -- Flow control (13_flow_control.sql) only where a limit or a pause
+    -- concerns this worker: two probes of small tables, then the claim as
+    -- it always was.
+    if exists (select 1 from pgflow.queue_settings s
+               where s.name = any (p_queues)
+                 and (s.paused or s.concurrency is not null or s.rate_limit is not null))
+       or exists (select 1 from pgflow.workflows w
+                  join unnest(p_names, p_versions) as t(n, v) on w.name = t.n and w.version = t.v
+                  where w.concurrency_limit is not null) then
+        select l.chosen, l.slotted into v_chosen, v_slotted
+        from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
+    else
+        -- One ordered walk of runs_claimable per queue (an `= any(queues)`
+        -- filter would read and sort every ready run of those queues on each
+        -- claim), then the best p_limit of the per-queue candidates.
+        -- Candidates beyond p_limit stay locked until this statement's
+        -- transaction ends, which only makes other claimers skip them for
+        -- that instant.
+        v_chosen := array(
+            select c.id
+            from pg_catalog.unnest(p_queues) as q(queue)
+            cross join lateral (
+                select r.id, r.priority, r.available_at
+                from pgflow.runs r
+                where r.status = 'pending'
+                  and r.held_by is null
+                  and r.queue = q.queue
+                  and r.available_at <= v_now
+                  and (r.name, r.version) in (select t.n, t.v
+                                              from unnest(p_names, p_versions) as t(n, v))
+                order by r.priority desc, r.available_at
+                limit p_limit
+                for update skip locked
+            ) c
+            order by c.priority desc, c.available_at
+            limit p_limit);
+    end if;
+
     return query
-    with candidates as materialized (
-        select c.id
-        from pg_catalog.unnest(p_queues) as q(queue)
-        cross join lateral (
-            select r.id, r.priority, r.available_at
-            from pgflow.runs r
-            where r.status = 'pending'
-              and r.queue = q.queue
-              and r.available_at <= v_now
-              and (r.name, r.version) in (select t.n, t.v from unnest(p_names, p_versions) as t(n, v))
-            order by r.priority desc, r.available_at
-            limit p_limit
-            for update skip locked
-        ) c
-        order by c.priority desc, c.available_at
-        limit p_limit
-    ), claimed as (
+    with claimed as (
         update pgflow.runs r
         set status = 'running', lease_owner = p_worker_id, lease_token = r.lease_token + 1,
-            started_at = coalesce(r.started_at, v_now)
-        from candidates c
-        where r.id = c.id
+            started_at = coalesce(r.started_at, v_now), holds_slots = r.id = any (v_slotted)
+        where r.id = any (v_chosen)
         returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
                   r.cancel_seq, r.scheduled_time, r.available_at
     )

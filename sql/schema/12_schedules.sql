@@ -427,17 +427,6 @@ begin
 end;
 $$;
 
--- Seconds from now (engine clock) until the earliest timer or tick; null if
--- none. The leader sleeps that long unless pgflow_timer wakes it earlier.
-create function pgflow.next_wake_in() returns double precision
-language sql stable
-as $$
-    select extract(epoch from least((select min(t.due_at) from pgflow.timers t),
-                                    (select min(s.next_fire_at) from pgflow.schedules s
-                                     where not s.paused))
-                              - pgflow.now())
-$$;
-
 -- A run started by a schedule has finished: if that schedule holds buffered
 -- ticks, wake the leader to start the next one. Only a NOTIFY here: the
 -- finishing transaction holds the run's row, and taking the schedule's row

@@ -12,18 +12,21 @@ import pytest
 
 PUBLIC = {
     "pgflow": [
-        "Cancelled", "ChildFailed", "Context", "EncodingError", "KeyConflict", "LeaseLost",
-        "NonDeterminismError", "PayloadTooLarge", "PgflowError", "Retry", "Run", "RunNotFound",
+        "Cancelled", "ChildFailed", "Concurrency", "Context", "EncodingError", "KeyConflict",
+        "LeaseLost", "NonDeterminismError", "PayloadTooLarge", "PgflowError", "RateLimit",
+        "Retry", "Run", "RunNotFound",
         "RunStateError", "ScheduleNotFound", "SchemaNotMigrated", "SchemaTooNew",
         "SignalTimeout", "Step", "StepFailed", "StepRecord", "StepTimeout", "Worker", "Workflow",
         "WorkflowCancelled", "WorkflowFailed", "WorkflowNotFound", "WorkflowTimeout",
         "backfill_schedule", "cancel", "create_schedule", "delete_schedule", "get",
-        "get_state", "pause_schedule", "result", "resume_schedule", "retry", "schedule",
-        "signal", "start", "step", "testing", "trigger_schedule", "workflow",
+        "get_state", "pause_queue", "pause_schedule", "result", "resume_queue",
+        "resume_schedule", "retry", "schedule", "set_queue", "signal", "start", "step",
+        "testing", "trigger_schedule", "workflow",
     ],
     "pgflow.aio": ["backfill_schedule", "cancel", "create_schedule", "delete_schedule", "get",
-                   "get_state", "pause_schedule", "result", "resume_schedule", "retry",
-                   "signal", "start", "trigger_schedule"],
+                   "get_state", "pause_queue", "pause_schedule", "result", "resume_queue",
+                   "resume_schedule", "retry", "set_queue", "signal", "start",
+                   "trigger_schedule"],
     "pgflow.testing": [
         "ReplayCheck", "TimeTravel", "advance_time", "advance_time_async", "check_replay",
         "check_replays", "reset_time", "time_travel",

@@ -115,8 +115,11 @@ as $$
     ('definer', 'due_schedules',     '{pgflow_worker}'),
     ('definer', 'fire_schedules',    '{pgflow_worker}'),
     ('definer', 'start_buffered_ticks', '{pgflow_worker}'),
+    -- worker: flow control (the leader wakes rate-limited queues; revision 0008)
+    ('definer', 'wake_queues',       '{pgflow_worker}'),
     -- client: control runs (pgflow/client.py, pgflow/aio.py, the CLI)
     ('definer', 'start',             '{pgflow_client}'),
+    ('definer', 'start_run',         '{pgflow_client}'),  -- revision 0008
     ('definer', 'signal',            '{pgflow_client}'),
     ('definer', 'cancel',            '{pgflow_client}'),
     ('definer', 'retry',             '{pgflow_client}'),
@@ -129,6 +132,10 @@ as $$
     ('definer', 'resume_schedule',   '{pgflow_client}'),
     ('definer', 'trigger_schedule',  '{pgflow_client}'),
     ('definer', 'backfill_schedule', '{pgflow_client}'),
+    -- client: queue caps and pauses (pgflow/flow.py; revision 0008)
+    ('definer', 'set_queue',         '{pgflow_client}'),
+    ('definer', 'pause_queue',       '{pgflow_client}'),
+    ('definer', 'resume_queue',      '{pgflow_client}'),
     -- owner only: the test clock and retention are operator tools
     ('definer', 'advance_time',      '{}'),
     ('definer', 'reset_time',        '{}'),  -- revision 0004
@@ -154,6 +161,9 @@ as $$
     ('relation', 'workflows',        '{pgflow_reader}'),
     ('relation', 'schedules',        '{pgflow_reader,pgflow_client,pgflow_worker}'),  -- 0007: backfill and a worker's declared schedules read it
     ('relation', 'schedule_ticks',   '{pgflow_reader}'),
+    ('relation', 'queue_settings',   '{pgflow_reader}'),  -- 0008
+    ('relation', 'slots',            '{pgflow_reader}'),
+    ('relation', 'queues',           '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),
     ('relation', 'patches_in_use',   '{pgflow_reader}')

@@ -1,0 +1,994 @@
+-- pgflow engine, revision 0008: flow control (concurrency limits, rate limits, paused queues).
+--
+-- Changes: tables pgflow.queue_settings and pgflow.slots, view pgflow.queues
+-- (new); columns pgflow.workflows.concurrency_limit, concurrency_param and
+-- pgflow.runs.concurrency_key, held_by, holds_slots (new); index
+-- runs_claimable (rebuilt: parked runs are not in it; building it reads the
+-- runs table once and blocks writes to it meanwhile) and runs_held (new);
+-- trigger runs_flow on pgflow.runs (new); the functions of
+-- sql/schema/13_flow_control.sql (new: set_queue, pause_queue,
+-- resume_queue, wake_queues and their helpers); pgflow.next_wake_in
+-- (replaced: also the next rate slot), pgflow.claim_runs (replaced, same
+-- signature: enforces the limits), pgflow.register_worker (replaced, same
+-- signature: records announced limits), pgflow._start (replaced: a
+-- trailing defaulted parameter, the run's concurrency key; internal),
+-- pgflow.start_run (new: start with every option, concurrency_key too;
+-- pgflow.start keeps the arguments of 0.1.0), pgflow._privileges
+-- (replaced). Workers of 0.1.0 and of revision 0007 keep running on it:
+-- their claim goes through claim_runs and obeys queue caps and pauses;
+-- they announce no workflow limits.
+
+alter table pgflow.workflows
+    -- Concurrency(limit, key) of the workflow (13_flow_control.sql): at most
+    -- concurrency_limit runs executing, per value of the parameter
+    -- concurrency_param when it is set. Null: no limit.
+    add column concurrency_limit integer,
+    add column concurrency_param text;
+
+alter table pgflow.runs
+    add column concurrency_key text,                    -- its value of its workflow's Concurrency key
+    add column held_by      text,                       -- pending, parked by this full scope (13_flow_control.sql)
+    add column holds_slots  boolean not null default false;  -- running with concurrency slots taken
+
+-- The claim: only pending runs are in it, so its cost is independent of
+-- finished history and of suspended runs (sleeping runs, delayed starts and
+-- retry back-offs wait as 'sleeping' with a timer, outside this index), and
+-- of runs parked by a full concurrency scope (held_by, 13_flow_control.sql).
+drop index pgflow.runs_claimable;
+create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
+    where status = 'pending' and held_by is null;
+
+--
+-- Every limit is enforced by the claim, run by run, with rows that claimers
+-- take with FOR UPDATE SKIP LOCKED: no count(*), no REPEATABLE READ, no
+-- table lock, and a claimer never waits for another.
+--
+-- * A concurrency limit of L is L rows of pgflow.slots sharing a scope:
+--     queue:<queue>              set_queue(concurrency => L)
+--     workflow:<name>            Concurrency(L) without a key
+--     key:["<name>", "<value>"]  Concurrency(L, key=...): one scope a key value
+--   The claim takes one free slot of each scope a run is in. Only executing
+--   runs hold slots: the trigger runs_flow gives them back in the very update
+--   that takes the run out of 'running' (sleep, wait, retry back-off,
+--   completion, failure, cancellation, release, recovery of a dead worker),
+--   whichever procedure makes it, under that procedure's fencing.
+-- * A rate limit of N per window is N rows of scope rate:<queue>, each usable
+--   once a window: a slot taken at t is free again at t + window. So no
+--   window of that length sees more than N claims of the queue (a token
+--   bucket would let a full bucket's burst through on top of the rate).
+--   Every claim takes one, a resumption after a sleep or wait included.
+-- * Queue limits gate the whole queue: when its slots are taken or its rate
+--   is spent, the claim takes nothing more from it. A freed queue slot
+--   NOTIFYs the queue; a spent rate records when its next slot frees
+--   (queue_settings.rate_blocked_until) and the scheduler leader wakes the
+--   queue then (pgflow.wake_queues).
+-- * A full workflow or key scope must not hold up the runs queued behind its
+--   runs (one customer's backlog would starve every other customer), so the
+--   claim parks a run whose scope is full: runs.held_by names the scope and
+--   takes the run out of runs_claimable, still 'pending'. Each slot the scope
+--   frees unparks its best parked run (priority, then age).
+-- * Parking and unparking serialize on a transaction advisory lock of the
+--   scope (classid 7366505): a claimer only tries it (and leaves the run for
+--   a later claim when it cannot), a release waits for it. Without it a
+--   claimer could park a run just after a concurrent release looked for
+--   parked runs, and the run would wait for the next release.
+
+create table pgflow.queue_settings (
+    name        text primary key,
+    concurrency integer,             -- executing runs of the queue, at most; null: no cap
+    rate_limit  integer,             -- claims of the queue in any window of rate_per, at most
+    rate_per    interval,
+    paused      boolean not null default false,
+    -- A claim found the rate spent: the leader wakes the queue at this time.
+    rate_blocked_until timestamptz,
+    updated_at  timestamptz not null,
+    constraint queue_settings_name_length check (char_length(name) between 1 and 200),
+    constraint queue_settings_concurrency check (concurrency is null or concurrency between 1 and 100000),
+    constraint queue_settings_rate check (
+        (rate_limit is null) = (rate_per is null)
+        and (rate_limit is null or rate_limit between 1 and 100000)
+        and (rate_per is null or rate_per > interval '0'))
+);
+create index queue_settings_rate_blocked on pgflow.queue_settings (rate_blocked_until)
+    where rate_blocked_until is not null;
+
+create table pgflow.slots (
+    scope   text not null,
+    slot    integer not null,            -- 1..limit; rows above a lowered limit are not taken
+    run_id  uuid,                        -- concurrency: the executing run that holds it
+    free_at timestamptz not null default '-infinity',  -- rate: not taken again before this
+    primary key (scope, slot)
+) with (fillfactor = 70);
+-- Releases find a run's slots; the claim finds a scope's free slots.
+create index slots_held on pgflow.slots (run_id) where run_id is not null;
+create index slots_free on pgflow.slots (scope, free_at) where run_id is null;
+
+-- Parked runs of a scope, best first: what a freed slot unparks.
+create index runs_held on pgflow.runs (held_by, priority desc, available_at)
+    where held_by is not null;
+
+-- ---------------------------------------------------------------------------
+-- Scopes and slots
+-- ---------------------------------------------------------------------------
+
+-- The scope of a workflow's own limit: per key value when the limit has a key.
+create function pgflow._workflow_scope(p_name text, p_param text, p_key text) returns text
+language sql immutable
+as $$
+    select case when p_param is null then 'workflow:' || p_name
+                else 'key:' || pg_catalog.jsonb_build_array(p_name, p_key)::text end
+$$;
+
+-- The key of a run under Concurrency(key=param): that argument of its input,
+-- as text (a JSON string's value, else the JSON), found by name in an object
+-- or by position in an array. Null when the input does not give it.
+create function pgflow._concurrency_key(p_params jsonb, p_param text, p_input jsonb)
+returns text
+language sql immutable
+as $$
+    select case
+        when p_param is null then null
+        when pg_catalog.jsonb_typeof(p_input) = 'object' then p_input ->> p_param
+        else p_input ->> (
+            select (a.i - 1)::integer
+            from pg_catalog.jsonb_array_elements(p_params) with ordinality as a(p, i)
+            where a.p ->> 'name' = p_param
+              and a.p ->> 'kind' in ('positional_only', 'positional'))
+    end
+$$;
+
+-- Take a free slot of the scope for a run: true if it got one. Slots locked
+-- by another transaction are skipped, never waited for.
+create function pgflow._take_slot(p_scope text, p_limit integer, p_run_id uuid)
+returns boolean
+language plpgsql
+as $$
+declare
+    v_slot integer;
+begin
+    select s.slot into v_slot
+    from pgflow.slots s
+    where s.scope = p_scope and s.run_id is null and s.slot <= p_limit
+    order by s.free_at, s.slot
+    limit 1
+    for update skip locked;
+    if not found then
+        return false;
+    end if;
+    update pgflow.slots s set run_id = p_run_id where s.scope = p_scope and s.slot = v_slot;
+    return true;
+end;
+$$;
+
+-- Undo _take_slot within the claim that took it (the run could not take
+-- another slot it needs).
+create function pgflow._give_back_slot(p_scope text, p_run_id uuid) returns void
+language sql
+as $$
+    update pgflow.slots s set run_id = null where s.scope = p_scope and s.run_id = p_run_id
+$$;
+
+-- Create the slots of a scope up to its limit (lazily, the first time a run
+-- of a workflow or key scope needs one, or after its limit was raised).
+-- Call it holding the scope's advisory lock: inserts of the same rows by two
+-- transactions would wait for each other.
+create function pgflow._ensure_slots(p_scope text, p_limit integer) returns void
+language sql
+as $$
+    insert into pgflow.slots (scope, slot)
+    select p_scope, g from pg_catalog.generate_series(1, p_limit) g
+    where not exists (select 1 from pgflow.slots s where s.scope = p_scope and s.slot = p_limit)
+    on conflict do nothing
+$$;
+
+-- Take a rate slot of the queue: the free_at it had (to give it back), or
+-- null when every slot was used within the last window.
+create function pgflow._take_rate_slot(p_queue text, p_limit integer, p_per interval,
+                                       p_now timestamptz)
+returns timestamptz
+language plpgsql
+as $$
+declare
+    v_slot integer;
+    v_was  timestamptz;
+begin
+    select s.slot, s.free_at into v_slot, v_was
+    from pgflow.slots s
+    where s.scope = 'rate:' || p_queue and s.run_id is null and s.slot <= p_limit
+      and s.free_at <= p_now
+    order by s.free_at, s.slot
+    limit 1
+    for update skip locked;
+    if not found then
+        return null;
+    end if;
+    update pgflow.slots s set free_at = p_now + p_per
+    where s.scope = 'rate:' || p_queue and s.slot = v_slot;
+    return v_was;
+end;
+$$;
+
+-- The queue's rate is spent: record when its next slot frees, so that the
+-- leader wakes the queue's workers then. A row another claimer or set_queue
+-- holds is skipped (that one records it, or changes the limit).
+create function pgflow._rate_blocked(p_queue text, p_limit integer) returns void
+language plpgsql
+as $$
+declare
+    v_until timestamptz := (select min(s.free_at) from pgflow.slots s
+                            where s.scope = 'rate:' || p_queue and s.slot <= p_limit);
+begin
+    update pgflow.queue_settings q set rate_blocked_until = v_until
+    where q.name = (select q2.name from pgflow.queue_settings q2
+                    where q2.name = p_queue
+                      and q2.rate_blocked_until is distinct from v_until
+                    for update skip locked);
+    if found then
+        perform pg_catalog.pg_notify('pgflow_timer', '');  -- the leader recomputes its sleep
+    end if;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The claim under limits (pgflow.claim_runs calls it when any limit or pause
+-- concerns the worker's queues or workflows)
+-- ---------------------------------------------------------------------------
+
+-- Choose and lock up to p_limit runs that may start now, taking their slots,
+-- and park the runs whose workflow or key scope is full. Walks each open
+-- queue in claim order (priority, then age), a bounded number of runs a
+-- call. Returns the chosen runs; slotted: those that hold concurrency slots.
+create function pgflow._claim_under_limits(
+    p_queues   text[],
+    p_names    text[],
+    p_versions text[],
+    p_limit    integer,
+    p_now      timestamptz,
+    out chosen  uuid[],
+    out slotted uuid[]
+)
+language plpgsql
+as $$
+declare
+    -- Runs examined a call at most, per queue and round: enough to walk past
+    -- a full scope's backlog in a few calls (it is parked as it is met).
+    c_walk  constant integer := 128;
+    v_open  text[];
+    v_seen  uuid[] := '{}';
+    v_round integer := 0;
+    v_met   integer;
+    v_scope text;
+    v_took  boolean;
+    c       record;
+begin
+    chosen := '{}';
+    slotted := '{}';
+    -- Open: not paused, and with a free queue slot if the queue has a cap.
+    select coalesce(array_agg(q.queue), '{}') into v_open
+    from pg_catalog.unnest(p_queues) as q(queue)
+    left join pgflow.queue_settings s on s.name = q.queue
+    where not coalesce(s.paused, false)
+      and (s.concurrency is null
+           or exists (select 1 from pgflow.slots f
+                      where f.scope = 'queue:' || q.queue and f.run_id is null
+                        and f.slot <= s.concurrency));
+
+    while cardinality(chosen) < p_limit and cardinality(v_open) > 0 and v_round < 4 loop
+        v_round := v_round + 1;
+        v_met := 0;
+        for c in
+            select r.id, r.name, r.queue, r.concurrency_key, w.concurrency_limit,
+                   w.concurrency_param, s.concurrency as queue_limit, s.rate_limit, s.rate_per
+            from pg_catalog.unnest(v_open) as q(queue)
+            cross join lateral (
+                select r.id, r.name, r.version, r.queue, r.concurrency_key, r.priority,
+                       r.available_at
+                from pgflow.runs r
+                where r.status = 'pending'
+                  and r.held_by is null
+                  and r.queue = q.queue
+                  and r.available_at <= p_now
+                  and (r.name, r.version) in (select t.n, t.v
+                                              from unnest(p_names, p_versions) as t(n, v))
+                  and r.id <> all (v_seen)
+                order by r.priority desc, r.available_at
+                limit c_walk
+                for update skip locked
+            ) r
+            left join pgflow.workflows w on w.name = r.name and w.version = r.version
+            left join pgflow.queue_settings s on s.name = r.queue
+            order by r.priority desc, r.available_at
+        loop
+            v_met := v_met + 1;
+            v_seen := v_seen || c.id;
+            continue when not c.queue = any (v_open)
+                       or cardinality(chosen) >= p_limit;
+            v_took := false;
+            v_scope := null;
+
+            -- The workflow's own limit: a full scope parks the run.
+            if c.concurrency_limit is not null then
+                v_scope := pgflow._workflow_scope(c.name, c.concurrency_param,
+                                                  c.concurrency_key);
+                if not pgflow._take_slot(v_scope, c.concurrency_limit, c.id) then
+                    -- Another claimer or a release is at this scope: leave
+                    -- the run for a later claim.
+                    continue when not pg_catalog.pg_try_advisory_xact_lock(
+                        7366505, pg_catalog.hashtext(v_scope));
+                    perform pgflow._ensure_slots(v_scope, c.concurrency_limit);
+                    if not pgflow._take_slot(v_scope, c.concurrency_limit, c.id) then
+                        update pgflow.runs r set held_by = v_scope where r.id = c.id;
+                        continue;
+                    end if;
+                end if;
+                v_took := true;
+            end if;
+
+            -- The queue's cap: when it is full the queue is done for this call.
+            if c.queue_limit is not null then
+                if not pgflow._take_slot('queue:' || c.queue, c.queue_limit, c.id) then
+                    if v_took then
+                        perform pgflow._give_back_slot(v_scope, c.id);
+                    end if;
+                    v_open := pg_catalog.array_remove(v_open, c.queue);
+                    continue;
+                end if;
+                v_took := true;
+            end if;
+
+            -- The queue's rate: spent, the queue is done until a slot frees.
+            if c.rate_limit is not null
+               and pgflow._take_rate_slot(c.queue, c.rate_limit, c.rate_per, p_now) is null then
+                perform pgflow._give_back_slot(sc, c.id)
+                from pg_catalog.unnest(array[v_scope, 'queue:' || c.queue]) sc
+                where v_took;
+                v_open := pg_catalog.array_remove(v_open, c.queue);
+                perform pgflow._rate_blocked(c.queue, c.rate_limit);
+                continue;
+            end if;
+
+            chosen := chosen || c.id;
+            if v_took then
+                slotted := slotted || c.id;
+            end if;
+        end loop;
+        exit when v_met = 0;
+    end loop;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Giving slots back (trigger on pgflow.runs)
+-- ---------------------------------------------------------------------------
+
+-- A run leaves 'running' (any procedure, any reason): give its slots back,
+-- wake the queue of a freed queue slot, unpark the best run parked on each
+-- freed workflow or key scope. And a parked run that stops being pending
+-- (cancelled) is parked no more.
+create function pgflow._runs_flow() returns trigger
+language plpgsql
+as $$
+declare
+    v_scopes text[];
+    v_scope  text;
+    v_queue  text;
+begin
+    if old.status = 'running' and new.status <> 'running' and old.holds_slots then
+        with freed as (
+            update pgflow.slots s set run_id = null where s.run_id = old.id returning s.scope
+        )
+        select array_agg(f.scope order by f.scope) into v_scopes from freed f;
+        new.holds_slots := false;
+        foreach v_scope in array coalesce(v_scopes, '{}') loop
+            if v_scope like 'queue:%' then
+                perform pgflow._notify_ready(old.queue);  -- idle workers may claim again
+                continue;
+            end if;
+            -- Wait for a claimer deciding to park a run on this scope (see
+            -- the header), then unpark the best one.
+            perform pg_catalog.pg_advisory_xact_lock(7366505, pg_catalog.hashtext(v_scope));
+            update pgflow.runs r set held_by = null
+            where r.id = (select p.id from pgflow.runs p
+                          where p.held_by = v_scope and p.status = 'pending'
+                          order by p.priority desc, p.available_at
+                          limit 1
+                          for update skip locked)
+            returning r.queue into v_queue;
+            if found then
+                perform pgflow._notify_ready(v_queue);
+            end if;
+        end loop;
+    end if;
+    if old.held_by is not null and new.status <> 'pending' then
+        new.held_by := null;
+    end if;
+    return new;
+end;
+$$;
+
+-- Only the updates that matter fire it; every other update of a run pays the
+-- WHEN test alone.
+create trigger runs_flow
+    before update of status on pgflow.runs
+    for each row
+    when ((old.status = 'running' and new.status <> 'running' and old.holds_slots)
+          or (old.held_by is not null and new.status <> 'pending'))
+    execute function pgflow._runs_flow();
+
+-- Unpark every parked run of a workflow (its limit changed: a worker
+-- announced another one); returns how many. The next claims park again those
+-- still over the limit. (NOTIFY sends a payload once a transaction.)
+create function pgflow._unpark_workflow(p_name text) returns integer
+language sql
+as $$
+    with woken as (
+        update pgflow.runs r set held_by = null
+        where r.held_by is not null and r.name = p_name and r.status = 'pending'
+        returning r.queue
+    )
+    select count(pgflow._notify_ready(w.queue) is null)::integer from woken w
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Queue settings (public)
+-- ---------------------------------------------------------------------------
+
+-- Set a queue's caps: concurrency (executing runs at most) and rate (claims
+-- at most rate_limit in any window of rate_per). Null removes a cap.
+-- Creates or trims the queue's slots. Returns the queue's settings row.
+create function pgflow.set_queue(
+    name        text,
+    concurrency integer default null,
+    rate_limit  integer default null,
+    rate_per    interval default null
+) returns pgflow.queue_settings
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_row pgflow.queue_settings;
+begin
+    perform pgflow._check_name(set_queue.name, 'queue');
+    if set_queue.concurrency is not null and set_queue.concurrency not between 1 and 100000 then
+        raise exception using errcode = 'PF002',
+            message = format('queue concurrency must be between 1 and 100000, got %s',
+                             set_queue.concurrency);
+    end if;
+    if (set_queue.rate_limit is null) <> (set_queue.rate_per is null) then
+        raise exception using errcode = 'PF002',
+            message = 'a rate limit needs both rate_limit and rate_per (or neither, to remove it)';
+    end if;
+    if set_queue.rate_limit is not null and set_queue.rate_limit not between 1 and 100000 then
+        raise exception using errcode = 'PF002',
+            message = format('rate_limit must be between 1 and 100000, got %s',
+                             set_queue.rate_limit);
+    end if;
+    if set_queue.rate_per is not null and set_queue.rate_per <= interval '0' then
+        raise exception using errcode = 'PF002',
+            message = format('rate_per must be a positive interval, got %s', set_queue.rate_per);
+    end if;
+
+    insert into pgflow.queue_settings as q (name, concurrency, rate_limit, rate_per, updated_at)
+    values (set_queue.name, set_queue.concurrency, set_queue.rate_limit, set_queue.rate_per,
+            pgflow.now())
+    on conflict (name) do update
+        set concurrency = excluded.concurrency, rate_limit = excluded.rate_limit,
+            rate_per = excluded.rate_per, rate_blocked_until = null,
+            updated_at = excluded.updated_at
+    returning * into v_row;
+
+    -- Slots to the new limits. Taken queue slots above a lowered limit stay
+    -- with their runs until they finish (and are never taken again); free
+    -- ones go. Rate slots keep their last use, so a new limit starts from
+    -- the recent claims.
+    delete from pgflow.slots s
+    where s.scope = 'queue:' || set_queue.name and s.run_id is null
+      and s.slot > coalesce(set_queue.concurrency, 0);
+    delete from pgflow.slots s
+    where s.scope = 'rate:' || set_queue.name and s.slot > coalesce(set_queue.rate_limit, 0);
+    insert into pgflow.slots (scope, slot)
+    select 'queue:' || set_queue.name, g
+    from pg_catalog.generate_series(1, coalesce(set_queue.concurrency, 0)) g
+    on conflict do nothing;
+    insert into pgflow.slots (scope, slot)
+    select 'rate:' || set_queue.name, g
+    from pg_catalog.generate_series(1, coalesce(set_queue.rate_limit, 0)) g
+    on conflict do nothing;
+
+    perform pgflow._notify_ready(set_queue.name);  -- a raised or removed cap frees runs now
+    return v_row;
+end;
+$$;
+
+-- Pause a queue: its pending runs are not claimed; executing runs go on.
+create function pgflow.pause_queue(name text) returns void
+language sql
+as $$
+    insert into pgflow.queue_settings as q (name, paused, updated_at)
+    values (pause_queue.name, true, pgflow.now())
+    on conflict (name) do update set paused = true, updated_at = excluded.updated_at
+$$;
+
+create function pgflow.resume_queue(name text) returns void
+language sql
+as $$
+    update pgflow.queue_settings q set paused = false, updated_at = pgflow.now()
+    where q.name = resume_queue.name;
+    select pgflow._notify_ready(resume_queue.name);
+$$;
+
+-- The scheduler leader's part: wake the queues whose rate frees a slot now.
+-- Returns how many it woke.
+create function pgflow.wake_queues() returns integer
+language sql
+as $$
+    with woken as (
+        update pgflow.queue_settings q set rate_blocked_until = null
+        where q.rate_blocked_until <= pgflow.now()
+        returning q.name
+    )
+    select count(pgflow._notify_ready(w.name) is null)::integer from woken w
+$$;
+
+-- Seconds from now (engine clock) until the leader has something to do: the
+-- earliest timer, schedule tick or rate-limited queue's next slot; null if
+-- none. The leader sleeps that long unless pgflow_timer wakes it earlier.
+create or replace function pgflow.next_wake_in() returns double precision
+language sql stable
+as $$
+    select extract(epoch from least((select min(t.due_at) from pgflow.timers t),
+                                    (select min(s.next_fire_at) from pgflow.schedules s
+                                     where not s.paused),
+                                    (select min(q.rate_blocked_until)
+                                     from pgflow.queue_settings q))
+                              - pgflow.now())
+$$;
+
+-- Every queue with its caps and its runs by state. held: pending runs parked
+-- by a workflow or key limit (runs.held_by says which).
+create view pgflow.queues as
+with known as (
+    select q.name from pgflow.queue_settings q
+    union
+    select w.queue from pgflow.workflows w
+    union
+    select r.queue from pgflow.runs r
+    where r.status in ('pending', 'running', 'sleeping', 'waiting')
+), counts as (
+    select r.queue,
+           count(*) filter (where r.status = 'pending') as pending,
+           count(*) filter (where r.status = 'pending' and r.held_by is not null) as held,
+           count(*) filter (where r.status = 'running') as running,
+           count(*) filter (where r.status = 'sleeping') as sleeping,
+           count(*) filter (where r.status = 'waiting') as waiting
+    from pgflow.runs r
+    where r.status in ('pending', 'running', 'sleeping', 'waiting')
+    group by r.queue
+)
+select k.name, s.concurrency, s.rate_limit, s.rate_per, coalesce(s.paused, false) as paused,
+       coalesce(c.pending, 0) as pending, coalesce(c.held, 0) as held,
+       coalesce(c.running, 0) as running, coalesce(c.sleeping, 0) as sleeping,
+       coalesce(c.waiting, 0) as waiting
+from known k
+left join pgflow.queue_settings s on s.name = k.name
+left join counts c on c.queue = k.name;
+
+-- ---------------------------------------------------------------------------
+-- _start and start: a trailing parameter, the run's concurrency key
+-- ---------------------------------------------------------------------------
+
+-- start_child and the schedules call _start with their arguments, unchanged.
+drop function pgflow._start(text, jsonb, text, text, integer, interval, text, uuid, interval,
+                            text, timestamptz);
+
+-- Start a run of workflow `name`. Runs inside the caller's transaction: the
+-- run exists if and only if that transaction commits. With `key`, a second
+-- start returns the existing run's id. Without `version`, the newest version
+-- a live worker serves is used (else the newest any worker ever announced),
+-- with its queue unless `queue` is given.
+-- pgflow.start and pgflow.start_child share this body; only start_child
+-- (fenced by its parent's lease) may name a parent, so _start is not public.
+create function pgflow._start(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    parent_id uuid default null,
+    timeout  interval default null,
+    schedule_id    text default null,        -- a schedule's tick (12_schedules.sql)
+    scheduled_time timestamptz default null,
+    concurrency_key text default null        -- overrides the key read from the input (13_flow_control.sql)
+) returns uuid
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_version text := _start.version;
+    v_queue   text := _start.queue;
+    v_timeout interval := _start.timeout;
+    v_params  jsonb;
+    v_param   text;        -- the workflow's Concurrency key parameter, if any
+    v_ckey    text := _start.concurrency_key;
+    v_now     timestamptz := pgflow.now();
+    v_id      uuid;
+    v_name    text;
+begin
+    perform pgflow._check_name(_start.name, 'workflow name');
+    if _start.name like 'pgflow.%' then
+        raise exception using errcode = 'PF002',
+            message = format('workflow name %L is reserved: names beginning with "pgflow." '
+                             'belong to pgflow''s internal workflows', _start.name);
+    end if;
+    if _start.input is null or jsonb_typeof(_start.input) not in ('array', 'object') then
+        raise exception using errcode = 'PF002',
+            message = 'workflow input must be a JSON array (positional arguments) or object (keyword arguments)';
+    end if;
+    perform pgflow._check_payload(_start.input, format('the input of workflow %L', _start.name));
+    if _start.key is not null then
+        perform pgflow._check_key(_start.key, 'key');
+    end if;
+    if _start.queue is not null then
+        perform pgflow._check_name(_start.queue, 'queue');
+    end if;
+    if _start.version is not null then
+        perform pgflow._check_name(_start.version, 'version');
+    end if;
+    if v_ckey is not null then
+        perform pgflow._check_key(v_ckey, 'concurrency key');
+    end if;
+    perform pgflow._check_span(_start.delay, 'delay', true);
+    perform pgflow._check_span(_start.timeout, 'timeout', false);
+
+    if v_version is null or v_queue is null then
+        -- The newest version a live worker serves; else the newest ever seen.
+        select w.version, w.queue, w.timeout, w.params, w.concurrency_param
+        into v_version, v_queue, v_timeout, v_params, v_param
+        from pgflow.workflows w
+        where w.name = _start.name
+          and (_start.version is null or w.version = _start.version)
+        order by exists (
+                     select 1 from pgflow.workers k
+                     where k.workflows @> jsonb_build_array(
+                               jsonb_build_object('name', w.name, 'version', w.version))) desc,
+                 w.first_seen desc
+        limit 1;
+        if not found and _start.version is null then
+            raise exception using errcode = 'PF002',
+                message = format('unknown workflow %L: no worker has registered it '
+                                 '(start a worker that defines it; from SQL, version => ... '
+                                 'starts it before any worker has)', _start.name);
+        end if;
+        v_version := coalesce(_start.version, v_version);
+        v_queue := coalesce(_start.queue, v_queue, 'default');
+        v_timeout := coalesce(_start.timeout, v_timeout);
+    else
+        -- Version and queue given (the Python client with the workflow's code):
+        -- one primary-key probe for the parameters its workers announced.
+        select w.params, w.concurrency_param into v_params, v_param
+        from pgflow.workflows w
+        where w.name = _start.name and w.version = v_version;
+    end if;
+    perform pgflow._check_input(_start.name, v_version, v_params, _start.input);
+    if v_ckey is null and v_param is not null then
+        v_ckey := pgflow._concurrency_key(v_params, v_param, _start.input);
+        if octet_length(v_ckey) > 1024 then  -- it names a scope: a btree key
+            raise exception using errcode = 'PF002',
+                message = format('the concurrency key of workflow %L (argument %L) must be at '
+                                 'most 1024 bytes, got %s', _start.name, v_param,
+                                 octet_length(v_ckey));
+        end if;
+    end if;
+
+    insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
+                                  timeout, created_at, available_at, schedule_id,
+                                  scheduled_time, concurrency_key)
+    values (_start.name, v_version, v_queue, _start.key,
+            case when coalesce(_start.delay, interval '0') > interval '0'
+                 then 'sleeping' else 'pending' end,
+            coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
+            v_now + coalesce(_start.delay, interval '0'), _start.schedule_id,
+            _start.scheduled_time, v_ckey)
+    on conflict (key) where key is not null do nothing
+    returning r.id into v_id;
+
+    if v_id is null then
+        -- Idempotent start: the key is taken (by a committed run, or one whose
+        -- transaction we just waited for).
+        select r.id, r.name into v_id, v_name from pgflow.runs r where r.key = _start.key;
+        if v_name is distinct from _start.name then
+            raise exception using errcode = 'PF005',
+                message = format('key %L is already used by a run of workflow %L', _start.key, v_name);
+        end if;
+        return v_id;
+    end if;
+
+    if v_timeout is not null then
+        perform pgflow._add_timer(v_id, 'deadline', null, v_now + v_timeout);
+    end if;
+    if coalesce(_start.delay, interval '0') > interval '0' then
+        perform pgflow._add_timer(v_id, 'start', null, v_now + _start.delay);
+    else
+        perform pgflow._notify_ready(v_queue);
+    end if;
+    return v_id;
+end;
+$$;
+
+-- start with every option: what the Python client calls. concurrency_key
+-- sets the run's key under its workflow's Concurrency limit (else it is read
+-- from the input; 13_flow_control.sql).
+create function pgflow.start_run(
+    name     text,
+    input    jsonb default '[]'::jsonb,
+    key      text default null,
+    queue    text default null,
+    priority integer default 0,
+    delay    interval default null,
+    version  text default null,
+    timeout  interval default null,
+    concurrency_key text default null
+) returns uuid
+language sql
+as $$
+    select pgflow._start(start_run.name, start_run.input, start_run.key, start_run.queue,
+                         start_run.priority, start_run.delay, start_run.version, null,
+                         start_run.timeout, null, null, start_run.concurrency_key)
+$$;
+
+-- ---------------------------------------------------------------------------
+-- claim_runs: the limits; register_worker: announced limits
+-- ---------------------------------------------------------------------------
+
+-- Lease up to p_limit ready runs of the given queues whose (name, version)
+-- the worker has code for, highest priority first, oldest first. Each comes
+-- with its journal so that replay needs no further round trip, the time its
+-- schedule's tick was due (ctx.scheduled_time; null if no schedule started
+-- it) and since when it was ready (available_at: the claim delay). Runs
+-- over a concurrency or rate limit, and runs of paused queues, stay pending
+-- (13_flow_control.sql).
+create or replace function pgflow.claim_runs(
+    p_worker_id uuid,
+    p_queues    text[],
+    p_names     text[],
+    p_versions  text[],
+    p_limit     integer
+) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
+                 journal jsonb, cancel_requested boolean, cancel_seq integer,
+                 scheduled_time timestamptz, ready_since timestamptz)
+language plpgsql
+-- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
+-- this statement on every call (its array parameters make each custom plan
+-- look cheaper), which cost 0.3 ms a call, half the claim (measured). The
+-- generic plan walks the same indexes (tests/sql/test_sql_procedures.py).
+set plan_cache_mode = force_generic_plan
+as $$
+#variable_conflict use_column
+declare
+    v_now     timestamptz := pgflow.now();
+    v_chosen  uuid[];
+    v_slotted uuid[] := '{}';  -- the chosen runs that took concurrency slots
+begin
+    if p_limit is null or p_limit < 1 then
+        raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
+    end if;
+    if not exists (select 1 from pgflow.workers w where w.id = p_worker_id) then
+        raise exception using errcode = 'PF003',
+            message = format('worker %s is not registered (declared dead?)', p_worker_id);
+    end if;
+
+    -- Flow control (13_flow_control.sql) only where a limit or a pause
+    -- concerns this worker: two probes of small tables, then the claim as
+    -- it always was.
+    if exists (select 1 from pgflow.queue_settings s
+               where s.name = any (p_queues)
+                 and (s.paused or s.concurrency is not null or s.rate_limit is not null))
+       or exists (select 1 from pgflow.workflows w
+                  join unnest(p_names, p_versions) as t(n, v) on w.name = t.n and w.version = t.v
+                  where w.concurrency_limit is not null) then
+        select l.chosen, l.slotted into v_chosen, v_slotted
+        from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
+    else
+        -- One ordered walk of runs_claimable per queue (an `= any(queues)`
+        -- filter would read and sort every ready run of those queues on each
+        -- claim), then the best p_limit of the per-queue candidates.
+        -- Candidates beyond p_limit stay locked until this statement's
+        -- transaction ends, which only makes other claimers skip them for
+        -- that instant.
+        v_chosen := array(
+            select c.id
+            from pg_catalog.unnest(p_queues) as q(queue)
+            cross join lateral (
+                select r.id, r.priority, r.available_at
+                from pgflow.runs r
+                where r.status = 'pending'
+                  and r.held_by is null
+                  and r.queue = q.queue
+                  and r.available_at <= v_now
+                  and (r.name, r.version) in (select t.n, t.v
+                                              from unnest(p_names, p_versions) as t(n, v))
+                order by r.priority desc, r.available_at
+                limit p_limit
+                for update skip locked
+            ) c
+            order by c.priority desc, c.available_at
+            limit p_limit);
+    end if;
+
+    return query
+    with claimed as (
+        update pgflow.runs r
+        set status = 'running', lease_owner = p_worker_id, lease_token = r.lease_token + 1,
+            started_at = coalesce(r.started_at, v_now), holds_slots = r.id = any (v_slotted)
+        where r.id = any (v_chosen)
+        returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
+                  r.cancel_seq, r.scheduled_time, r.available_at
+    )
+    select c.id, c.name, c.version, c.input, c.lease_token,
+           coalesce((select jsonb_agg(jsonb_build_object(
+                                 'seq', s.seq, 'name', s.name, 'kind', s.kind, 'status', s.status,
+                                 'attempts', s.attempts, 'output', s.output, 'error', s.error)
+                             order by s.seq)
+                     from pgflow.steps s where s.run_id = c.id),
+                    '[]'::jsonb),
+           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at
+    from claimed c;
+end;
+$$;
+
+-- Register a worker and take its liveness lock on *this* session. Call it on
+-- the connection that lives as long as the worker (its listener).
+create or replace function pgflow.register_worker(
+    p_worker_id uuid,
+    p_hostname  text,
+    p_pid       integer,
+    p_queues    text[],
+    p_workflows jsonb   -- [{name, version, queue, timeout_seconds, params, concurrency}]
+) returns integer
+language plpgsql
+as $$
+declare
+    v_lock_key integer := pg_catalog.nextval('pgflow.worker_lock_key_seq');
+    v_changed  bigint;
+begin
+    -- Lock first, row second: recovery never sees a row without its lock.
+    perform pg_catalog.pg_advisory_lock(7366502, v_lock_key);
+    insert into pgflow.workers (id, lock_key, hostname, pid, queues, workflows)
+    values (p_worker_id, v_lock_key, p_hostname, p_pid, p_queues, p_workflows);
+
+    insert into pgflow.workflows as w (name, version, queue, timeout, params)
+    select d ->> 'name', d ->> 'version', d ->> 'queue',
+           (d ->> 'timeout_seconds')::double precision * interval '1 second',
+           d -> 'params'
+    from jsonb_array_elements(p_workflows) d
+    where not (d ->> 'name') like 'pgflow.%'
+    on conflict (name, version) do update
+        set last_seen = pg_catalog.clock_timestamp(), queue = excluded.queue,
+            timeout = excluded.timeout,
+            params = coalesce(excluded.params, w.params);  -- an older worker announces none
+
+    -- Concurrency limits, as announced (workers older than revision 0008
+    -- announce none: the limit known stays). A workflow whose limit changes
+    -- gets its parked runs back; the next claims park again those still
+    -- over the new limit.
+    with announced as (
+        select d ->> 'name' as name, d ->> 'version' as version,
+               ((d -> 'concurrency') ->> 'limit')::integer as lim,
+               (d -> 'concurrency') ->> 'key' as param
+        from jsonb_array_elements(p_workflows) d
+        where d ? 'concurrency' and not (d ->> 'name') like 'pgflow.%'
+    ), changed as (
+        update pgflow.workflows w set concurrency_limit = a.lim, concurrency_param = a.param
+        from announced a
+        where w.name = a.name and w.version = a.version
+          and (w.concurrency_limit, w.concurrency_param) is distinct from (a.lim, a.param)
+        returning w.name
+    )
+    select coalesce(sum(pgflow._unpark_workflow(c.name)), 0) into v_changed
+    from (select distinct c.name from changed c) c;
+    return v_lock_key;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Grants
+-- ---------------------------------------------------------------------------
+
+-- kind 'definer': an entry point, run as the owner with the fixed search_path.
+-- kind 'invoker': a small SQL function kept inlinable; runs with the caller's rights.
+-- kind 'relation': a table or view; the roles get SELECT on it.
+-- roles '{}': owner only.
+create or replace function pgflow._privileges()
+returns table (kind text, object text, roles text[])
+language sql immutable
+as $$
+    values
+    -- == GRANT LIST: add every new public function here (see the header) ==
+    -- worker: membership and liveness (pgflow/membership.py)
+    ('definer', 'register_worker',   '{pgflow_worker}'::text[]),
+    ('definer', 'heartbeat',         '{pgflow_worker}'),
+    ('definer', 'unregister_worker', '{pgflow_worker}'),
+    ('definer', 'recover',           '{pgflow_worker}'),
+    -- worker: claiming and reporting (pgflow/procedures.py)
+    ('definer', 'claim',             '{pgflow_worker}'),  -- workers of 0.1.0
+    ('definer', 'claim_runs',        '{pgflow_worker}'),  -- revision 0007
+    ('definer', 'complete_step',     '{pgflow_worker}'),
+    ('definer', 'complete_batch',    '{pgflow_worker}'),  -- checkpoints, completions, sleeps
+    ('definer', 'fail_step',         '{pgflow_worker}'),
+    ('definer', 'complete_run',      '{pgflow_worker}'),
+    ('definer', 'fail_run',          '{pgflow_worker}'),
+    ('definer', 'release_run',       '{pgflow_worker}'),
+    ('definer', 'sleep',             '{pgflow_worker}'),
+    ('definer', 'record_value',      '{pgflow_worker}'),
+    ('definer', 'wait_signal',       '{pgflow_worker}'),
+    ('definer', 'set_state',         '{pgflow_worker}'),
+    ('definer', 'start_child',       '{pgflow_worker}'),
+    ('definer', 'wait_child',        '{pgflow_worker}'),
+    ('definer', 'map',               '{pgflow_worker}'),
+    ('definer', 'continue_as_new',   '{pgflow_worker}'),
+    ('definer', 'cancel_run',        '{pgflow_worker}'),
+    -- worker: the timer scheduler (pgflow/scheduler.py)
+    ('definer', 'fire_timers',       '{pgflow_worker}'),
+    ('definer', 'next_timer_in',     '{pgflow_worker}'),
+    -- worker: schedules (pgflow/ticker.py; revision 0007)
+    ('definer', 'next_wake_in',      '{pgflow_worker}'),
+    ('definer', 'due_schedules',     '{pgflow_worker}'),
+    ('definer', 'fire_schedules',    '{pgflow_worker}'),
+    ('definer', 'start_buffered_ticks', '{pgflow_worker}'),
+    -- worker: flow control (the leader wakes rate-limited queues; revision 0008)
+    ('definer', 'wake_queues',       '{pgflow_worker}'),
+    -- client: control runs (pgflow/client.py, pgflow/aio.py, the CLI)
+    ('definer', 'start',             '{pgflow_client}'),
+    ('definer', 'start_run',         '{pgflow_client}'),  -- revision 0008
+    ('definer', 'signal',            '{pgflow_client}'),
+    ('definer', 'cancel',            '{pgflow_client}'),
+    ('definer', 'retry',             '{pgflow_client}'),
+    ('definer', 'watch',             '{pgflow_client}'),  -- result(): also needs pgflow_reader
+    -- client: schedules (pgflow/schedules.py; revision 0007). Workers apply the
+    -- schedules declared in their code when they start.
+    ('definer', 'create_schedule',   '{pgflow_client,pgflow_worker}'),
+    ('definer', 'delete_schedule',   '{pgflow_client,pgflow_worker}'),
+    ('definer', 'pause_schedule',    '{pgflow_client}'),
+    ('definer', 'resume_schedule',   '{pgflow_client}'),
+    ('definer', 'trigger_schedule',  '{pgflow_client}'),
+    ('definer', 'backfill_schedule', '{pgflow_client}'),
+    -- client: queue caps and pauses (pgflow/flow.py; revision 0008)
+    ('definer', 'set_queue',         '{pgflow_client}'),
+    ('definer', 'pause_queue',       '{pgflow_client}'),
+    ('definer', 'resume_queue',      '{pgflow_client}'),
+    -- owner only: the test clock and retention are operator tools
+    ('definer', 'advance_time',      '{}'),
+    ('definer', 'reset_time',        '{}'),  -- revision 0004
+    ('definer', 'purge',             '{}'),
+    ('definer', 'purge_schedule_ticks', '{}'),  -- revision 0007
+    -- kept inlinable
+    ('invoker', 'now',               '{pgflow_worker,pgflow_client,pgflow_reader}'),
+    ('invoker', 'uuid_v7',           '{}'),  -- column default of runs.id, used by start()
+    ('invoker', 'max_payload_bytes', '{pgflow_worker,pgflow_client,pgflow_reader}'),  -- a constant
+    ('invoker', 'min_worker_revision', '{pgflow_worker,pgflow_client,pgflow_reader}'),  -- 0006
+    -- == END OF GRANT LIST ==
+    -- Everyone: the version check (pgflow.schema.check) and the engine clock.
+    ('relation', 'alembic_version',  '{pgflow_worker,pgflow_client,pgflow_reader}'),
+    ('relation', 'clock',            '{pgflow_worker,pgflow_client,pgflow_reader}'),
+    -- reader: the run records and the operators' views
+    ('relation', 'runs',             '{pgflow_reader}'),
+    ('relation', 'steps',            '{pgflow_reader}'),
+    ('relation', 'step_attempts',    '{pgflow_reader}'),
+    ('relation', 'signals',          '{pgflow_reader}'),
+    ('relation', 'run_state',        '{pgflow_reader}'),
+    ('relation', 'timers',           '{pgflow_reader}'),
+    ('relation', 'workers',          '{pgflow_reader}'),
+    ('relation', 'workflows',        '{pgflow_reader}'),
+    ('relation', 'schedules',        '{pgflow_reader,pgflow_client,pgflow_worker}'),  -- 0007: backfill and a worker's declared schedules read it
+    ('relation', 'schedule_ticks',   '{pgflow_reader}'),
+    ('relation', 'queue_settings',   '{pgflow_reader}'),  -- 0008
+    ('relation', 'slots',            '{pgflow_reader}'),
+    ('relation', 'queues',           '{pgflow_reader}'),
+    ('relation', 'waits',            '{pgflow_reader}'),
+    ('relation', 'unserved_runs',    '{pgflow_reader}'),
+    ('relation', 'patches_in_use',   '{pgflow_reader}')
+$$;
+
+select pgflow._secure();

@@ -1,0 +1,537 @@
+-- ---------------------------------------------------------------------------
+-- Flow control: concurrency limits, rate limits, paused queues
+-- ---------------------------------------------------------------------------
+--
+-- Every limit is enforced by the claim, run by run, with rows that claimers
+-- take with FOR UPDATE SKIP LOCKED: no count(*), no REPEATABLE READ, no
+-- table lock, and a claimer never waits for another.
+--
+-- * A concurrency limit of L is L rows of pgflow.slots sharing a scope:
+--     queue:<queue>              set_queue(concurrency => L)
+--     workflow:<name>            Concurrency(L) without a key
+--     key:["<name>", "<value>"]  Concurrency(L, key=...): one scope a key value
+--   The claim takes one free slot of each scope a run is in. Only executing
+--   runs hold slots: the trigger runs_flow gives them back in the very update
+--   that takes the run out of 'running' (sleep, wait, retry back-off,
+--   completion, failure, cancellation, release, recovery of a dead worker),
+--   whichever procedure makes it, under that procedure's fencing.
+-- * A rate limit of N per window is N rows of scope rate:<queue>, each usable
+--   once a window: a slot taken at t is free again at t + window. So no
+--   window of that length sees more than N claims of the queue (a token
+--   bucket would let a full bucket's burst through on top of the rate).
+--   Every claim takes one, a resumption after a sleep or wait included.
+-- * Queue limits gate the whole queue: when its slots are taken or its rate
+--   is spent, the claim takes nothing more from it. A freed queue slot
+--   NOTIFYs the queue; a spent rate records when its next slot frees
+--   (queue_settings.rate_blocked_until) and the scheduler leader wakes the
+--   queue then (pgflow.wake_queues).
+-- * A full workflow or key scope must not hold up the runs queued behind its
+--   runs (one customer's backlog would starve every other customer), so the
+--   claim parks a run whose scope is full: runs.held_by names the scope and
+--   takes the run out of runs_claimable, still 'pending'. Each slot the scope
+--   frees unparks its best parked run (priority, then age).
+-- * Parking and unparking serialize on a transaction advisory lock of the
+--   scope (classid 7366505): a claimer only tries it (and leaves the run for
+--   a later claim when it cannot), a release waits for it. Without it a
+--   claimer could park a run just after a concurrent release looked for
+--   parked runs, and the run would wait for the next release.
+
+create table pgflow.queue_settings (
+    name        text primary key,
+    concurrency integer,             -- executing runs of the queue, at most; null: no cap
+    rate_limit  integer,             -- claims of the queue in any window of rate_per, at most
+    rate_per    interval,
+    paused      boolean not null default false,
+    -- A claim found the rate spent: the leader wakes the queue at this time.
+    rate_blocked_until timestamptz,
+    updated_at  timestamptz not null,
+    constraint queue_settings_name_length check (char_length(name) between 1 and 200),
+    constraint queue_settings_concurrency check (concurrency is null or concurrency between 1 and 100000),
+    constraint queue_settings_rate check (
+        (rate_limit is null) = (rate_per is null)
+        and (rate_limit is null or rate_limit between 1 and 100000)
+        and (rate_per is null or rate_per > interval '0'))
+);
+create index queue_settings_rate_blocked on pgflow.queue_settings (rate_blocked_until)
+    where rate_blocked_until is not null;
+
+create table pgflow.slots (
+    scope   text not null,
+    slot    integer not null,            -- 1..limit; rows above a lowered limit are not taken
+    run_id  uuid,                        -- concurrency: the executing run that holds it
+    free_at timestamptz not null default '-infinity',  -- rate: not taken again before this
+    primary key (scope, slot)
+) with (fillfactor = 70);
+-- Releases find a run's slots; the claim finds a scope's free slots.
+create index slots_held on pgflow.slots (run_id) where run_id is not null;
+create index slots_free on pgflow.slots (scope, free_at) where run_id is null;
+
+-- Parked runs of a scope, best first: what a freed slot unparks.
+create index runs_held on pgflow.runs (held_by, priority desc, available_at)
+    where held_by is not null;
+
+-- ---------------------------------------------------------------------------
+-- Scopes and slots
+-- ---------------------------------------------------------------------------
+
+-- The scope of a workflow's own limit: per key value when the limit has a key.
+create function pgflow._workflow_scope(p_name text, p_param text, p_key text) returns text
+language sql immutable
+as $$
+    select case when p_param is null then 'workflow:' || p_name
+                else 'key:' || pg_catalog.jsonb_build_array(p_name, p_key)::text end
+$$;
+
+-- The key of a run under Concurrency(key=param): that argument of its input,
+-- as text (a JSON string's value, else the JSON), found by name in an object
+-- or by position in an array. Null when the input does not give it.
+create function pgflow._concurrency_key(p_params jsonb, p_param text, p_input jsonb)
+returns text
+language sql immutable
+as $$
+    select case
+        when p_param is null then null
+        when pg_catalog.jsonb_typeof(p_input) = 'object' then p_input ->> p_param
+        else p_input ->> (
+            select (a.i - 1)::integer
+            from pg_catalog.jsonb_array_elements(p_params) with ordinality as a(p, i)
+            where a.p ->> 'name' = p_param
+              and a.p ->> 'kind' in ('positional_only', 'positional'))
+    end
+$$;
+
+-- Take a free slot of the scope for a run: true if it got one. Slots locked
+-- by another transaction are skipped, never waited for.
+create function pgflow._take_slot(p_scope text, p_limit integer, p_run_id uuid)
+returns boolean
+language plpgsql
+as $$
+declare
+    v_slot integer;
+begin
+    select s.slot into v_slot
+    from pgflow.slots s
+    where s.scope = p_scope and s.run_id is null and s.slot <= p_limit
+    order by s.free_at, s.slot
+    limit 1
+    for update skip locked;
+    if not found then
+        return false;
+    end if;
+    update pgflow.slots s set run_id = p_run_id where s.scope = p_scope and s.slot = v_slot;
+    return true;
+end;
+$$;
+
+-- Undo _take_slot within the claim that took it (the run could not take
+-- another slot it needs).
+create function pgflow._give_back_slot(p_scope text, p_run_id uuid) returns void
+language sql
+as $$
+    update pgflow.slots s set run_id = null where s.scope = p_scope and s.run_id = p_run_id
+$$;
+
+-- Create the slots of a scope up to its limit (lazily, the first time a run
+-- of a workflow or key scope needs one, or after its limit was raised).
+-- Call it holding the scope's advisory lock: inserts of the same rows by two
+-- transactions would wait for each other.
+create function pgflow._ensure_slots(p_scope text, p_limit integer) returns void
+language sql
+as $$
+    insert into pgflow.slots (scope, slot)
+    select p_scope, g from pg_catalog.generate_series(1, p_limit) g
+    where not exists (select 1 from pgflow.slots s where s.scope = p_scope and s.slot = p_limit)
+    on conflict do nothing
+$$;
+
+-- Take a rate slot of the queue: the free_at it had (to give it back), or
+-- null when every slot was used within the last window.
+create function pgflow._take_rate_slot(p_queue text, p_limit integer, p_per interval,
+                                       p_now timestamptz)
+returns timestamptz
+language plpgsql
+as $$
+declare
+    v_slot integer;
+    v_was  timestamptz;
+begin
+    select s.slot, s.free_at into v_slot, v_was
+    from pgflow.slots s
+    where s.scope = 'rate:' || p_queue and s.run_id is null and s.slot <= p_limit
+      and s.free_at <= p_now
+    order by s.free_at, s.slot
+    limit 1
+    for update skip locked;
+    if not found then
+        return null;
+    end if;
+    update pgflow.slots s set free_at = p_now + p_per
+    where s.scope = 'rate:' || p_queue and s.slot = v_slot;
+    return v_was;
+end;
+$$;
+
+-- The queue's rate is spent: record when its next slot frees, so that the
+-- leader wakes the queue's workers then. A row another claimer or set_queue
+-- holds is skipped (that one records it, or changes the limit).
+create function pgflow._rate_blocked(p_queue text, p_limit integer) returns void
+language plpgsql
+as $$
+declare
+    v_until timestamptz := (select min(s.free_at) from pgflow.slots s
+                            where s.scope = 'rate:' || p_queue and s.slot <= p_limit);
+begin
+    update pgflow.queue_settings q set rate_blocked_until = v_until
+    where q.name = (select q2.name from pgflow.queue_settings q2
+                    where q2.name = p_queue
+                      and q2.rate_blocked_until is distinct from v_until
+                    for update skip locked);
+    if found then
+        perform pg_catalog.pg_notify('pgflow_timer', '');  -- the leader recomputes its sleep
+    end if;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The claim under limits (pgflow.claim_runs calls it when any limit or pause
+-- concerns the worker's queues or workflows)
+-- ---------------------------------------------------------------------------
+
+-- Choose and lock up to p_limit runs that may start now, taking their slots,
+-- and park the runs whose workflow or key scope is full. Walks each open
+-- queue in claim order (priority, then age), a bounded number of runs a
+-- call. Returns the chosen runs; slotted: those that hold concurrency slots.
+create function pgflow._claim_under_limits(
+    p_queues   text[],
+    p_names    text[],
+    p_versions text[],
+    p_limit    integer,
+    p_now      timestamptz,
+    out chosen  uuid[],
+    out slotted uuid[]
+)
+language plpgsql
+as $$
+declare
+    -- Runs examined a call at most, per queue and round: enough to walk past
+    -- a full scope's backlog in a few calls (it is parked as it is met).
+    c_walk  constant integer := 128;
+    v_open  text[];
+    v_seen  uuid[] := '{}';
+    v_round integer := 0;
+    v_met   integer;
+    v_scope text;
+    v_took  boolean;
+    c       record;
+begin
+    chosen := '{}';
+    slotted := '{}';
+    -- Open: not paused, and with a free queue slot if the queue has a cap.
+    select coalesce(array_agg(q.queue), '{}') into v_open
+    from pg_catalog.unnest(p_queues) as q(queue)
+    left join pgflow.queue_settings s on s.name = q.queue
+    where not coalesce(s.paused, false)
+      and (s.concurrency is null
+           or exists (select 1 from pgflow.slots f
+                      where f.scope = 'queue:' || q.queue and f.run_id is null
+                        and f.slot <= s.concurrency));
+
+    while cardinality(chosen) < p_limit and cardinality(v_open) > 0 and v_round < 4 loop
+        v_round := v_round + 1;
+        v_met := 0;
+        for c in
+            select r.id, r.name, r.queue, r.concurrency_key, w.concurrency_limit,
+                   w.concurrency_param, s.concurrency as queue_limit, s.rate_limit, s.rate_per
+            from pg_catalog.unnest(v_open) as q(queue)
+            cross join lateral (
+                select r.id, r.name, r.version, r.queue, r.concurrency_key, r.priority,
+                       r.available_at
+                from pgflow.runs r
+                where r.status = 'pending'
+                  and r.held_by is null
+                  and r.queue = q.queue
+                  and r.available_at <= p_now
+                  and (r.name, r.version) in (select t.n, t.v
+                                              from unnest(p_names, p_versions) as t(n, v))
+                  and r.id <> all (v_seen)
+                order by r.priority desc, r.available_at
+                limit c_walk
+                for update skip locked
+            ) r
+            left join pgflow.workflows w on w.name = r.name and w.version = r.version
+            left join pgflow.queue_settings s on s.name = r.queue
+            order by r.priority desc, r.available_at
+        loop
+            v_met := v_met + 1;
+            v_seen := v_seen || c.id;
+            continue when not c.queue = any (v_open)
+                       or cardinality(chosen) >= p_limit;
+            v_took := false;
+            v_scope := null;
+
+            -- The workflow's own limit: a full scope parks the run.
+            if c.concurrency_limit is not null then
+                v_scope := pgflow._workflow_scope(c.name, c.concurrency_param,
+                                                  c.concurrency_key);
+                if not pgflow._take_slot(v_scope, c.concurrency_limit, c.id) then
+                    -- Another claimer or a release is at this scope: leave
+                    -- the run for a later claim.
+                    continue when not pg_catalog.pg_try_advisory_xact_lock(
+                        7366505, pg_catalog.hashtext(v_scope));
+                    perform pgflow._ensure_slots(v_scope, c.concurrency_limit);
+                    if not pgflow._take_slot(v_scope, c.concurrency_limit, c.id) then
+                        update pgflow.runs r set held_by = v_scope where r.id = c.id;
+                        continue;
+                    end if;
+                end if;
+                v_took := true;
+            end if;
+
+            -- The queue's cap: when it is full the queue is done for this call.
+            if c.queue_limit is not null then
+                if not pgflow._take_slot('queue:' || c.queue, c.queue_limit, c.id) then
+                    if v_took then
+                        perform pgflow._give_back_slot(v_scope, c.id);
+                    end if;
+                    v_open := pg_catalog.array_remove(v_open, c.queue);
+                    continue;
+                end if;
+                v_took := true;
+            end if;
+
+            -- The queue's rate: spent, the queue is done until a slot frees.
+            if c.rate_limit is not null
+               and pgflow._take_rate_slot(c.queue, c.rate_limit, c.rate_per, p_now) is null then
+                perform pgflow._give_back_slot(sc, c.id)
+                from pg_catalog.unnest(array[v_scope, 'queue:' || c.queue]) sc
+                where v_took;
+                v_open := pg_catalog.array_remove(v_open, c.queue);
+                perform pgflow._rate_blocked(c.queue, c.rate_limit);
+                continue;
+            end if;
+
+            chosen := chosen || c.id;
+            if v_took then
+                slotted := slotted || c.id;
+            end if;
+        end loop;
+        exit when v_met = 0;
+    end loop;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Giving slots back (trigger on pgflow.runs)
+-- ---------------------------------------------------------------------------
+
+-- A run leaves 'running' (any procedure, any reason): give its slots back,
+-- wake the queue of a freed queue slot, unpark the best run parked on each
+-- freed workflow or key scope. And a parked run that stops being pending
+-- (cancelled) is parked no more.
+create function pgflow._runs_flow() returns trigger
+language plpgsql
+as $$
+declare
+    v_scopes text[];
+    v_scope  text;
+    v_queue  text;
+begin
+    if old.status = 'running' and new.status <> 'running' and old.holds_slots then
+        with freed as (
+            update pgflow.slots s set run_id = null where s.run_id = old.id returning s.scope
+        )
+        select array_agg(f.scope order by f.scope) into v_scopes from freed f;
+        new.holds_slots := false;
+        foreach v_scope in array coalesce(v_scopes, '{}') loop
+            if v_scope like 'queue:%' then
+                perform pgflow._notify_ready(old.queue);  -- idle workers may claim again
+                continue;
+            end if;
+            -- Wait for a claimer deciding to park a run on this scope (see
+            -- the header), then unpark the best one.
+            perform pg_catalog.pg_advisory_xact_lock(7366505, pg_catalog.hashtext(v_scope));
+            update pgflow.runs r set held_by = null
+            where r.id = (select p.id from pgflow.runs p
+                          where p.held_by = v_scope and p.status = 'pending'
+                          order by p.priority desc, p.available_at
+                          limit 1
+                          for update skip locked)
+            returning r.queue into v_queue;
+            if found then
+                perform pgflow._notify_ready(v_queue);
+            end if;
+        end loop;
+    end if;
+    if old.held_by is not null and new.status <> 'pending' then
+        new.held_by := null;
+    end if;
+    return new;
+end;
+$$;
+
+-- Only the updates that matter fire it; every other update of a run pays the
+-- WHEN test alone.
+create trigger runs_flow
+    before update of status on pgflow.runs
+    for each row
+    when ((old.status = 'running' and new.status <> 'running' and old.holds_slots)
+          or (old.held_by is not null and new.status <> 'pending'))
+    execute function pgflow._runs_flow();
+
+-- Unpark every parked run of a workflow (its limit changed: a worker
+-- announced another one); returns how many. The next claims park again those
+-- still over the limit. (NOTIFY sends a payload once a transaction.)
+create function pgflow._unpark_workflow(p_name text) returns integer
+language sql
+as $$
+    with woken as (
+        update pgflow.runs r set held_by = null
+        where r.held_by is not null and r.name = p_name and r.status = 'pending'
+        returning r.queue
+    )
+    select count(pgflow._notify_ready(w.queue) is null)::integer from woken w
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Queue settings (public)
+-- ---------------------------------------------------------------------------
+
+-- Set a queue's caps: concurrency (executing runs at most) and rate (claims
+-- at most rate_limit in any window of rate_per). Null removes a cap.
+-- Creates or trims the queue's slots. Returns the queue's settings row.
+create function pgflow.set_queue(
+    name        text,
+    concurrency integer default null,
+    rate_limit  integer default null,
+    rate_per    interval default null
+) returns pgflow.queue_settings
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    v_row pgflow.queue_settings;
+begin
+    perform pgflow._check_name(set_queue.name, 'queue');
+    if set_queue.concurrency is not null and set_queue.concurrency not between 1 and 100000 then
+        raise exception using errcode = 'PF002',
+            message = format('queue concurrency must be between 1 and 100000, got %s',
+                             set_queue.concurrency);
+    end if;
+    if (set_queue.rate_limit is null) <> (set_queue.rate_per is null) then
+        raise exception using errcode = 'PF002',
+            message = 'a rate limit needs both rate_limit and rate_per (or neither, to remove it)';
+    end if;
+    if set_queue.rate_limit is not null and set_queue.rate_limit not between 1 and 100000 then
+        raise exception using errcode = 'PF002',
+            message = format('rate_limit must be between 1 and 100000, got %s',
+                             set_queue.rate_limit);
+    end if;
+    if set_queue.rate_per is not null and set_queue.rate_per <= interval '0' then
+        raise exception using errcode = 'PF002',
+            message = format('rate_per must be a positive interval, got %s', set_queue.rate_per);
+    end if;
+
+    insert into pgflow.queue_settings as q (name, concurrency, rate_limit, rate_per, updated_at)
+    values (set_queue.name, set_queue.concurrency, set_queue.rate_limit, set_queue.rate_per,
+            pgflow.now())
+    on conflict (name) do update
+        set concurrency = excluded.concurrency, rate_limit = excluded.rate_limit,
+            rate_per = excluded.rate_per, rate_blocked_until = null,
+            updated_at = excluded.updated_at
+    returning * into v_row;
+
+    -- Slots to the new limits. Taken queue slots above a lowered limit stay
+    -- with their runs until they finish (and are never taken again); free
+    -- ones go. Rate slots keep their last use, so a new limit starts from
+    -- the recent claims.
+    delete from pgflow.slots s
+    where s.scope = 'queue:' || set_queue.name and s.run_id is null
+      and s.slot > coalesce(set_queue.concurrency, 0);
+    delete from pgflow.slots s
+    where s.scope = 'rate:' || set_queue.name and s.slot > coalesce(set_queue.rate_limit, 0);
+    insert into pgflow.slots (scope, slot)
+    select 'queue:' || set_queue.name, g
+    from pg_catalog.generate_series(1, coalesce(set_queue.concurrency, 0)) g
+    on conflict do nothing;
+    insert into pgflow.slots (scope, slot)
+    select 'rate:' || set_queue.name, g
+    from pg_catalog.generate_series(1, coalesce(set_queue.rate_limit, 0)) g
+    on conflict do nothing;
+
+    perform pgflow._notify_ready(set_queue.name);  -- a raised or removed cap frees runs now
+    return v_row;
+end;
+$$;
+
+-- Pause a queue: its pending runs are not claimed; executing runs go on.
+create function pgflow.pause_queue(name text) returns void
+language sql
+as $$
+    insert into pgflow.queue_settings as q (name, paused, updated_at)
+    values (pause_queue.name, true, pgflow.now())
+    on conflict (name) do update set paused = true, updated_at = excluded.updated_at
+$$;
+
+create function pgflow.resume_queue(name text) returns void
+language sql
+as $$
+    update pgflow.queue_settings q set paused = false, updated_at = pgflow.now()
+    where q.name = resume_queue.name;
+    select pgflow._notify_ready(resume_queue.name);
+$$;
+
+-- The scheduler leader's part: wake the queues whose rate frees a slot now.
+-- Returns how many it woke.
+create function pgflow.wake_queues() returns integer
+language sql
+as $$
+    with woken as (
+        update pgflow.queue_settings q set rate_blocked_until = null
+        where q.rate_blocked_until <= pgflow.now()
+        returning q.name
+    )
+    select count(pgflow._notify_ready(w.name) is null)::integer from woken w
+$$;
+
+-- Seconds from now (engine clock) until the leader has something to do: the
+-- earliest timer, schedule tick or rate-limited queue's next slot; null if
+-- none. The leader sleeps that long unless pgflow_timer wakes it earlier.
+create function pgflow.next_wake_in() returns double precision
+language sql stable
+as $$
+    select extract(epoch from least((select min(t.due_at) from pgflow.timers t),
+                                    (select min(s.next_fire_at) from pgflow.schedules s
+                                     where not s.paused),
+                                    (select min(q.rate_blocked_until)
+                                     from pgflow.queue_settings q))
+                              - pgflow.now())
+$$;
+
+-- Every queue with its caps and its runs by state. held: pending runs parked
+-- by a workflow or key limit (runs.held_by says which).
+create view pgflow.queues as
+with known as (
+    select q.name from pgflow.queue_settings q
+    union
+    select w.queue from pgflow.workflows w
+    union
+    select r.queue from pgflow.runs r
+    where r.status in ('pending', 'running', 'sleeping', 'waiting')
+), counts as (
+    select r.queue,
+           count(*) filter (where r.status = 'pending') as pending,
+           count(*) filter (where r.status = 'pending' and r.held_by is not null) as held,
+           count(*) filter (where r.status = 'running') as running,
+           count(*) filter (where r.status = 'sleeping') as sleeping,
+           count(*) filter (where r.status = 'waiting') as waiting
+    from pgflow.runs r
+    where r.status in ('pending', 'running', 'sleeping', 'waiting')
+    group by r.queue
+)
+select k.name, s.concurrency, s.rate_limit, s.rate_per, coalesce(s.paused, false) as paused,
+       coalesce(c.pending, 0) as pending, coalesce(c.held, 0) as held,
+       coalesce(c.running, 0) as running, coalesce(c.sleeping, 0) as sleeping,
+       coalesce(c.waiting, 0) as waiting
+from known k
+left join pgflow.queue_settings s on s.name = k.name
+left join counts c on c.queue = k.name;
