@@ -15,6 +15,7 @@ drop function pgflow._unpark_workflow(text);
 drop function pgflow._claim_under_limits(text[], text[], text[], integer, timestamptz);
 drop function pgflow._rate_blocked(text, integer);
 drop function pgflow._take_rate_slot(text, integer, interval, timestamptz);
+drop function pgflow._hand_down_slot(text, integer, integer);
 drop function pgflow._ensure_slots(text, integer);
 drop function pgflow._give_back_slot(text, uuid);
 drop function pgflow._take_slot(text, integer, uuid);

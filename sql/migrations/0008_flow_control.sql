@@ -181,6 +181,31 @@ as $$
     on conflict do nothing
 $$;
 
+-- Slot p_slot (at most p_limit) was just freed: if a run holds a slot above
+-- the limit (it was lowered while the run executed), move that run into it
+-- and drop the higher slot. True if it did.
+create function pgflow._hand_down_slot(p_scope text, p_slot integer, p_limit integer)
+returns boolean
+language plpgsql
+as $$
+declare
+    v_high record;
+begin
+    select s.slot, s.run_id into v_high
+    from pgflow.slots s
+    where s.scope = p_scope and s.slot > p_limit and s.run_id is not null
+    order by s.slot desc
+    limit 1
+    for update skip locked;
+    if not found then
+        return false;
+    end if;
+    delete from pgflow.slots s where s.scope = p_scope and s.slot = v_high.slot;
+    update pgflow.slots s set run_id = v_high.run_id where s.scope = p_scope and s.slot = p_slot;
+    return true;
+end;
+$$;
+
 -- Take a rate slot of the queue: the free_at it had (to give it back), or
 -- null when every slot was used within the last window.
 create function pgflow._take_rate_slot(p_queue text, p_limit integer, p_per interval,
@@ -369,27 +394,47 @@ create function pgflow._runs_flow() returns trigger
 language plpgsql
 as $$
 declare
-    v_scopes text[];
-    v_scope  text;
+    v_freed  record;
+    v_limit  integer;
     v_queue  text;
 begin
     if old.status = 'running' and new.status <> 'running' and old.holds_slots then
-        with freed as (
-            update pgflow.slots s set run_id = null where s.run_id = old.id returning s.scope
-        )
-        select array_agg(f.scope order by f.scope) into v_scopes from freed f;
         new.holds_slots := false;
-        foreach v_scope in array coalesce(v_scopes, '{}') loop
-            if v_scope like 'queue:%' then
+        for v_freed in
+            with freed as (
+                update pgflow.slots s set run_id = null where s.run_id = old.id
+                returning s.scope, s.slot
+            )
+            select f.scope, f.slot from freed f order by f.scope  -- one lock order
+        loop
+            v_limit := case when v_freed.scope like 'queue:%'
+                            then (select q.concurrency from pgflow.queue_settings q
+                                  where q.name = old.queue)
+                            else (select w.concurrency_limit from pgflow.workflows w
+                                  where w.name = old.name and w.version = old.version) end;
+            if v_limit is null or v_freed.slot > v_limit then
+                -- The limit was removed or lowered since the claim: this slot
+                -- frees no capacity.
+                delete from pgflow.slots s
+                where s.scope = v_freed.scope and s.slot = v_freed.slot and s.run_id is null;
+                continue;
+            end if;
+            if v_freed.scope not like 'queue:%' then
+                -- Wait for a claimer deciding to park a run on this scope (see
+                -- the header).
+                perform pg_catalog.pg_advisory_xact_lock(7366505,
+                                                         pg_catalog.hashtext(v_freed.scope));
+            end if;
+            -- Under a lowered limit, a run still holding a slot above it takes
+            -- this one: it counts against the limit until it finishes.
+            continue when pgflow._hand_down_slot(v_freed.scope, v_freed.slot, v_limit);
+            if v_freed.scope like 'queue:%' then
                 perform pgflow._notify_ready(old.queue);  -- idle workers may claim again
                 continue;
             end if;
-            -- Wait for a claimer deciding to park a run on this scope (see
-            -- the header), then unpark the best one.
-            perform pg_catalog.pg_advisory_xact_lock(7366505, pg_catalog.hashtext(v_scope));
             update pgflow.runs r set held_by = null
             where r.id = (select p.id from pgflow.runs p
-                          where p.held_by = v_scope and p.status = 'pending'
+                          where p.held_by = v_freed.scope and p.status = 'pending'
                           order by p.priority desc, p.available_at
                           limit 1
                           for update skip locked)
@@ -502,19 +547,30 @@ $$;
 
 -- Pause a queue: its pending runs are not claimed; executing runs go on.
 create function pgflow.pause_queue(name text) returns void
-language sql
+language plpgsql
 as $$
+#variable_conflict use_column
+begin
+    perform pgflow._check_name(pause_queue.name, 'queue');
     insert into pgflow.queue_settings as q (name, paused, updated_at)
     values (pause_queue.name, true, pgflow.now())
-    on conflict (name) do update set paused = true, updated_at = excluded.updated_at
+    on conflict (name) do update set paused = true, updated_at = excluded.updated_at;
+end;
 $$;
 
+-- Resume a paused queue (a queue never paused: nothing to do) and wake its workers.
 create function pgflow.resume_queue(name text) returns void
-language sql
+language plpgsql
 as $$
+#variable_conflict use_column
+begin
+    perform pgflow._check_name(resume_queue.name, 'queue');
     update pgflow.queue_settings q set paused = false, updated_at = pgflow.now()
-    where q.name = resume_queue.name;
-    select pgflow._notify_ready(resume_queue.name);
+    where q.name = resume_queue.name and q.paused;
+    if found then
+        perform pgflow._notify_ready(resume_queue.name);
+    end if;
+end;
 $$;
 
 -- The scheduler leader's part: wake the queues whose rate frees a slot now.

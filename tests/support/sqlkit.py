@@ -160,13 +160,17 @@ class Worker:
     """A registered worker: its liveness lock on ``listener``, its reports on ``db``."""
 
     def __init__(self, dsn: str, queues: tuple[str, ...] = ("default",),
-                 workflows: tuple[tuple[str, str, str], ...] = (("wf", "1", "default"),)) -> None:
+                 workflows: tuple[tuple[str, str, str], ...] = (("wf", "1", "default"),),
+                 announce: dict[str, dict[str, Any]] | None = None) -> None:
+        """``announce``: more of what a worker announces of a workflow, by name
+        (``{"wf": {"concurrency": {"limit": 1, "key": "c"}, "params": [...]}}``)."""
         self.id = uuid.uuid4()
         self.queues = list(queues)
         self.pairs = [(name, version) for name, version, _ in workflows]
         self.listener: Conn = psycopg.connect(dsn, autocommit=True)
         self.db: Conn = psycopg.connect(dsn, autocommit=True)
-        announced = [{"name": n, "version": v, "queue": q} for n, v, q in workflows]
+        announced = [{"name": n, "version": v, "queue": q, **(announce or {}).get(n, {})}
+                     for n, v, q in workflows]
         row = self.listener.execute(
             "select pgflow.register_worker(%s, 'host', 1, %s::text[], %s)",
             (self.id, self.queues, Jsonb(announced))).fetchone()
