@@ -370,7 +370,7 @@ def test_racing_claimers_never_exceed_a_key_limit_or_a_queue_cap(dsn, conn, work
                     return
                 for c in claims:
                     w.complete_run(c.run_id, c.token)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     def check() -> None:
