@@ -161,7 +161,7 @@ def reset(dsn: str) -> None:
     clock back to the real time (W6 moves it)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("truncate pgflow.runs, pgflow.steps, pgflow.timers, pgflow.schedules,"
-                     " pgflow.schedule_ticks")
+                     " pgflow.schedule_ticks, pgflow.queue_settings, pgflow.slots")
         conn.execute("select pgflow.reset_time()")
         conn.execute("delete from pgflow.workers")
         # No ANALYZE of the emptied tables: statistics saying "0 rows" make every

@@ -1,7 +1,8 @@
-"""W1b and W2: runs queued before the worker starts, then drained by one worker.
+"""W1b, W1c and W2: runs queued before the worker starts, then drained by one worker.
 
 The worker's own throughput, with no producer competing for the machine: W1b one-step runs/s,
-W2 steps/s of ten-step runs, both from the first claim to the last finish.
+W1c the same under a queue cap of 20 executing runs (what flow control costs the claim), W2
+steps/s of ten-step runs, all from the first claim to the last finish.
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ from bench.harness import (
 
 W1B_RUNS = 5000  # W1b: runs queued before the worker starts
 W2_RUNS = 1000  # W2: runs of ten_steps queued before the worker starts
+W1C_QUEUE_CAP = 20  # W1c: pgflow.set_queue(concurrency=...) of the one_step queue
 
 
-def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int | None = None
-           ) -> tuple[Spans, dict[str, Any]]:
+def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int | None = None,
+           queue_cap: int | None = None) -> tuple[Spans, dict[str, Any]]:
     """Queue ``n`` runs, then start one worker and wait until it has finished them all."""
     reset(b.dsn)
     preload(b.dsn, workflow, n)
+    if queue_cap is not None:
+        with psycopg.connect(b.dsn, autocommit=True) as conn:
+            pgflow.set_queue(conn, workflow.queue, concurrency=queue_cap)
     before = read_stats(b.dsn)
     with worker_process(b, label) as worker, psycopg.connect(b.dsn, autocommit=True) as conn:
         meter = CpuMeter(worker.pid, conn)
@@ -53,6 +58,16 @@ def w1b_drain(b: Bench) -> list[dict[str, Any]]:
     log(f"W1b: {n} one_step runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
     s, extra = _drain(b, "w1b", workflows.one_step, n)
     return [line("W1b_drain", n, s.from_started_s, n / s.from_started_s, None, None, **extra)]
+
+
+def w1c_capped(b: Bench) -> list[dict[str, Any]]:
+    """W1b with the queue capped at W1C_QUEUE_CAP executing runs (every claim takes a slot)."""
+    n = b.count(W1B_RUNS)
+    log(f"W1c: {n} one_step runs queued, queue capped at {W1C_QUEUE_CAP}, then worker -c "
+        f"{WORKER_CONCURRENCY} drains them")
+    s, extra = _drain(b, "w1c", workflows.one_step, n, queue_cap=W1C_QUEUE_CAP)
+    return [line("W1c_capped", n, s.from_started_s, n / s.from_started_s, None, None,
+                 queue_cap=W1C_QUEUE_CAP, **extra)]
 
 
 def w2_ten_steps(b: Bench) -> list[dict[str, Any]]:
