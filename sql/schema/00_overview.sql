@@ -1,18 +1,19 @@
 -- pgflow engine: an overview of sql/schema/, the engine as it is now.
 --
--- The files of this folder, read in order (00 to 13), are the engine: every
+-- The files of this folder, read in order (00 to 14), are the engine: every
 -- state transition of a run is one call of a function they define, atomic
 -- and fenced; the Python worker only calls them. sql/README.md maps each
 -- behaviour to its file. What Alembic applies to a database is the frozen
 -- chain in sql/migrations/; tests/migrations/test_schema_layout.py proves that both build
 -- the same catalog.
 --
--- Who may call what is 13_roles.sql's: the entry points run as the schema
+-- Who may call what is 14_roles.sql's: the entry points run as the schema
 -- owner with a fixed search_path, and the roles pgflow_client, pgflow_worker
 -- and pgflow_reader each get their duty's share.
 --
 -- Public procedures (stable, callable from a client, trigger or psql):
 --   pgflow.start(name, input, key, queue, priority, delay, version, timeout)  new run
+--   pgflow.start_run(..., concurrency_key)  start with every option (13_flow_control.sql)
 --   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
 --   pgflow.now()                                                      engine clock
 --   pgflow.max_payload_bytes()    the size limit of every JSON payload (see Limits)
@@ -37,7 +38,8 @@
 --   pgflow.next_timer_in()        seconds until the earliest timer
 --   pgflow.advance_time(delta)    move the engine clock and fire what came due (tests)
 --   pgflow.reset_time(offset)     put the engine clock back (tests)
---   pgflow.next_wake_in()         seconds until the earliest timer or schedule tick
+--   pgflow.next_wake_in()         seconds until the earliest timer, tick or rate slot
+--   pgflow.wake_queues()          NOTIFY the rate-limited queues whose next slot is free
 --   pgflow.due_schedules(limit)   lock due schedules, in due order (12_schedules.sql)
 --   pgflow.fire_schedules(...)    record their ticks: start runs, move next fire times
 --   pgflow.start_buffered_ticks() start buffered ticks whose schedule is free again
@@ -48,6 +50,11 @@
 --   pgflow.trigger_schedule(id)   one run now
 --   pgflow.backfill_schedule(id, start_at, end_at, overlap, ticks)  one run a tick
 --   pgflow.purge_schedule_ticks(older_than, batch)  retention of the tick records
+--
+-- Flow control (public; 13_flow_control.sql; the claim enforces it):
+--   pgflow.set_queue(name, concurrency, rate_limit, rate_per)  a queue's caps
+--   pgflow.pause_queue(name), resume_queue(name)
+--   view pgflow.queues            caps and runs by state, held runs included
 --
 -- Interaction and composition (worker side):
 --   pgflow.wait_signal(...)       take a queued signal, or wait for one
@@ -70,7 +77,15 @@
 -- Lock order: a transition that touches a leased or suspended run first takes
 -- the run's transaction-scoped advisory lock (pgflow._lock_run), then rows.
 -- Claim is the one exception: it moves pending runs, guarded by FOR UPDATE
--- SKIP LOCKED on the run rows themselves.
+-- SKIP LOCKED on the run rows themselves, and under limits also takes slot
+-- rows (SKIP LOCKED) and only tries a scope's advisory lock: a claim never
+-- waits. A run leaving 'running' gives its slots back (trigger runs_flow) and
+-- then waits for the advisory lock of each workflow or key scope it frees, in
+-- scope order (13_flow_control.sql).
+--
+-- Advisory lock classes: 7366502 a worker's liveness (session), 7366503 a run
+-- (transaction), 7366504 the scheduler leader (session), 7366505 a
+-- concurrency scope (transaction).
 --
 -- Error codes raised here (class PF):
 --   PF001 lease lost          PF002 bad argument / unknown workflow
