@@ -5,13 +5,16 @@ advisory lock ``(7366504, 1)`` on its own connection is the leader, the others
 try again every ``LEADERSHIP_RETRY`` seconds. A killed leader's connection
 closes, its lock vanishes and another process leads within that interval.
 
-The leader sleeps until the earliest timer or schedule tick
-(``pgflow.next_wake_in()``), fires due timers in batches
-(``pgflow.fire_timers``, which NOTIFYs the queues of the runs it wakes) and
-due schedules (:mod:`pgflow.ticker`), and is woken early by
+The leader sleeps until the earliest timer, schedule tick or rate-limited
+queue's next free slot (``pgflow.next_wake_in()``), fires due timers in
+batches (``pgflow.fire_timers``, which NOTIFYs the queues of the runs it
+wakes) and due schedules (:mod:`pgflow.ticker`), wakes the workers of
+rate-limited queues (``pgflow.wake_queues()``, :mod:`pgflow.flow`), and is
+woken early by
 :meth:`Scheduler.poke` when a ``pgflow_timer`` NOTIFY says a new timer
 became the earliest, a schedule was created or resumed, a scheduled run
-with buffered ticks finished, or the test clock moved. That NOTIFY arrives
+with buffered ticks finished, a claim found a queue's rate spent, or the
+test clock moved. That NOTIFY arrives
 on the worker's one LISTEN connection (membership.py), not on the
 scheduler's own. The leader never scans sleeping runs or schedules that are
 not due: the timers and schedules indexes are read in due order only.
