@@ -22,6 +22,7 @@ drop function pgflow._take_slot(text, integer, uuid);
 drop function pgflow._concurrency_key(jsonb, text, jsonb);
 drop function pgflow._workflow_scope(text, text, text);
 drop table pgflow.slots;
+drop table pgflow.scope_rechecks;
 drop table pgflow.queue_settings;
 drop index pgflow.runs_held;
 drop index pgflow.runs_claimable;

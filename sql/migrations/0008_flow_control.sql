@@ -1,6 +1,7 @@
 -- pgflow engine, revision 0008: flow control (concurrency limits, rate limits, paused queues).
 --
--- Changes: tables pgflow.queue_settings and pgflow.slots, view pgflow.queues
+-- Changes: tables pgflow.queue_settings, pgflow.slots and
+-- pgflow.scope_rechecks, view pgflow.queues
 -- (new); columns pgflow.workflows.concurrency_limit, concurrency_param and
 -- pgflow.runs.concurrency_key, held_by, holds_slots (new); index
 -- runs_claimable (rebuilt: parked runs are not in it; building it reads the
@@ -68,10 +69,14 @@ create index runs_claimable on pgflow.runs (queue, priority desc, available_at)
 --   takes the run out of runs_claimable, still 'pending'. Each slot the scope
 --   frees unparks its best parked run (priority, then age).
 -- * Parking and unparking serialize on a transaction advisory lock of the
---   scope (classid 7366505): a claimer only tries it (and leaves the run for
---   a later claim when it cannot), a release waits for it. Without it a
---   claimer could park a run just after a concurrent release looked for
---   parked runs, and the run would wait for the next release.
+--   scope (classid 7366505), and nobody waits for it: a claimer that cannot
+--   take it leaves the run for a later claim; a release that cannot take it
+--   (a claimer may be parking a run it cannot see yet) leaves the scope in
+--   pgflow.scope_rechecks and wakes the scheduler leader, which unparks the
+--   scope's best run once the lock is free if a slot is (pgflow.wake_queues).
+--   So a park never misses the release that should end it, and no two
+--   transactions that give back slots of several scopes (a batch of
+--   completions, a recovery) can deadlock on the scopes' locks.
 
 create table pgflow.queue_settings (
     name        text primary key,
@@ -91,6 +96,13 @@ create table pgflow.queue_settings (
 );
 create index queue_settings_rate_blocked on pgflow.queue_settings (rate_blocked_until)
     where rate_blocked_until is not null;
+
+-- Scopes whose freed slot a release could not hand to a parked run (their
+-- advisory lock was taken): the leader looks again (pgflow.wake_queues).
+create table pgflow.scope_rechecks (
+    scope     text not null,
+    queued_at timestamptz not null
+);
 
 create table pgflow.slots (
     scope   text not null,
@@ -419,17 +431,20 @@ begin
                 where s.scope = v_freed.scope and s.slot = v_freed.slot and s.run_id is null;
                 continue;
             end if;
-            if v_freed.scope not like 'queue:%' then
-                -- Wait for a claimer deciding to park a run on this scope (see
-                -- the header).
-                perform pg_catalog.pg_advisory_xact_lock(7366505,
-                                                         pg_catalog.hashtext(v_freed.scope));
-            end if;
             -- Under a lowered limit, a run still holding a slot above it takes
             -- this one: it counts against the limit until it finishes.
             continue when pgflow._hand_down_slot(v_freed.scope, v_freed.slot, v_limit);
             if v_freed.scope like 'queue:%' then
                 perform pgflow._notify_ready(old.queue);  -- idle workers may claim again
+                continue;
+            end if;
+            if not pg_catalog.pg_try_advisory_xact_lock(7366505,
+                                                        pg_catalog.hashtext(v_freed.scope)) then
+                -- A claimer may be parking a run here right now: the leader
+                -- looks again once it is done (see the header).
+                insert into pgflow.scope_rechecks (scope, queued_at)
+                values (v_freed.scope, pgflow.now());
+                perform pg_catalog.pg_notify('pgflow_timer', '');
                 continue;
             end if;
             update pgflow.runs r set held_by = null
@@ -573,22 +588,54 @@ begin
 end;
 $$;
 
--- The scheduler leader's part: wake the queues whose rate frees a slot now.
--- Returns how many it woke.
+-- The scheduler leader's part: wake what flow control left waiting, the
+-- queues whose rate frees a slot now and the scopes a release could not
+-- look at (scope_rechecks: unpark the best parked run of each that has a
+-- free slot). Returns how many queues and runs it woke.
 create function pgflow.wake_queues() returns integer
-language sql
+language plpgsql
 as $$
+declare
+    v_woken integer;
+    v_scope text;
+    v_queue text;
+begin
     with woken as (
         update pgflow.queue_settings q set rate_blocked_until = null
         where q.rate_blocked_until <= pgflow.now()
         returning q.name
     )
-    select count(pgflow._notify_ready(w.name) is null)::integer from woken w
+    select count(pgflow._notify_ready(w.name) is null)::integer into v_woken from woken w;
+
+    for v_scope in
+        with taken as (delete from pgflow.scope_rechecks r returning r.scope)
+        select distinct t.scope from taken t order by t.scope
+    loop
+        if not pg_catalog.pg_try_advisory_xact_lock(7366505, pg_catalog.hashtext(v_scope)) then
+            insert into pgflow.scope_rechecks (scope, queued_at) values (v_scope, pgflow.now());
+            continue;  -- next pass
+        end if;
+        continue when not exists (select 1 from pgflow.slots s
+                                  where s.scope = v_scope and s.run_id is null);
+        update pgflow.runs r set held_by = null
+        where r.id = (select p.id from pgflow.runs p
+                      where p.held_by = v_scope and p.status = 'pending'
+                      order by p.priority desc, p.available_at
+                      limit 1
+                      for update skip locked)
+        returning r.queue into v_queue;
+        if found then
+            perform pgflow._notify_ready(v_queue);
+            v_woken := v_woken + 1;
+        end if;
+    end loop;
+    return v_woken;
+end;
 $$;
 
 -- Seconds from now (engine clock) until the leader has something to do: the
--- earliest timer, schedule tick or rate-limited queue's next slot; null if
--- none. The leader sleeps that long unless pgflow_timer wakes it earlier.
+-- earliest timer, schedule tick, rate-limited queue's next slot or scope to
+-- look at again; null if none. The leader sleeps that long unless pgflow_timer wakes it earlier.
 create or replace function pgflow.next_wake_in() returns double precision
 language sql stable
 as $$
@@ -596,7 +643,8 @@ as $$
                                     (select min(s.next_fire_at) from pgflow.schedules s
                                      where not s.paused),
                                     (select min(q.rate_blocked_until)
-                                     from pgflow.queue_settings q))
+                                     from pgflow.queue_settings q),
+                                    (select min(r.queued_at) from pgflow.scope_rechecks r))
                               - pgflow.now())
 $$;
 
@@ -1041,6 +1089,7 @@ as $$
     ('relation', 'schedule_ticks',   '{pgflow_reader}'),
     ('relation', 'queue_settings',   '{pgflow_reader}'),  -- 0008
     ('relation', 'slots',            '{pgflow_reader}'),
+    ('relation', 'scope_rechecks',   '{pgflow_reader}'),
     ('relation', 'queues',           '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),

@@ -80,8 +80,8 @@
 -- SKIP LOCKED on the run rows themselves, and under limits also takes slot
 -- rows (SKIP LOCKED) and only tries a scope's advisory lock: a claim never
 -- waits. A run leaving 'running' gives its slots back (trigger runs_flow) and
--- then waits for the advisory lock of each workflow or key scope it frees, in
--- scope order (13_flow_control.sql).
+-- only tries the scopes' locks too, leaving a scope it cannot lock to the
+-- scheduler leader (13_flow_control.sql).
 --
 -- Advisory lock classes: 7366502 a worker's liveness (session), 7366503 a run
 -- (transaction), 7366504 the scheduler leader (session), 7366505 a

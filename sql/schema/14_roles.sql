@@ -163,6 +163,7 @@ as $$
     ('relation', 'schedule_ticks',   '{pgflow_reader}'),
     ('relation', 'queue_settings',   '{pgflow_reader}'),  -- 0008
     ('relation', 'slots',            '{pgflow_reader}'),
+    ('relation', 'scope_rechecks',   '{pgflow_reader}'),
     ('relation', 'queues',           '{pgflow_reader}'),
     ('relation', 'waits',            '{pgflow_reader}'),
     ('relation', 'unserved_runs',    '{pgflow_reader}'),

@@ -352,6 +352,8 @@ def test_racing_claimers_never_exceed_a_key_limit_or_a_queue_cap(dsn, conn, work
     """Eight connections claim and complete as fast as they can; a checker samples the slots.
 
     Per key at most 2 running, in the queue at most 5, and the slots agree with the runs.
+    A racer that claims nothing does the scheduler leader's part (pgflow.wake_queues):
+    a release that found its scope's lock taken leaves the scope to the leader.
     """
     conn.execute("select pgflow.set_queue('default', concurrency => 5)")
     for i in range(400):
@@ -365,6 +367,8 @@ def test_racing_claimers_never_exceed_a_key_limit_or_a_queue_cap(dsn, conn, work
         try:
             while not stop.is_set():
                 claims = w.claim(3)
+                if not claims:
+                    w.db.execute("select pgflow.wake_queues()")
                 if not claims and not w.db.execute(
                         "select 1 from pgflow.runs where status <> 'completed' limit 1").fetchone():
                     return
@@ -396,6 +400,30 @@ def test_racing_claimers_never_exceed_a_key_limit_or_a_queue_cap(dsn, conn, work
                         ).fetchone()[0] == 400
     assert seen and max(p for p, _ in seen) <= 2 and max(t for _, t in seen) <= 5
     assert holders(conn) == {}
+    assert count(conn, "scope_rechecks") == 0
+
+
+def test_a_release_that_finds_its_scope_locked_leaves_it_to_the_leader(dsn, conn, workers):
+    """A claimer holds the scope's lock (it may be parking a run there): the release does
+    not wait; the leader unparks the scope's best run once the lock is free."""
+    w = limited(workers, 1)
+    first = start(conn, input=["a"])
+    parked = start(conn, input=["a"])
+    c = w.claim_one(limit=1)
+    assert c.run_id == first and w.claim(10) == []
+    assert held(conn) == [(parked, 'key:["wf", "a"]')]
+    with psycopg.connect(dsn) as claimer:  # a transaction holding the scope's lock
+        claimer.execute("select pg_advisory_xact_lock(7366505, hashtext(%s))",
+                        ('key:["wf", "a"]',))
+        w.complete_run(first, c.token)  # does not block
+        assert held(conn) == [(parked, 'key:["wf", "a"]')]
+        assert count(conn, "scope_rechecks") == 1
+        assert conn.execute("select pgflow.next_wake_in() <= 0").fetchone()[0] is True
+        assert conn.execute("select pgflow.wake_queues()").fetchone()[0] == 0  # still locked
+        assert count(conn, "scope_rechecks") == 1
+    assert conn.execute("select pgflow.wake_queues()").fetchone()[0] == 1
+    assert held(conn) == [] and count(conn, "scope_rechecks") == 0
+    assert w.claim_one().run_id == parked
 
 
 def test_the_limited_claim_and_the_release_use_indexes_on_large_tables(conn, workers):
