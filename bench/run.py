@@ -107,7 +107,7 @@ def summary(out: Output) -> None:
 
 
 def _shown(path: Path) -> Path:
-    return path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+    return path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,10 @@ create index slots_free on pgflow.slots (scope, free_at) where run_id is null;
 -- Parked runs of a scope, best first: what a freed slot unparks.
 create index runs_held on pgflow.runs (held_by, priority desc, available_at)
     where held_by is not null;
+-- The ready runs of one key of a workflow: what _park parks at once. Runs
+-- without a concurrency key are not in it (they never pay for it).
+create index runs_keyed_ready on pgflow.runs (name, concurrency_key)
+    where status = 'pending' and held_by is null and concurrency_key is not null;
 
 -- ---------------------------------------------------------------------------
 -- Scopes and slots
@@ -109,6 +113,27 @@ as $$
             where a.p ->> 'name' = p_param
               and a.p ->> 'kind' in ('positional_only', 'positional'))
     end
+$$;
+
+-- Park a run on its full scope (the caller holds the scope's lock). For a
+-- key scope, park the key's whole ready backlog with it in one statement
+-- (index runs_keyed_ready): a claim that met one customer's 10,000 queued
+-- runs parks them at once instead of walking them a bounded batch a call,
+-- and the next run of another customer is claimed right after.
+create function pgflow._park(p_scope text, p_run_id uuid, p_name text, p_key text,
+                             p_keyed boolean) returns void
+language plpgsql
+as $$
+begin
+    update pgflow.runs r set held_by = p_scope where r.id = p_run_id;
+    if p_keyed and p_key is not null then
+        update pgflow.runs r set held_by = p_scope
+        where r.id in (select k.id from pgflow.runs k
+                       where k.name = p_name and k.concurrency_key = p_key
+                         and k.status = 'pending' and k.held_by is null
+                       for update skip locked);
+    end if;
+end;
 $$;
 
 -- Take a free slot of the scope for a run: true if it got one. Slots locked
@@ -258,6 +283,8 @@ declare
     v_met   integer;
     v_scope text;
     v_took  boolean;
+    v_full  text[] := '{}';  -- scopes found full (and locked) in this call
+    v_busy  text[] := '{}';  -- scopes whose lock another transaction holds
     c       record;
 begin
     chosen := '{}';
@@ -309,14 +336,24 @@ begin
             if c.concurrency_limit is not null then
                 v_scope := pgflow._workflow_scope(c.name, c.concurrency_param,
                                                   c.concurrency_key);
+                -- Busy with another claimer or a release earlier in this
+                -- call: the run waits for a later claim.
+                continue when v_scope = any (v_busy);
+                if v_scope = any (v_full) then
+                    perform pgflow._park(v_scope, c.id, c.name, c.concurrency_key, false);
+                    continue;
+                end if;
                 if not pgflow._take_slot(v_scope, c.concurrency_limit, c.id) then
-                    -- Another claimer or a release is at this scope: leave
-                    -- the run for a later claim.
-                    continue when not pg_catalog.pg_try_advisory_xact_lock(
-                        7366505, pg_catalog.hashtext(v_scope));
+                    if not pg_catalog.pg_try_advisory_xact_lock(
+                            7366505, pg_catalog.hashtext(v_scope)) then
+                        v_busy := v_busy || v_scope;
+                        continue;
+                    end if;
                     perform pgflow._ensure_slots(v_scope, c.concurrency_limit);
                     if not pgflow._take_slot(v_scope, c.concurrency_limit, c.id) then
-                        update pgflow.runs r set held_by = v_scope where r.id = c.id;
+                        v_full := v_full || v_scope;  -- and locked by us until commit
+                        perform pgflow._park(v_scope, c.id, c.name, c.concurrency_key,
+                                             c.concurrency_param is not null);
                         continue;
                     end if;
                 end if;
@@ -353,6 +390,12 @@ begin
         end loop;
         exit when v_met = 0;
     end loop;
+    -- The walk stopped at its bound with runs still to look at: wake this
+    -- queue's workers (this one included) to claim again at once rather
+    -- than at their next poll.
+    if v_round = 4 and v_met > 0 and cardinality(chosen) < p_limit then
+        perform pgflow._notify_ready(q) from pg_catalog.unnest(v_open) q;
+    end if;
 end;
 $$;
 

@@ -120,6 +120,25 @@ def test_start_run_sets_the_concurrency_key_over_the_input(conn, workers):
     assert count(conn, "runs") == 1
 
 
+def test_one_keys_backlog_is_parked_at_once_and_another_key_goes_next(conn, workers):
+    """Fairness: a claim that finds a key full parks that key's whole ready backlog."""
+    w = limited(workers, 1)
+    conn.execute("""
+        insert into pgflow.runs (name, version, queue, status, input, created_at, available_at,
+                                 concurrency_key)
+        select 'wf', '1', 'default', 'pending', '["big"]', now() - interval '1 hour' + g * interval '1 ms',
+               now() - interval '1 hour' + g * interval '1 ms', 'big'
+        from generate_series(1, 5000) g""")
+    newcomer = start(conn, input=["small"])
+    claimed = {c.run_id for c in w.claim(8)}
+    assert newcomer in claimed and len(claimed) == 2  # one of each key, in the first claim
+    assert len(held(conn)) == 4999
+    assert_plan_uses(conn, """explain (format json)
+        select k.id from pgflow.runs k
+        where k.name = 'wf' and k.concurrency_key = 'big'
+          and k.status = 'pending' and k.held_by is null""", "runs", "runs_keyed_ready")
+
+
 def test_a_priority_run_is_unparked_first(conn, workers):
     w = limited(workers, 1)
     first = start(conn, input=["a"])
