@@ -73,9 +73,12 @@ create table pgflow.slots (
     free_at timestamptz not null default '-infinity',  -- rate: not taken again before this
     primary key (scope, slot)
 ) with (fillfactor = 70);
--- Releases find a run's slots; the claim finds a scope's free slots.
+-- Releases find a run's slots; the claim finds a scope's free concurrency
+-- slot (the first in slot order: one index entry read whatever the limit),
+-- and a queue's least recently used rate slot.
 create index slots_held on pgflow.slots (run_id) where run_id is not null;
-create index slots_free on pgflow.slots (scope, free_at) where run_id is null;
+create index slots_free on pgflow.slots (scope, slot) where run_id is null;
+create index slots_rate on pgflow.slots (scope, free_at);
 
 -- Parked runs of a scope, best first: what a freed slot unparks.
 create index runs_held on pgflow.runs (held_by, priority desc, available_at)
@@ -148,7 +151,7 @@ begin
     select s.slot into v_slot
     from pgflow.slots s
     where s.scope = p_scope and s.run_id is null and s.slot <= p_limit
-    order by s.free_at, s.slot
+    order by s.slot
     limit 1
     for update skip locked;
     if not found then
@@ -218,9 +221,8 @@ declare
 begin
     select s.slot, s.free_at into v_slot, v_was
     from pgflow.slots s
-    where s.scope = 'rate:' || p_queue and s.run_id is null and s.slot <= p_limit
-      and s.free_at <= p_now
-    order by s.free_at, s.slot
+    where s.scope = 'rate:' || p_queue and s.slot <= p_limit and s.free_at <= p_now
+    order by s.free_at
     limit 1
     for update skip locked;
     if not found then
@@ -274,8 +276,10 @@ create function pgflow._claim_under_limits(
 language plpgsql
 as $$
 declare
-    -- Runs examined a call at most, per queue and round: enough to walk past
-    -- a full scope's backlog in a few calls (it is parked as it is met).
+    -- Runs examined per queue and round: the first round what the claim
+    -- asks for (every candidate is locked until commit: locking more costs
+    -- every claim); when runs were parked or passed over, later rounds look
+    -- further, up to c_walk.
     c_walk  constant integer := 128;
     v_open  text[];
     v_seen  uuid[] := '{}';
@@ -318,7 +322,7 @@ begin
                                               from unnest(p_names, p_versions) as t(n, v))
                   and r.id <> all (v_seen)
                 order by r.priority desc, r.available_at
-                limit c_walk
+                limit case when v_round = 1 then p_limit else c_walk end
                 for update skip locked
             ) r
             left join pgflow.workflows w on w.name = r.name and w.version = r.version
