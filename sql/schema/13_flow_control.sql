@@ -70,7 +70,7 @@ create table pgflow.slots (
     scope   text not null,
     slot    integer not null,            -- 1..limit; rows above a lowered limit are not taken
     run_id  uuid,                        -- concurrency: the executing run that holds it
-    free_at timestamptz not null default '-infinity',  -- rate: not taken again before this
+    free_at timestamptz not null default '-infinity',  -- rate: not taken again before this (a time)
     primary key (scope, slot)
 ) with (fillfactor = 70);
 -- Releases find a run's slots; the claim finds a scope's free concurrency
@@ -78,7 +78,9 @@ create table pgflow.slots (
 -- and a queue's least recently used rate slot.
 create index slots_held on pgflow.slots (run_id) where run_id is not null;
 create index slots_free on pgflow.slots (scope, slot) where run_id is null;
-create index slots_rate on pgflow.slots (scope, free_at);
+-- Rate slots only (a concurrency slot's free_at stays -infinity): taking and
+-- giving back concurrency slots does not maintain it.
+create index slots_rate on pgflow.slots (scope, free_at) where free_at > '-infinity';
 
 -- Parked runs of a scope, best first: what a freed slot unparks.
 create index runs_held on pgflow.runs (held_by, priority desc, available_at)
@@ -222,6 +224,7 @@ begin
     select s.slot, s.free_at into v_slot, v_was
     from pgflow.slots s
     where s.scope = 'rate:' || p_queue and s.slot <= p_limit and s.free_at <= p_now
+      and s.free_at > '-infinity'  -- the index slots_rate
     order by s.free_at
     limit 1
     for update skip locked;
@@ -559,8 +562,8 @@ begin
     select 'queue:' || set_queue.name, g
     from pg_catalog.generate_series(1, coalesce(set_queue.concurrency, 0)) g
     on conflict do nothing;
-    insert into pgflow.slots (scope, slot)
-    select 'rate:' || set_queue.name, g
+    insert into pgflow.slots (scope, slot, free_at)  -- a rate slot's free_at is a real time
+    select 'rate:' || set_queue.name, g, timestamptz '1970-01-01 00:00+00'
     from pg_catalog.generate_series(1, coalesce(set_queue.rate_limit, 0)) g
     on conflict do nothing;
 
