@@ -46,6 +46,7 @@ class ClaimedRun:
     cancel_requested: bool = False
     cancel_seq: int | None = None
     scheduled_time: datetime | None = None  # the schedule tick that started it, if any
+    limited: bool = False  # holds concurrency slots: its end frees one (claim again then)
 
 
 class BatchReport(Protocol):
@@ -132,11 +133,12 @@ class Procedures:
         versions = [version for _, version in workflows]
         rows = await self._execute(
             "select run_id, name, version, input, lease_token, journal, cancel_requested,"
-            " cancel_seq, scheduled_time from pgflow.claim_runs(%s, %s, %s, %s, %s)",
+            " cancel_seq, scheduled_time, limited from pgflow.claim_runs(%s, %s, %s, %s, %s)",
             (worker_id, queues, names, versions, limit), pool=self.claim_pool)
         return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
                            journal=[JournalEntry.from_json(e) for e in r[5]],
-                           cancel_requested=r[6], cancel_seq=r[7], scheduled_time=r[8])
+                           cancel_requested=r[6], cancel_seq=r[7], scheduled_time=r[8],
+                           limited=r[9])
                 for r in rows]
 
     async def complete_batch(self, reports: Sequence[BatchReport]) -> dict[uuid.UUID, str]:

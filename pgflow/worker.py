@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -235,10 +236,20 @@ class Worker:
                 slot = slots.take()
                 task = asyncio.create_task(self._execute(run, procedures, executor, slot))
                 self._inflight.add(task)
-                task.add_done_callback(lambda t, slot=slot: (self._inflight.discard(t),
-                                                             slot.release()))
+                task.add_done_callback(functools.partial(self._finished, slot=slot, wake=wake,
+                                                         limited=run.limited))
             if len(claimed) < min(free, CLAIM_BATCH):
                 await _first(wake.wait(), self._stop.wait(), timeout=self.poll_interval)
+
+    def _finished(self, task: asyncio.Task[None], *, slot: _Slot, wake: asyncio.Event,
+                  limited: bool) -> None:
+        self._inflight.discard(task)
+        slot.release()
+        if limited:
+            # Its concurrency slots came free when it stopped executing: runs
+            # held back by them may be claimable now. No NOTIFY says so (a
+            # NOTIFY on every completion would serialize the commits).
+            wake.set()
 
     async def _execute(self, run: ClaimedRun, procedures: Procedures,
                        executor: ThreadPoolExecutor, slot: _Slot) -> None:

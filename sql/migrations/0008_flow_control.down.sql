@@ -12,7 +12,9 @@ drop function pgflow.resume_queue(text);
 drop function pgflow.pause_queue(text);
 drop function pgflow.set_queue(text, integer, integer, interval);
 drop function pgflow._unpark_workflow(text);
+drop function pgflow._claim_capped(text[], text[], text[], integer, timestamptz);
 drop function pgflow._claim_under_limits(text[], text[], text[], integer, timestamptz);
+drop function pgflow._mark_starved(text[], uuid[]);
 drop function pgflow._rate_blocked(text, integer);
 drop function pgflow._take_rate_slot(text, integer, interval, timestamptz);
 drop function pgflow._hand_down_slot(text, integer, integer);
@@ -165,12 +167,13 @@ as $$
                               - pgflow.now())
 $$;
 
+drop function pgflow.claim_runs(uuid, text[], text[], text[], integer);
 -- Lease up to p_limit ready runs of the given queues whose (name, version)
 -- the worker has code for, highest priority first, oldest first. Each comes
 -- with its journal so that replay needs no further round trip, the time its
 -- schedule's tick was due (ctx.scheduled_time; null if no schedule started
 -- it) and since when it was ready (available_at: the claim delay).
-create or replace function pgflow.claim_runs(
+create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
     p_names     text[],

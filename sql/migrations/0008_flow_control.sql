@@ -10,8 +10,8 @@
 -- trigger runs_flow on pgflow.runs (new); the functions of
 -- sql/schema/13_flow_control.sql (new: set_queue, pause_queue,
 -- resume_queue, wake_queues and their helpers); pgflow.next_wake_in
--- (replaced: also the next rate slot), pgflow.claim_runs (replaced, same
--- signature: enforces the limits), pgflow.register_worker (replaced, same
+-- (replaced: also the next rate slot), pgflow.claim_runs (re-created, a
+-- new result column limited: enforces the limits), pgflow.register_worker (replaced, same
 -- signature: records announced limits), pgflow._start (replaced: a
 -- trailing defaulted parameter, the run's concurrency key; internal),
 -- pgflow.start_run (new: start with every option, concurrency_key too;
@@ -87,6 +87,11 @@ create table pgflow.queue_settings (
     paused      boolean not null default false,
     -- A claim found the rate spent: the leader wakes the queue at this time.
     rate_blocked_until timestamptz,
+    -- A claim found the queue at its cap and took nothing: its worker idles
+    -- until a release NOTIFYs the queue. Releases notify only then: a NOTIFY
+    -- serializes the commits of every transaction that sends one, which a
+    -- busy capped queue would pay on every completion.
+    starved     boolean not null default false,
     updated_at  timestamptz not null,
     constraint queue_settings_name_length check (char_length(name) between 1 and 200),
     constraint queue_settings_concurrency check (concurrency is null or concurrency between 1 and 100000),
@@ -331,19 +336,24 @@ declare
     v_took  boolean;
     v_full  text[] := '{}';  -- scopes found full (and locked) in this call
     v_busy  text[] := '{}';  -- scopes whose lock another transaction holds
+    v_capped text[];         -- queues found at their cap
     c       record;
 begin
     chosen := '{}';
     slotted := '{}';
-    -- Open: not paused, and with a free queue slot if the queue has a cap.
-    select coalesce(array_agg(q.queue), '{}') into v_open
-    from pg_catalog.unnest(p_queues) as q(queue)
-    left join pgflow.queue_settings s on s.name = q.queue
-    where not coalesce(s.paused, false)
-      and (s.concurrency is null
-           or exists (select 1 from pgflow.slots f
-                      where f.scope = 'queue:' || q.queue and f.run_id is null
-                        and f.slot <= s.concurrency));
+    -- Open: not paused, and with a free queue slot if the queue has a cap
+    -- (else capped).
+    select coalesce(array_agg(o.queue) filter (where o.free), '{}'),
+           coalesce(array_agg(o.queue) filter (where not o.free), '{}')
+    into v_open, v_capped
+    from (select q.queue,
+                 s.concurrency is null
+                 or exists (select 1 from pgflow.slots f
+                            where f.scope = 'queue:' || q.queue and f.run_id is null
+                              and f.slot <= s.concurrency) as free
+          from pg_catalog.unnest(p_queues) as q(queue)
+          left join pgflow.queue_settings s on s.name = q.queue
+          where not coalesce(s.paused, false)) o;
 
     while cardinality(chosen) < p_limit and cardinality(v_open) > 0 and v_round < 4 loop
         v_round := v_round + 1;
@@ -413,6 +423,7 @@ begin
                         perform pgflow._give_back_slot(v_scope, c.id);
                     end if;
                     v_open := pg_catalog.array_remove(v_open, c.queue);
+                    v_capped := v_capped || c.queue;
                     continue;
                 end if;
                 v_took := true;
@@ -436,12 +447,104 @@ begin
         end loop;
         exit when v_met = 0;
     end loop;
+    perform pgflow._mark_starved(v_capped, chosen);
     -- The walk stopped at its bound with runs still to look at: wake this
     -- queue's workers (this one included) to claim again at once rather
     -- than at their next poll.
     if v_round = 4 and v_met > 0 and cardinality(chosen) < p_limit then
         perform pgflow._notify_ready(q) from pg_catalog.unnest(v_open) q;
     end if;
+end;
+$$;
+
+-- After a claim: nothing taken and a queue at its cap, ask that queue's
+-- releases to wake its workers (queue_settings.starved); something taken
+-- from a starved queue, its releases need not wake anyone any more.
+create function pgflow._mark_starved(p_capped text[], p_chosen uuid[]) returns void
+language plpgsql
+as $$
+begin
+    if cardinality(p_chosen) = 0 and cardinality(p_capped) > 0 then
+        update pgflow.queue_settings q set starved = true
+        where q.name in (select q2.name from pgflow.queue_settings q2
+                         where q2.name = any (p_capped) and not q2.starved
+                         for update skip locked);
+    elsif cardinality(p_chosen) > 0 then
+        update pgflow.queue_settings q set starved = false
+        where q.name in (select q2.name from pgflow.queue_settings q2
+                         where q2.starved
+                           and q2.name in (select r.queue from pgflow.runs r
+                                           where r.id = any (p_chosen))
+                         for update skip locked);
+    end if;
+end;
+$$;
+
+-- The claim when the only limits in play are queue caps (no workflow limit
+-- among the worker's workflows, no rate, pauses allowed): per queue, lock
+-- its free slots, then as many ready runs, and pair them in one update,
+-- three statements a queue instead of a walk run by run.
+create function pgflow._claim_capped(
+    p_queues   text[],
+    p_names    text[],
+    p_versions text[],
+    p_limit    integer,
+    p_now      timestamptz,
+    out chosen  uuid[],
+    out slotted uuid[]
+)
+language plpgsql
+as $$
+declare
+    v_capped text[] := '{}';
+    v_slots  integer[];
+    v_ids    uuid[];
+    q        record;
+begin
+    chosen := '{}';
+    slotted := '{}';
+    for q in
+        select u.queue, s.concurrency
+        from pg_catalog.unnest(p_queues) as u(queue)
+        left join pgflow.queue_settings s on s.name = u.queue
+        where not coalesce(s.paused, false)
+    loop
+        exit when cardinality(chosen) >= p_limit;
+        v_slots := null;  -- no cap: as many runs as the claim still wants
+        if q.concurrency is not null then
+            v_slots := array(
+                select f.slot from pgflow.slots f
+                where f.scope = 'queue:' || q.queue and f.run_id is null
+                  and f.slot <= q.concurrency
+                order by f.slot
+                limit p_limit - cardinality(chosen)
+                for update skip locked);
+            if cardinality(v_slots) = 0 then
+                v_capped := v_capped || q.queue;
+                continue;
+            end if;
+        end if;
+        v_ids := array(
+            select r.id
+            from pgflow.runs r
+            where r.status = 'pending'
+              and r.held_by is null
+              and r.queue = q.queue
+              and r.available_at <= p_now
+              and (r.name, r.version) in (select t.n, t.v
+                                          from unnest(p_names, p_versions) as t(n, v))
+            order by r.priority desc, r.available_at
+            limit coalesce(cardinality(v_slots), p_limit - cardinality(chosen))
+            for update skip locked);
+        if q.concurrency is not null then
+            update pgflow.slots f set run_id = t.id
+            from unnest(v_slots[1:cardinality(v_ids)], v_ids) as t(slot, id)
+            where f.scope = 'queue:' || q.queue and f.slot = t.slot;
+            slotted := slotted || v_ids;
+        end if;
+        chosen := chosen || v_ids;
+    end loop;
+    perform pgflow._mark_starved(v_capped, chosen);
 end;
 $$;
 
@@ -457,9 +560,10 @@ create function pgflow._runs_flow() returns trigger
 language plpgsql
 as $$
 declare
-    v_freed  record;
-    v_limit  integer;
-    v_queue  text;
+    v_freed   record;
+    v_limit   integer;
+    v_starved boolean;
+    v_queue   text;
 begin
     if old.status = 'running' and new.status <> 'running' and old.holds_slots then
         new.holds_slots := false;
@@ -470,11 +574,13 @@ begin
             )
             select f.scope, f.slot from freed f order by f.scope  -- one lock order
         loop
-            v_limit := case when v_freed.scope like 'queue:%'
-                            then (select q.concurrency from pgflow.queue_settings q
-                                  where q.name = old.queue)
-                            else (select w.concurrency_limit from pgflow.workflows w
-                                  where w.name = old.name and w.version = old.version) end;
+            if v_freed.scope like 'queue:%' then
+                select q.concurrency, q.starved into v_limit, v_starved
+                from pgflow.queue_settings q where q.name = old.queue;
+            else
+                select w.concurrency_limit into v_limit
+                from pgflow.workflows w where w.name = old.name and w.version = old.version;
+            end if;
             if v_limit is null or v_freed.slot > v_limit then
                 -- The limit was removed or lowered since the claim: this slot
                 -- frees no capacity.
@@ -486,7 +592,9 @@ begin
             -- this one: it counts against the limit until it finishes.
             continue when pgflow._hand_down_slot(v_freed.scope, v_freed.slot, v_limit);
             if v_freed.scope like 'queue:%' then
-                perform pgflow._notify_ready(old.queue);  -- idle workers may claim again
+                if v_starved then
+                    perform pgflow._notify_ready(old.queue);  -- an idle worker waits for it
+                end if;
                 continue;
             end if;
             if not pg_catalog.pg_try_advisory_xact_lock(7366505,
@@ -897,14 +1005,19 @@ $$;
 -- claim_runs: the limits; register_worker: announced limits
 -- ---------------------------------------------------------------------------
 
+-- A new column, limited: re-created (claim, the wrapper of 0.1.0, is unchanged).
+drop function pgflow.claim_runs(uuid, text[], text[], text[], integer);
+
 -- Lease up to p_limit ready runs of the given queues whose (name, version)
 -- the worker has code for, highest priority first, oldest first. Each comes
 -- with its journal so that replay needs no further round trip, the time its
 -- schedule's tick was due (ctx.scheduled_time; null if no schedule started
 -- it) and since when it was ready (available_at: the claim delay). Runs
 -- over a concurrency or rate limit, and runs of paused queues, stay pending
--- (13_flow_control.sql).
-create or replace function pgflow.claim_runs(
+-- (13_flow_control.sql). limited: the run holds concurrency slots, which it
+-- gives back when it stops executing; its worker then claims again at once
+-- (it is the one that knows a slot just came free: no NOTIFY is sent for it).
+create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
     p_names     text[],
@@ -912,7 +1025,7 @@ create or replace function pgflow.claim_runs(
     p_limit     integer
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
                  journal jsonb, cancel_requested boolean, cancel_seq integer,
-                 scheduled_time timestamptz, ready_since timestamptz)
+                 scheduled_time timestamptz, ready_since timestamptz, limited boolean)
 language plpgsql
 -- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
 -- this statement on every call (its array parameters make each custom plan
@@ -925,6 +1038,9 @@ declare
     v_now     timestamptz := pgflow.now();
     v_chosen  uuid[];
     v_slotted uuid[] := '{}';  -- the chosen runs that took concurrency slots
+    v_queue_limits    boolean;  -- a cap, rate or pause on one of p_queues
+    v_rates           boolean;
+    v_workflow_limits boolean;  -- a Concurrency on one of the worker's workflows
 begin
     if p_limit is null or p_limit < 1 then
         raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
@@ -937,14 +1053,22 @@ begin
     -- Flow control (13_flow_control.sql) only where a limit or a pause
     -- concerns this worker: two probes of small tables, then the claim as
     -- it always was.
-    if exists (select 1 from pgflow.queue_settings s
-               where s.name = any (p_queues)
-                 and (s.paused or s.concurrency is not null or s.rate_limit is not null))
-       or exists (select 1 from pgflow.workflows w
-                  join unnest(p_names, p_versions) as t(n, v) on w.name = t.n and w.version = t.v
-                  where w.concurrency_limit is not null) then
+    select coalesce(bool_or(s.paused or s.concurrency is not null or s.rate_limit is not null),
+                    false),
+           coalesce(bool_or(s.rate_limit is not null), false)
+    into v_queue_limits, v_rates
+    from pgflow.queue_settings s
+    where s.name = any (p_queues);
+    v_workflow_limits := exists (
+        select 1 from pgflow.workflows w
+        join unnest(p_names, p_versions) as t(n, v) on w.name = t.n and w.version = t.v
+        where w.concurrency_limit is not null);
+    if v_workflow_limits or v_rates then
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
+    elsif v_queue_limits then  -- caps and pauses only
+        select l.chosen, l.slotted into v_chosen, v_slotted
+        from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now) l;
     else
         -- One ordered walk of runs_claimable per queue (an `= any(queues)`
         -- filter would read and sort every ready run of those queues on each
@@ -979,7 +1103,7 @@ begin
             started_at = coalesce(r.started_at, v_now), holds_slots = r.id = any (v_slotted)
         where r.id = any (v_chosen)
         returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
-                  r.cancel_seq, r.scheduled_time, r.available_at
+                  r.cancel_seq, r.scheduled_time, r.available_at, r.holds_slots
     )
     select c.id, c.name, c.version, c.input, c.lease_token,
            coalesce((select jsonb_agg(jsonb_build_object(
@@ -988,7 +1112,7 @@ begin
                              order by s.seq)
                      from pgflow.steps s where s.run_id = c.id),
                     '[]'::jsonb),
-           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at
+           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at, c.holds_slots
     from claimed c;
 end;
 $$;

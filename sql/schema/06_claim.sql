@@ -8,7 +8,9 @@
 -- schedule's tick was due (ctx.scheduled_time; null if no schedule started
 -- it) and since when it was ready (available_at: the claim delay). Runs
 -- over a concurrency or rate limit, and runs of paused queues, stay pending
--- (13_flow_control.sql).
+-- (13_flow_control.sql). limited: the run holds concurrency slots, which it
+-- gives back when it stops executing; its worker then claims again at once
+-- (it is the one that knows a slot just came free: no NOTIFY is sent for it).
 create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
@@ -17,7 +19,7 @@ create function pgflow.claim_runs(
     p_limit     integer
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
                  journal jsonb, cancel_requested boolean, cancel_seq integer,
-                 scheduled_time timestamptz, ready_since timestamptz)
+                 scheduled_time timestamptz, ready_since timestamptz, limited boolean)
 language plpgsql
 -- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
 -- this statement on every call (its array parameters make each custom plan
@@ -30,6 +32,9 @@ declare
     v_now     timestamptz := pgflow.now();
     v_chosen  uuid[];
     v_slotted uuid[] := '{}';  -- the chosen runs that took concurrency slots
+    v_queue_limits    boolean;  -- a cap, rate or pause on one of p_queues
+    v_rates           boolean;
+    v_workflow_limits boolean;  -- a Concurrency on one of the worker's workflows
 begin
     if p_limit is null or p_limit < 1 then
         raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
@@ -42,14 +47,22 @@ begin
     -- Flow control (13_flow_control.sql) only where a limit or a pause
     -- concerns this worker: two probes of small tables, then the claim as
     -- it always was.
-    if exists (select 1 from pgflow.queue_settings s
-               where s.name = any (p_queues)
-                 and (s.paused or s.concurrency is not null or s.rate_limit is not null))
-       or exists (select 1 from pgflow.workflows w
-                  join unnest(p_names, p_versions) as t(n, v) on w.name = t.n and w.version = t.v
-                  where w.concurrency_limit is not null) then
+    select coalesce(bool_or(s.paused or s.concurrency is not null or s.rate_limit is not null),
+                    false),
+           coalesce(bool_or(s.rate_limit is not null), false)
+    into v_queue_limits, v_rates
+    from pgflow.queue_settings s
+    where s.name = any (p_queues);
+    v_workflow_limits := exists (
+        select 1 from pgflow.workflows w
+        join unnest(p_names, p_versions) as t(n, v) on w.name = t.n and w.version = t.v
+        where w.concurrency_limit is not null);
+    if v_workflow_limits or v_rates then
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
+    elsif v_queue_limits then  -- caps and pauses only
+        select l.chosen, l.slotted into v_chosen, v_slotted
+        from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now) l;
     else
         -- One ordered walk of runs_claimable per queue (an `= any(queues)`
         -- filter would read and sort every ready run of those queues on each
@@ -84,7 +97,7 @@ begin
             started_at = coalesce(r.started_at, v_now), holds_slots = r.id = any (v_slotted)
         where r.id = any (v_chosen)
         returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
-                  r.cancel_seq, r.scheduled_time, r.available_at
+                  r.cancel_seq, r.scheduled_time, r.available_at, r.holds_slots
     )
     select c.id, c.name, c.version, c.input, c.lease_token,
            coalesce((select jsonb_agg(jsonb_build_object(
@@ -93,7 +106,7 @@ begin
                              order by s.seq)
                      from pgflow.steps s where s.run_id = c.id),
                     '[]'::jsonb),
-           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at
+           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at, c.holds_slots
     from claimed c;
 end;
 $$;

@@ -48,6 +48,11 @@ create table pgflow.queue_settings (
     paused      boolean not null default false,
     -- A claim found the rate spent: the leader wakes the queue at this time.
     rate_blocked_until timestamptz,
+    -- A claim found the queue at its cap and took nothing: its worker idles
+    -- until a release NOTIFYs the queue. Releases notify only then: a NOTIFY
+    -- serializes the commits of every transaction that sends one, which a
+    -- busy capped queue would pay on every completion.
+    starved     boolean not null default false,
     updated_at  timestamptz not null,
     constraint queue_settings_name_length check (char_length(name) between 1 and 200),
     constraint queue_settings_concurrency check (concurrency is null or concurrency between 1 and 100000),
@@ -292,19 +297,24 @@ declare
     v_took  boolean;
     v_full  text[] := '{}';  -- scopes found full (and locked) in this call
     v_busy  text[] := '{}';  -- scopes whose lock another transaction holds
+    v_capped text[];         -- queues found at their cap
     c       record;
 begin
     chosen := '{}';
     slotted := '{}';
-    -- Open: not paused, and with a free queue slot if the queue has a cap.
-    select coalesce(array_agg(q.queue), '{}') into v_open
-    from pg_catalog.unnest(p_queues) as q(queue)
-    left join pgflow.queue_settings s on s.name = q.queue
-    where not coalesce(s.paused, false)
-      and (s.concurrency is null
-           or exists (select 1 from pgflow.slots f
-                      where f.scope = 'queue:' || q.queue and f.run_id is null
-                        and f.slot <= s.concurrency));
+    -- Open: not paused, and with a free queue slot if the queue has a cap
+    -- (else capped).
+    select coalesce(array_agg(o.queue) filter (where o.free), '{}'),
+           coalesce(array_agg(o.queue) filter (where not o.free), '{}')
+    into v_open, v_capped
+    from (select q.queue,
+                 s.concurrency is null
+                 or exists (select 1 from pgflow.slots f
+                            where f.scope = 'queue:' || q.queue and f.run_id is null
+                              and f.slot <= s.concurrency) as free
+          from pg_catalog.unnest(p_queues) as q(queue)
+          left join pgflow.queue_settings s on s.name = q.queue
+          where not coalesce(s.paused, false)) o;
 
     while cardinality(chosen) < p_limit and cardinality(v_open) > 0 and v_round < 4 loop
         v_round := v_round + 1;
@@ -374,6 +384,7 @@ begin
                         perform pgflow._give_back_slot(v_scope, c.id);
                     end if;
                     v_open := pg_catalog.array_remove(v_open, c.queue);
+                    v_capped := v_capped || c.queue;
                     continue;
                 end if;
                 v_took := true;
@@ -397,12 +408,104 @@ begin
         end loop;
         exit when v_met = 0;
     end loop;
+    perform pgflow._mark_starved(v_capped, chosen);
     -- The walk stopped at its bound with runs still to look at: wake this
     -- queue's workers (this one included) to claim again at once rather
     -- than at their next poll.
     if v_round = 4 and v_met > 0 and cardinality(chosen) < p_limit then
         perform pgflow._notify_ready(q) from pg_catalog.unnest(v_open) q;
     end if;
+end;
+$$;
+
+-- After a claim: nothing taken and a queue at its cap, ask that queue's
+-- releases to wake its workers (queue_settings.starved); something taken
+-- from a starved queue, its releases need not wake anyone any more.
+create function pgflow._mark_starved(p_capped text[], p_chosen uuid[]) returns void
+language plpgsql
+as $$
+begin
+    if cardinality(p_chosen) = 0 and cardinality(p_capped) > 0 then
+        update pgflow.queue_settings q set starved = true
+        where q.name in (select q2.name from pgflow.queue_settings q2
+                         where q2.name = any (p_capped) and not q2.starved
+                         for update skip locked);
+    elsif cardinality(p_chosen) > 0 then
+        update pgflow.queue_settings q set starved = false
+        where q.name in (select q2.name from pgflow.queue_settings q2
+                         where q2.starved
+                           and q2.name in (select r.queue from pgflow.runs r
+                                           where r.id = any (p_chosen))
+                         for update skip locked);
+    end if;
+end;
+$$;
+
+-- The claim when the only limits in play are queue caps (no workflow limit
+-- among the worker's workflows, no rate, pauses allowed): per queue, lock
+-- its free slots, then as many ready runs, and pair them in one update,
+-- three statements a queue instead of a walk run by run.
+create function pgflow._claim_capped(
+    p_queues   text[],
+    p_names    text[],
+    p_versions text[],
+    p_limit    integer,
+    p_now      timestamptz,
+    out chosen  uuid[],
+    out slotted uuid[]
+)
+language plpgsql
+as $$
+declare
+    v_capped text[] := '{}';
+    v_slots  integer[];
+    v_ids    uuid[];
+    q        record;
+begin
+    chosen := '{}';
+    slotted := '{}';
+    for q in
+        select u.queue, s.concurrency
+        from pg_catalog.unnest(p_queues) as u(queue)
+        left join pgflow.queue_settings s on s.name = u.queue
+        where not coalesce(s.paused, false)
+    loop
+        exit when cardinality(chosen) >= p_limit;
+        v_slots := null;  -- no cap: as many runs as the claim still wants
+        if q.concurrency is not null then
+            v_slots := array(
+                select f.slot from pgflow.slots f
+                where f.scope = 'queue:' || q.queue and f.run_id is null
+                  and f.slot <= q.concurrency
+                order by f.slot
+                limit p_limit - cardinality(chosen)
+                for update skip locked);
+            if cardinality(v_slots) = 0 then
+                v_capped := v_capped || q.queue;
+                continue;
+            end if;
+        end if;
+        v_ids := array(
+            select r.id
+            from pgflow.runs r
+            where r.status = 'pending'
+              and r.held_by is null
+              and r.queue = q.queue
+              and r.available_at <= p_now
+              and (r.name, r.version) in (select t.n, t.v
+                                          from unnest(p_names, p_versions) as t(n, v))
+            order by r.priority desc, r.available_at
+            limit coalesce(cardinality(v_slots), p_limit - cardinality(chosen))
+            for update skip locked);
+        if q.concurrency is not null then
+            update pgflow.slots f set run_id = t.id
+            from unnest(v_slots[1:cardinality(v_ids)], v_ids) as t(slot, id)
+            where f.scope = 'queue:' || q.queue and f.slot = t.slot;
+            slotted := slotted || v_ids;
+        end if;
+        chosen := chosen || v_ids;
+    end loop;
+    perform pgflow._mark_starved(v_capped, chosen);
 end;
 $$;
 
@@ -418,9 +521,10 @@ create function pgflow._runs_flow() returns trigger
 language plpgsql
 as $$
 declare
-    v_freed  record;
-    v_limit  integer;
-    v_queue  text;
+    v_freed   record;
+    v_limit   integer;
+    v_starved boolean;
+    v_queue   text;
 begin
     if old.status = 'running' and new.status <> 'running' and old.holds_slots then
         new.holds_slots := false;
@@ -431,11 +535,13 @@ begin
             )
             select f.scope, f.slot from freed f order by f.scope  -- one lock order
         loop
-            v_limit := case when v_freed.scope like 'queue:%'
-                            then (select q.concurrency from pgflow.queue_settings q
-                                  where q.name = old.queue)
-                            else (select w.concurrency_limit from pgflow.workflows w
-                                  where w.name = old.name and w.version = old.version) end;
+            if v_freed.scope like 'queue:%' then
+                select q.concurrency, q.starved into v_limit, v_starved
+                from pgflow.queue_settings q where q.name = old.queue;
+            else
+                select w.concurrency_limit into v_limit
+                from pgflow.workflows w where w.name = old.name and w.version = old.version;
+            end if;
             if v_limit is null or v_freed.slot > v_limit then
                 -- The limit was removed or lowered since the claim: this slot
                 -- frees no capacity.
@@ -447,7 +553,9 @@ begin
             -- this one: it counts against the limit until it finishes.
             continue when pgflow._hand_down_slot(v_freed.scope, v_freed.slot, v_limit);
             if v_freed.scope like 'queue:%' then
-                perform pgflow._notify_ready(old.queue);  -- idle workers may claim again
+                if v_starved then
+                    perform pgflow._notify_ready(old.queue);  -- an idle worker waits for it
+                end if;
                 continue;
             end if;
             if not pg_catalog.pg_try_advisory_xact_lock(7366505,
