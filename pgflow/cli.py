@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from pgflow import cli_schedules, client, errors, models, schema
+from pgflow import cli_queues, cli_schedules, client, errors, flow, models, schema
 from pgflow import dsn as dsn_resolution
 from pgflow.cli_support import (
     DsnOption,
@@ -38,6 +38,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Durable workflows on PostgreSQL.")
 app.command("schedules")(cli_schedules.list_schedules)
 app.add_typer(cli_schedules.schedule_app, name="schedule")
+app.command("queues")(cli_queues.list_queues)
+app.add_typer(cli_queues.queue_app, name="queue")
 
 @app.command()
 def migrate(dsn: DsnOption = None) -> None:
@@ -125,10 +127,14 @@ def start(
 @app.command()
 def show(run_id: Annotated[str, typer.Argument(help="Run id.")], dsn: DsnOption = None,
          as_json: JsonOption = False) -> None:
-    """Show a run and its step timeline."""
+    """Show a run and its step timeline; for a pending run held back, why."""
     with user_errors(), connect(dsn) as conn:
         run = client.get(conn, run_id)
-    typer.echo(json.dumps(_run_json(run), default=str, indent=2) if as_json else _render_run(run))
+        held = flow.why_pending(conn, run.id) if run.status == "pending" else None
+    if as_json:
+        typer.echo(json.dumps(_run_json(run) | {"held": held}, default=str, indent=2))
+        return
+    typer.echo(_render_run(run, held))
 
 
 StatusOption = Annotated[str | None, typer.Option("--status", help="Only runs in this status.")]
@@ -194,7 +200,7 @@ def list_runs(
     dsn: DsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List runs, newest first; runs no live worker can serve are marked."""
+    """List runs, newest first; held-back runs and runs no live worker can serve are marked."""
     with user_errors():
         where, params = RunFilter(status, name, key, since).sql()
         if unserved:
@@ -205,14 +211,18 @@ def list_runs(
                 f" from pgflow.runs r where {where}"
                 " order by r.created_at desc, r.id desc limit %(limit)s",
                 {**params, "limit": limit}).fetchall()
-    runs = [dict(zip((*(c.removeprefix("r.") for c in _LIST_COLUMNS), "unserved"), row,
-                     strict=True)) for row in rows]
+            runs = [dict(zip((*(c.removeprefix("r.") for c in _LIST_COLUMNS), "unserved"), row,
+                             strict=True)) for row in rows]
+            held = {} if as_json else flow.why_pending_runs(
+                conn, [r["id"] for r in runs if r["status"] == "pending"])
     if as_json:  # one JSON array, newest first
         typer.echo(json.dumps(runs, default=str, indent=2))
         return
     table = [("ID", "WORKFLOW", "STATUS", "CREATED", "KEY")]
     for r in runs:
-        marker = f"  (no worker for v{r['version']})" if r["unserved"] else ""
+        marker = "  (held)" if r["id"] in held else ""  # `pgflow show` says why
+        if r["unserved"]:
+            marker += f"  (no worker for v{r['version']})"
         table.append((str(r["id"]), f"{r['name']} v{r['version']}", f"{r['status']}{marker}",
                       _time(r["created_at"]), r["key"] or ""))
     typer.echo(columns(table))
@@ -372,10 +382,12 @@ def _run_json(run: models.Run) -> dict[str, Any]:
     return data
 
 
-def _render_run(run: models.Run) -> str:
+def _render_run(run: models.Run, held: str | None = None) -> str:
     lines = [f"run      {run.id}",
              f"workflow {run.name} v{run.version}  (queue {run.queue})",
              f"status   {run.status}"]
+    if held:
+        lines.append(f"held     {held}")
     if run.key:
         lines.append(f"key      {run.key}")
     if run.parent_id:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,7 +31,8 @@ from pgflow.durations import as_timedelta
 from pgflow.validation import check_name
 
 __all__ = ["Concurrency", "QueueInfo", "RateLimit", "key_text", "list_queues", "parse_rate",
-           "pause_queue", "resume_queue", "set_queue", "set_queue_params", "settings_info"]
+           "pause_queue", "resume_queue", "set_queue", "set_queue_params", "settings_info",
+           "why_pending", "why_pending_runs"]
 
 MAX_LIMIT = 100_000  # the SQL checks enforce the same bound
 
@@ -181,3 +184,78 @@ def key_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(", ", ": "), ensure_ascii=False)
+
+
+# Why pending runs are not claimed now, one row a pending run among %s (an array of
+# ids): the scope it is parked on (runs.held_by), and the three queue gates the
+# claim checks (pgflow._claim_under_limits): a paused queue, a queue cap with
+# no free slot at or under it, a rate with no slot free again by now.
+WHY_PENDING = """
+select r.id, r.queue, r.held_by, coalesce(q.paused, false) as paused,
+       q.concurrency, q.concurrency is not null and not exists (
+           select 1 from pgflow.slots s
+           where s.scope = 'queue:' || r.queue and s.run_id is null
+             and s.slot <= q.concurrency) as queue_full,
+       q.rate_limit, q.rate_per, q.rate_limit is not null and not exists (
+           select 1 from pgflow.slots s
+           where s.scope = 'rate:' || r.queue and s.slot <= q.rate_limit
+             and s.free_at <= pgflow.now() and s.free_at > '-infinity') as rate_spent
+from pgflow.runs r
+left join pgflow.queue_settings q on q.name = r.queue
+where r.id = any (%s::uuid[]) and r.status = 'pending'
+"""
+
+
+def why_pending(conn: Any, run_id: uuid.UUID | str) -> str | None:
+    """Why a pending run is held back now, in words; ``None`` if nothing holds it.
+
+    A run is held back while it is parked by its workflow's limit (for its key,
+    if the limit has one), or while its queue is paused, at its concurrency
+    cap, or has spent its rate. ``None`` too for a run that is not pending or
+    does not exist.
+    """
+    return why_pending_runs(conn, [run_id]).get(uuid.UUID(str(run_id)))
+
+
+def why_pending_runs(conn: Any, run_ids: Iterable[uuid.UUID | str]) -> dict[uuid.UUID, str]:
+    """:func:`why_pending` for many runs in one query: the held-back ones, by id."""
+    ids = [uuid.UUID(str(r)) for r in run_ids]
+    if not ids:
+        return {}
+    held: dict[uuid.UUID, str] = {}
+    for row in connections.fetch(conn, WHY_PENDING, ([str(i) for i in ids],)):
+        reason = _explain(*row[1:])
+        if reason:
+            held[uuid.UUID(str(row[0]))] = reason
+    return held
+
+
+def _explain(queue: str, held_by: str | None, paused: bool, concurrency: int | None,
+             queue_full: bool, rate_limit: int | None, rate_per: timedelta | None,
+             rate_spent: bool) -> str | None:
+    reasons = []
+    if held_by is not None:
+        reasons.append(_scope_text(held_by))
+    if paused:
+        reasons.append(f"queue {queue} is paused")
+    if queue_full:
+        reasons.append(f"queue {queue} is at its concurrency cap ({concurrency} executing)")
+    if rate_spent and rate_limit and rate_per:
+        rate = RateLimit(rate_limit, rate_per)
+        reasons.append(f"queue {queue} has spent its rate limit ({rate})")
+    return "; ".join(reasons) or None
+
+
+def _scope_text(scope: str) -> str:
+    """A parking scope (``runs.held_by``) in words."""
+    kind, _, rest = scope.partition(":")
+    if kind == "workflow" and rest:
+        return f"concurrency limit of workflow {rest}"
+    if kind == "key":
+        try:
+            name, key = json.loads(rest)
+        except (ValueError, TypeError):
+            pass
+        else:
+            return f"concurrency limit of {name} for key {key}"
+    return f"concurrency limit {scope}"
