@@ -194,6 +194,7 @@ declare
     v_finished uuid[];
     v_watched  uuid[];
     v_children uuid[];
+    v_slotted  uuid[];   -- finished runs that held concurrency slots
     v_i        integer;
 begin
     -- The payload limit, as complete_step and complete_run apply it (a worker
@@ -227,10 +228,11 @@ begin
         -- lookup a parameterized subquery (tests/test_sql_batch.py).
         select b.*, r.id is not null as known,
                coalesce(r.status = 'running' and r.lease_token = b.token, false) as leased,
-               coalesce(r.cancel_requested, false) as cancel_requested
+               coalesce(r.cancel_requested, false) as cancel_requested,
+               coalesce(r.holds_slots, false) as holds_slots
         from report b
         left join lateral (
-            select r.id, r.status, r.lease_token, r.cancel_requested
+            select r.id, r.status, r.lease_token, r.cancel_requested, r.holds_slots
             from pgflow.runs r
             where r.id = b.id
             offset 0
@@ -250,13 +252,15 @@ begin
             where s.status = 'retrying' and s.name = excluded.name
         returning s.run_id
     ), finished as (
+        -- holds_slots cleared here: the batch's slots go back below, in one
+        -- statement, not through the trigger runs_flow run by run.
         update pgflow.runs r
         set status = 'completed', output = coalesce(f.result, 'null'::jsonb), error = null,
-            finished_at = v_now, lease_owner = null
+            finished_at = v_now, lease_owner = null, holds_slots = false
         from fenced f
         where r.id = f.id and f.leased and f.finish
           and (f.seq is null or f.id in (select d.run_id from recorded d))
-        returning r.id, r.watched, r.parent_id
+        returning r.id, r.watched, r.parent_id, f.holds_slots
     )
     select pg_catalog.array_agg(case
                when not f.known then 'unknown'
@@ -267,8 +271,9 @@ begin
                else 'ok' end order by f.i),
            (select pg_catalog.array_agg(e.id) from finished e),
            (select pg_catalog.array_agg(e.id) from finished e where e.watched),
-           (select pg_catalog.array_agg(e.id) from finished e where e.parent_id is not null)
-    into v_outcomes, v_finished, v_watched, v_children
+           (select pg_catalog.array_agg(e.id) from finished e where e.parent_id is not null),
+           (select pg_catalog.array_agg(e.id) from finished e where e.holds_slots)
+    into v_outcomes, v_finished, v_watched, v_children, v_slotted
     from fenced f;
 
     -- What complete_run does after the update, for the runs completed here.
@@ -277,6 +282,9 @@ begin
         perform pg_catalog.pg_notify('pgflow_done', w::text)
         from pg_catalog.unnest(v_watched) as w;
         perform pgflow._child_finished(c) from pg_catalog.unnest(v_children) as c;
+        if v_slotted is not null then
+            perform pgflow._give_back_slots(v_slotted);  -- 13_flow_control.sql
+        end if;
     end if;
 
     -- Sleeps after the checkpoints they follow, one at a time through

@@ -513,71 +513,109 @@ $$;
 -- Giving slots back (trigger on pgflow.runs)
 -- ---------------------------------------------------------------------------
 
--- A run leaves 'running' (any procedure, any reason): give its slots back,
--- wake the queue of a freed queue slot, unpark the best run parked on each
--- freed workflow or key scope. And a parked run that stops being pending
--- (cancelled) is parked no more.
-create function pgflow._runs_flow() returns trigger
+-- Give back the slots of runs that stop executing (the trigger runs_flow for
+-- one run, complete_batch for a batch), scope by scope in scope order: wake
+-- the queue of a freed queue slot if an idle worker asked for it
+-- (queue_settings.starved), unpark as many of a workflow or key scope's
+-- parked runs as it freed slots, best first. Slots above a lowered limit
+-- (or of a removed one) free no capacity and go; under a lowered limit a
+-- run still holding a slot above it takes a freed one first.
+create function pgflow._give_back_slots(p_run_ids uuid[]) returns void
 language plpgsql
 as $$
 declare
-    v_freed   record;
+    g         record;
     v_limit   integer;
     v_starved boolean;
+    v_freed   integer;  -- slots of the scope that free capacity
+    v_slot    integer;
     v_queue   text;
 begin
-    if old.status = 'running' and new.status <> 'running' and old.holds_slots then
-        new.holds_slots := false;
-        for v_freed in
-            with freed as (
-                update pgflow.slots s set run_id = null where s.run_id = old.id
-                returning s.scope, s.slot
-            )
-            select f.scope, f.slot from freed f order by f.scope  -- one lock order
-        loop
-            if v_freed.scope like 'queue:%' then
-                select q.concurrency, q.starved into v_limit, v_starved
-                from pgflow.queue_settings q where q.name = old.queue;
-            else
-                select w.concurrency_limit into v_limit
-                from pgflow.workflows w where w.name = old.name and w.version = old.version;
-            end if;
-            if v_limit is null or v_freed.slot > v_limit then
-                -- The limit was removed or lowered since the claim: this slot
-                -- frees no capacity.
-                delete from pgflow.slots s
-                where s.scope = v_freed.scope and s.slot = v_freed.slot and s.run_id is null;
-                continue;
-            end if;
-            -- Under a lowered limit, a run still holding a slot above it takes
-            -- this one: it counts against the limit until it finishes.
-            continue when pgflow._hand_down_slot(v_freed.scope, v_freed.slot, v_limit);
-            if v_freed.scope like 'queue:%' then
-                if v_starved then
-                    perform pgflow._notify_ready(old.queue);  -- an idle worker waits for it
+    for g in
+        with held as (
+            select s.scope, s.slot, s.run_id from pgflow.slots s
+            where s.run_id = any (p_run_ids)
+            for update
+        ), freed as (  -- (RETURNING gives the new run_id, null: hence held)
+            update pgflow.slots s set run_id = null
+            from held h
+            where s.scope = h.scope and s.slot = h.slot
+            returning h.scope, h.slot, h.run_id
+        )
+        select f.scope, pg_catalog.array_agg(f.slot order by f.slot) as slots,
+               min(r.queue) as queue, min(r.name) as name, min(r.version) as version
+        from freed f
+        join pgflow.runs r on r.id = f.run_id
+        group by f.scope
+        order by f.scope  -- one lock order
+    loop
+        v_starved := false;
+        if g.scope like 'queue:%' then
+            select q.concurrency, q.starved into v_limit, v_starved
+            from pgflow.queue_settings q where q.name = g.queue;
+        else
+            select w.concurrency_limit into v_limit
+            from pgflow.workflows w where w.name = g.name and w.version = g.version;
+        end if;
+        -- The limit was removed or lowered since the claim: these slots go.
+        delete from pgflow.slots s
+        where s.scope = g.scope and s.slot = any (g.slots)
+          and (v_limit is null or s.slot > v_limit) and s.run_id is null;
+        v_freed := (select count(*) from unnest(g.slots) x where x <= v_limit);
+        continue when coalesce(v_freed, 0) = 0;
+        if exists (select 1 from pgflow.slots h
+                   where h.scope = g.scope and h.slot > v_limit and h.run_id is not null) then
+            foreach v_slot in array g.slots loop
+                continue when v_slot > v_limit;
+                if pgflow._hand_down_slot(g.scope, v_slot, v_limit) then
+                    v_freed := v_freed - 1;
                 end if;
-                continue;
+            end loop;
+            continue when v_freed = 0;
+        end if;
+
+        if g.scope like 'queue:%' then
+            if v_starved then
+                perform pgflow._notify_ready(g.queue);  -- an idle worker waits for it
             end if;
-            if not pg_catalog.pg_try_advisory_xact_lock(7366505,
-                                                        pg_catalog.hashtext(v_freed.scope)) then
-                -- A claimer may be parking a run here right now: the leader
-                -- looks again once it is done (see the header).
-                insert into pgflow.scope_rechecks (scope, queued_at)
-                values (v_freed.scope, pgflow.now());
-                perform pg_catalog.pg_notify('pgflow_timer', '');
-                continue;
-            end if;
-            update pgflow.runs r set held_by = null
-            where r.id = (select p.id from pgflow.runs p
-                          where p.held_by = v_freed.scope and p.status = 'pending'
-                          order by p.priority desc, p.available_at
-                          limit 1
-                          for update skip locked)
-            returning r.queue into v_queue;
-            if found then
-                perform pgflow._notify_ready(v_queue);
-            end if;
+            continue;
+        end if;
+        if not pg_catalog.pg_try_advisory_xact_lock(7366505, pg_catalog.hashtext(g.scope)) then
+            -- A claimer may be parking a run here right now: the leader looks
+            -- again once it is done (see the header).
+            insert into pgflow.scope_rechecks (scope, queued_at) values (g.scope, pgflow.now());
+            perform pg_catalog.pg_notify('pgflow_timer', '');
+            continue;
+        end if;
+        for v_queue in
+            with woken as (
+                update pgflow.runs r set held_by = null
+                where r.id in (select p.id from pgflow.runs p
+                               where p.held_by = g.scope and p.status = 'pending'
+                               order by p.priority desc, p.available_at
+                               limit v_freed
+                               for update skip locked)
+                returning r.queue
+            )
+            select distinct w.queue from woken w
+        loop
+            perform pgflow._notify_ready(v_queue);
         end loop;
+    end loop;
+end;
+$$;
+
+-- A run leaves 'running' (any procedure, any reason) holding slots: give
+-- them back (complete_batch does it for its batch at once and clears
+-- holds_slots itself). A parked run that stops being pending (cancelled) is
+-- parked no more.
+create function pgflow._runs_flow() returns trigger
+language plpgsql
+as $$
+begin
+    if old.status = 'running' and new.status <> 'running' and new.holds_slots then
+        new.holds_slots := false;
+        perform pgflow._give_back_slots(array[old.id]);
     end if;
     if old.held_by is not null and new.status <> 'pending' then
         new.held_by := null;
@@ -591,7 +629,7 @@ $$;
 create trigger runs_flow
     before update of status on pgflow.runs
     for each row
-    when ((old.status = 'running' and new.status <> 'running' and old.holds_slots)
+    when ((old.status = 'running' and new.status <> 'running' and new.holds_slots)
           or (old.held_by is not null and new.status <> 'pending'))
     execute function pgflow._runs_flow();
 

@@ -264,6 +264,25 @@ def test_a_queue_cap_gates_the_queue_without_parking(dsn, conn, workers):
     assert len(runs) == 5
 
 
+def test_a_batch_of_completions_gives_back_its_slots_and_unparks_one_run_each(conn, workers):
+    """complete_batch (group commit) gives its runs' slots back in one go, not run by run."""
+    w = limited(workers, 2, key=None)
+    conn.execute("select pgflow.set_queue('default', concurrency => 5)")
+    runs = [start(conn, input=["a"]) for _ in range(5)]
+    claimed = w.claim(10)
+    assert len(claimed) == 2 and len(held(conn)) == 3
+    k = len(claimed)
+    outcomes = w.db.execute(
+        "select outcome from pgflow.complete_batch(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        ([c.run_id for c in claimed], [c.token for c in claimed], [None] * k, [None] * k,
+         [None] * k, [None] * k, [None] * k, [True] * k, [Jsonb(1)] * k)).fetchall()
+    assert outcomes == [("ok",), ("ok",)]
+    assert holders(conn) == {}
+    assert [r for r, _ in held(conn)] == runs[4:]  # two freed slots: the two oldest unparked
+    assert {c.run_id for c in w.claim(10)} == set(runs[2:4])
+    assert holders(conn) == {"workflow:wf": 2, "queue:default": 2}
+
+
 def test_lowering_a_queue_cap_keeps_running_runs_and_holds_new_ones(conn, workers):
     w = workers()
     conn.execute("select pgflow.set_queue('default', concurrency => 3)")
