@@ -71,23 +71,26 @@ begin
         -- transaction ends, which only makes other claimers skip them for
         -- that instant.
         v_chosen := array(
-            select c.id
-            from pg_catalog.unnest(p_queues) as q(queue)
-            cross join lateral (
-                select r.id, r.priority, r.available_at
-                from pgflow.runs r
-                where r.status = 'pending'
-                  and r.held_by is null
-                  and r.queue = q.queue
-                  and r.available_at <= v_now
-                  and (r.name, r.version) in (select t.n, t.v
-                                              from unnest(p_names, p_versions) as t(n, v))
-                order by r.priority desc, r.available_at
+            with candidates as materialized (
+                select c.id
+                from pg_catalog.unnest(p_queues) as q(queue)
+                cross join lateral (
+                    select r.id, r.priority, r.available_at
+                    from pgflow.runs r
+                    where r.status = 'pending'
+                      and r.held_by is null
+                      and r.queue = q.queue
+                      and r.available_at <= v_now
+                      and (r.name, r.version) in (select t.n, t.v
+                                                  from unnest(p_names, p_versions) as t(n, v))
+                    order by r.priority desc, r.available_at
+                    limit p_limit
+                    for update skip locked
+                ) c
+                order by c.priority desc, c.available_at
                 limit p_limit
-                for update skip locked
-            ) c
-            order by c.priority desc, c.available_at
-            limit p_limit);
+            )
+            select d.id from candidates d);
     end if;
 
     return query
