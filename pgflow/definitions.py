@@ -62,8 +62,8 @@ class Workflow:
             raise TypeError(f"concurrency of workflow {self.name!r} must be a "
                             f"pgflow.Concurrency, not {concurrency!r}")
         if concurrency.key is not None:
-            named = {p.name: p for p in self.signature.parameters
-                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            named = [p.name for p in self.signature.parameters
+                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             if concurrency.key not in named:
                 raise ValueError(
                     f"Concurrency key {concurrency.key!r} of workflow {self.name!r} is not one "

@@ -8,6 +8,7 @@ drop view pgflow.queues;
 drop trigger runs_flow on pgflow.runs;
 drop function pgflow._runs_flow();
 drop function pgflow._give_back_slots(uuid[]);
+drop function pgflow._unpark(text, integer);
 drop function pgflow.wake_queues();
 drop function pgflow.resume_queue(text);
 drop function pgflow.pause_queue(text);

@@ -553,6 +553,23 @@ $$;
 -- Giving slots back (trigger on pgflow.runs)
 -- ---------------------------------------------------------------------------
 
+-- Unpark the best p_count parked runs of a scope (priority, then age) and
+-- wake their queues; returns how many. The caller holds the scope's lock.
+create function pgflow._unpark(p_scope text, p_count integer) returns integer
+language sql
+as $$
+    with woken as (
+        update pgflow.runs r set held_by = null
+        where r.id in (select p.id from pgflow.runs p
+                       where p.held_by = p_scope and p.status = 'pending'
+                       order by p.priority desc, p.available_at
+                       limit p_count
+                       for update skip locked)
+        returning r.queue
+    )
+    select count(pgflow._notify_ready(w.queue) is null)::integer from woken w
+$$;
+
 -- Give back the slots of runs that stop executing (the trigger runs_flow for
 -- one run, complete_batch for a batch), scope by scope in scope order: wake
 -- the queue of a freed queue slot if an idle worker asked for it
@@ -569,7 +586,6 @@ declare
     v_starved boolean;
     v_freed   integer;  -- slots of the scope that free capacity
     v_slot    integer;
-    v_queue   text;
 begin
     for g in
         with held as (
@@ -627,20 +643,7 @@ begin
             perform pg_catalog.pg_notify('pgflow_timer', '');
             continue;
         end if;
-        for v_queue in
-            with woken as (
-                update pgflow.runs r set held_by = null
-                where r.id in (select p.id from pgflow.runs p
-                               where p.held_by = g.scope and p.status = 'pending'
-                               order by p.priority desc, p.available_at
-                               limit v_freed
-                               for update skip locked)
-                returning r.queue
-            )
-            select distinct w.queue from woken w
-        loop
-            perform pgflow._notify_ready(v_queue);
-        end loop;
+        perform pgflow._unpark(g.scope, v_freed);
     end loop;
 end;
 $$;
@@ -796,7 +799,6 @@ as $$
 declare
     v_woken integer;
     v_scope text;
-    v_queue text;
 begin
     with woken as (
         update pgflow.queue_settings q set rate_blocked_until = null
@@ -815,17 +817,7 @@ begin
         end if;
         continue when not exists (select 1 from pgflow.slots s
                                   where s.scope = v_scope and s.run_id is null);
-        update pgflow.runs r set held_by = null
-        where r.id = (select p.id from pgflow.runs p
-                      where p.held_by = v_scope and p.status = 'pending'
-                      order by p.priority desc, p.available_at
-                      limit 1
-                      for update skip locked)
-        returning r.queue into v_queue;
-        if found then
-            perform pgflow._notify_ready(v_queue);
-            v_woken := v_woken + 1;
-        end if;
+        v_woken := v_woken + pgflow._unpark(v_scope, 1);
     end loop;
     return v_woken;
 end;
