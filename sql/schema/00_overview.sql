@@ -7,7 +7,7 @@
 -- chain in sql/migrations/; tests/migrations/test_schema_layout.py proves that both build
 -- the same catalog.
 --
--- Who may call what is 14_roles.sql's: the entry points run as the schema
+-- Who may call what is 15_roles.sql's: the entry points run as the schema
 -- owner with a fixed search_path, and the roles pgflow_client, pgflow_worker
 -- and pgflow_reader each get their duty's share.
 --
