@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -146,8 +146,10 @@ class QueueCollector:
     these series, never as a hung endpoint).
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str,
+                 read: Callable[[str], list[tuple[str, str, int, float]]] | None = None) -> None:
         self._dsn = dsn
+        self._read = read or read_queue_metrics
 
     def describe(self) -> list[Any]:
         return []  # not known before a scrape: queues come and go
@@ -161,16 +163,16 @@ class QueueCollector:
                                    "Age of the oldest run ready to run and not claimed.",
                                    labels=("queue",))
         try:
-            rows = read_queue_metrics(self._dsn)
+            rows = self._read(self._dsn)
         except psycopg.Error as exc:
             logger.warning("queue metrics not read: %s", str(exc).strip().splitlines()[0:1])
             return
-        seen: set[str] = set()
+        oldest_by_queue: dict[str, float] = {}
         for queue, status, count, oldest_seconds in rows:
             runs.add_metric((queue, status), count)
-            if queue not in seen:
-                seen.add(queue)
-                oldest.add_metric((queue,), oldest_seconds)
+            oldest_by_queue[queue] = max(oldest_seconds, oldest_by_queue.get(queue, 0.0))
+        for queue, seconds in oldest_by_queue.items():
+            oldest.add_metric((queue,), seconds)
         yield runs
         yield oldest
 
