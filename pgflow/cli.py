@@ -79,9 +79,8 @@ def worker(
     with user_errors():
         if log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json, not {log_format!r}")
-        if metrics_port is not None and not metrics.available():
-            raise ValueError("--metrics-port needs prometheus_client: "
-                             "pip install 'pgflow-engine[metrics]'")
+        if (metrics_port is not None or metrics.shared_directory()) and not metrics.available():
+            raise ValueError("metrics need prometheus_client: pip install 'pgflow-engine[metrics]'")
         target = dsn_resolution.resolve(dsn)
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -104,7 +103,7 @@ def worker(
         _quiet_garbage_collector()
         Worker(target, queues=queue or None, concurrency=concurrency,
                stale_after=timedelta(seconds=stale_after),
-               metrics=metrics_port is not None).run()
+               metrics=metrics_port is not None or metrics.shared_directory() is not None).run()
 
 
 def _quiet_garbage_collector() -> None:

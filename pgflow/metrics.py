@@ -21,7 +21,9 @@ names, ``_total`` counters, bounded labels, never a run id):
 
 Several worker processes on one host share one endpoint through
 ``prometheus_client``'s multiprocess mode: set ``PROMETHEUS_MULTIPROC_DIR``
-to an empty directory for all of them (see :func:`registry`).
+to an empty directory for all of them; each records its metrics there (no
+port needed), and the one started with ``--metrics-port`` serves the sum
+(see :func:`registry`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import psycopg
 logger = logging.getLogger("pgflow.metrics")
 
 # Every series a scrape can show, with its labels (docs/observability checks its
-# expressions against this).
+# expressions against this). prometheus_client adds a ``_created`` timestamp to
+# each counter and histogram (not for queries; left out here).
 SERIES: dict[str, tuple[str, ...]] = {
     "pgflow_steps_total": ("workflow", "step", "outcome"),
     "pgflow_step_duration_seconds_bucket": ("workflow", "step", "le"),
@@ -194,7 +197,7 @@ def registry(dsn: str | None) -> Any:
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client import multiprocess as mp
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if shared_directory():
         scrape = CollectorRegistry()
         mp.MultiProcessCollector(scrape)
     else:
@@ -227,6 +230,11 @@ def serve(port: int, dsn: str | None, host: str = "") -> Any:
 
     server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry(dsn))
     return server
+
+
+def shared_directory() -> str | None:
+    """``PROMETHEUS_MULTIPROC_DIR``: where the worker processes of a host put their samples."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 def available() -> bool:
