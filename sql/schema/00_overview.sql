@@ -13,7 +13,9 @@
 --
 -- Public procedures (stable, callable from a client, trigger or psql):
 --   pgflow.start(name, input, key, queue, priority, delay, version, timeout)  new run
---   pgflow.start_run(..., concurrency_key)  start with every option (13_flow_control.sql)
+--   pgflow.start_run(..., concurrency_key, traceparent)  start with every option
+--                                 (13_flow_control.sql, 14_observability.sql)
+--   pgflow.queue_metrics()        unfinished runs by queue and status (metrics scrapes)
 --   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
 --   pgflow.now()                                                      engine clock
 --   pgflow.max_payload_bytes()    the size limit of every JSON payload (see Limits)
@@ -21,7 +23,7 @@
 -- Worker procedures (called by `pgflow worker`):
 --   pgflow.register_worker(...)   join: takes the worker's liveness lock
 --   pgflow.heartbeat(worker)      still alive
---   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals
+--   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals and traces
 --   pgflow.claim(worker, ...)     the same for workers of 0.1.0 (fewer columns)
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up
