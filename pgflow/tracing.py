@@ -68,10 +68,20 @@ def _parent(traceparent: str | None) -> Any:
     return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
-def _recording() -> bool:
-    """Whether a tracer provider is configured (the API's default records nothing)."""
+_cached: tuple[Any, Any] | None = None  # (provider, its pgflow tracer)
+
+
+def _tracer() -> Any:
+    """pgflow's tracer, or None when no tracer provider is configured (the API's
+    default records nothing). One tracer a provider: asking the SDK for one
+    costs more than a span."""
+    global _cached
     provider = trace.get_tracer_provider()
-    return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    if _cached is None or _cached[0] is not provider:
+        _cached = (provider, provider.get_tracer(TRACER_NAME))
+    return _cached[1]
 
 
 class RunSpans:
@@ -80,10 +90,10 @@ class RunSpans:
     def __init__(self, run_id: Any, workflow: str, version: str,
                  traceparent: str | None) -> None:
         self._span: Any = None
-        if trace is None or not _recording():
+        self._tracer = None if trace is None else _tracer()
+        if self._tracer is None:
             return
-        tracer = trace.get_tracer(TRACER_NAME)
-        self._span = tracer.start_span(
+        self._span = self._tracer.start_span(
             f"pgflow.run {workflow}", context=_parent(traceparent), kind=SpanKind.CONSUMER,
             attributes={"pgflow.run_id": str(run_id), "pgflow.workflow": workflow,
                         "pgflow.version": version})
@@ -100,8 +110,7 @@ class RunSpans:
         if self._span is None:
             yield _NO_STEP
             return
-        tracer = trace.get_tracer(TRACER_NAME)
-        span = tracer.start_span(
+        span = self._tracer.start_span(
             f"pgflow.step {name}", context=trace.set_span_in_context(self._span),
             attributes={**self._attributes, "pgflow.step": name, "pgflow.seq": seq,
                         "pgflow.attempt": attempt})
