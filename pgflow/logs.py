@@ -6,7 +6,7 @@ copies them onto every record as ``run_id``, ``workflow``, ``step`` and
 ``attempt`` (None where they do not apply), so the application's own logging
 inside a step carries them too. ``pgflow worker --log-format json`` prints
 one JSON object a line (:class:`JsonFormatter`); the text format appends
-``[run=... step=...]`` when there is a run.
+``[run_id=... workflow=... step=... attempt=...]`` when there is a run.
 """
 
 from __future__ import annotations

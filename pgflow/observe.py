@@ -51,13 +51,19 @@ class RunObserver:
         """Around a live step's code: its span (current meanwhile) and its log context."""
         with self.spans.step(name, seq, attempt) as span, logs.step_scope(name, attempt):
             watch = StepWatch(span)
-            yield watch
-        if watch.outcome is not None:
-            self._instruments.step_ended(self.workflow, name, watch.outcome, watch.seconds)
-            if watch.outcome != "completed":
-                logger.warning("step %s (attempt %d) %s after %.3fs", name, attempt,
-                               "failed, will be retried" if watch.outcome == "retrying"
-                               else "failed", watch.seconds)
+            try:
+                yield watch
+            finally:  # a failed attempt leaves by an exception (Suspend, StepFailed)
+                self._told(name, attempt, watch)
+
+    def _told(self, name: str, attempt: int, watch: StepWatch) -> None:
+        if watch.outcome is None:
+            return  # the step did not end here (the worker is stopping, the run moved on)
+        self._instruments.step_ended(self.workflow, name, watch.outcome, watch.seconds)
+        if watch.outcome != "completed":
+            logger.warning("step %s (attempt %d) %s after %.3fs", name, attempt,
+                           "failed, will be retried" if watch.outcome == "retrying"
+                           else "failed", watch.seconds)
 
     def ended(self, outcome: str, error: BaseException | None = None) -> None:
         """This execution is over: ``completed``, ``failed``, ``cancelled`` (the run ended),

@@ -38,6 +38,7 @@ from pgflow.retry import DEFAULT_RETRY, Retry
 from pgflow.runner import RunExecution
 from pgflow.scheduler import Scheduler
 from pgflow.schedules import ScheduleSpec, apply_declared, declared_schedules
+from pgflow.transactional import TransactionalSteps
 
 __all__ = ["Worker"]
 
@@ -172,6 +173,7 @@ class Worker:
                                          open=False, name="pgflow-claim")
         await claim_pool.open(wait=True)
         procedures = Procedures(pool, claim_pool=claim_pool)
+        self._transactional = TransactionalSteps(self.dsn, max_size=self.concurrency)
         self._reporter = Reporter(procedures)
         await self._membership.connect()  # registers the workflows the schedules name
         await asyncio.to_thread(self._apply_schedules)
@@ -191,6 +193,7 @@ class Worker:
                     await scheduler_task
             await membership_task
             await self._membership.close()
+            await self._transactional.aclose()
             await claim_pool.close()
             await pool.close()
             executor.shutdown(wait=False, cancel_futures=True)
@@ -238,8 +241,7 @@ class Worker:
                 continue
             for run in claimed:
                 if self.instruments.enabled:
-                    self.instruments.claimed(self._by_key[(run.name, run.version)].queue,
-                                             run.claim_delay)
+                    self.instruments.claimed(run.queue or "", run.claim_delay)
                 slot = slots.take()
                 task = asyncio.create_task(self._execute(run, procedures, executor, slot))
                 self._inflight.add(task)
@@ -264,7 +266,7 @@ class Worker:
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
                                  self._reporter, self._loop, executor, self.retry, self._stopping.is_set,
                                  self._membership.request_reset, on_code_done=slot.release,
-                                 instruments=self.instruments)
+                                 instruments=self.instruments, transactional=self._transactional)
         try:
             await execution.execute()
         except Exception:
