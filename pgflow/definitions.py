@@ -93,14 +93,25 @@ class Step:
     """A step definition; calling it inside a running workflow checkpoints it."""
 
     def __init__(self, fn: Callable[..., Any], *, name: str | None, retry: Retry | None,
-                 timeout: timedelta | float | None, queue: str | None) -> None:
+                 timeout: timedelta | float | None, queue: str | None,
+                 transactional: bool = False) -> None:
         self.fn = fn
         self.name = check_name(name or fn.__name__, "step name")
         self.retry = check_retry(retry)
         self.timeout = check_timeout(timeout)
         self.queue = None if queue is None else check_name(queue, "step queue")
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.signature = codec.Signature(fn)
+        if not isinstance(transactional, bool):
+            raise TypeError(f"transactional must be True or False, not {transactional!r}")
+        self.transactional = transactional
+        if transactional:
+            _check_takes_connection(fn, self.name)
+            if timeout is not None:
+                raise ValueError(f"transactional step {self.name!r} cannot have a timeout: its "
+                                 "transaction would outlive the attempt (use the database's "
+                                 "statement_timeout inside the step)")
+        # A transactional step's first parameter is the worker's connection, not an input.
+        self.signature = codec.Signature(fn, skip_first=transactional)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,6 +122,14 @@ class Step:
 
     def __repr__(self) -> str:
         return f"<pgflow.Step {self.name}>"
+
+
+def _check_takes_connection(fn: Callable[..., Any], name: str) -> None:
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"transactional step {name!r} must take the connection as its first "
+                        "positional parameter: def step(conn, ...)")
 
 
 @overload
@@ -145,14 +164,23 @@ def workflow(fn: Any = None, /, *, name: str | None = None, version: str = DEFAU
 def step(fn: F, /) -> Step: ...
 @overload
 def step(*, name: str | None = None, retry: Retry | None = None,
-         timeout: timedelta | float | None = None,
-         queue: str | None = None) -> Callable[[F], Step]: ...
+         timeout: timedelta | float | None = None, queue: str | None = None,
+         transactional: bool = False) -> Callable[[F], Step]: ...
 def step(fn: Any = None, /, *, name: str | None = None, retry: Retry | None = None,
-         timeout: timedelta | float | None = None, queue: str | None = None) -> Any:
-    """Declare a step: its result is checkpointed when called inside a workflow."""
+         timeout: timedelta | float | None = None, queue: str | None = None,
+         transactional: bool = False) -> Any:
+    """Declare a step: its result is checkpointed when called inside a workflow.
+
+    ``transactional=True``: the step takes, as its first parameter, the worker's
+    connection inside the transaction that writes its checkpoint (psycopg
+    ``Connection``, ``AsyncConnection`` for ``async def``); its writes and its
+    checkpoint commit together or not at all. Inside a workflow it is called
+    without that argument; outside one, pass a connection yourself.
+    """
 
     def decorate(f: Callable[..., Any]) -> Step:
-        defined = Step(f, name=name, retry=retry, timeout=timeout, queue=queue)
+        defined = Step(f, name=name, retry=retry, timeout=timeout, queue=queue,
+                       transactional=transactional)
         _register_step(defined)
         return defined
 

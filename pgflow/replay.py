@@ -62,6 +62,7 @@ from pgflow.journal import FailOutcome, JournalEntry, error_json, item_failed, s
 from pgflow.retry import Retry
 from pgflow.steps import (
     LiveStep,
+    StepRaised,
     in_own_thread,
     is_retryable,
     outside_workflow,
@@ -138,6 +139,13 @@ class RunSession(Protocol):
     def observe_step(self, name: str, seq: int,
                      attempt: int) -> AbstractContextManager[StepWatch]:
         """Around a live step's code: its metrics, span and log context (pgflow.observe)."""
+    def transactional(self, live: LiveStep, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+        """Run a ``def`` transactional step and commit its checkpoint with its writes
+        (in the calling thread); raises :class:`StepRaised` for the step's own error."""
+    async def transactional_async(self, live: LiveStep, args: tuple[Any, ...],
+                                  kwargs: dict[str, Any]) -> Any:
+        """The same for an ``async def`` step."""
 
 
 class Replay:
@@ -479,7 +487,8 @@ class Replay:
         is_async = getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn)
         timeout = getattr(step, "timeout", None)
         attempt = entry.attempts + 1 if entry is not None else 1
-        return LiveStep(seq, name, fn, is_async, decode, timeout, attempt), None
+        return LiveStep(seq, name, fn, is_async, decode, timeout, attempt,
+                        getattr(step, "transactional", False)), None
 
     def _before_live_step(self) -> None:
         """The previous step's checkpoint commits before this step acts (and may bring news
@@ -495,6 +504,8 @@ class Replay:
             self._session.call(self.flush())
             self._before_live_step()
         with self._session.observe_step(live.name, live.seq, live.attempt) as watch:
+            if live.transactional:
+                return self._transactional_sync(step, live, args, kwargs, watch)
             started = time.monotonic()
             try:  # the function runs in pgflow.steps: outside the workflow, within its timeout
                 if live.is_async:
@@ -518,6 +529,8 @@ class Replay:
             self._before_live_step()
         fn = live.fn
         with self._session.observe_step(live.name, live.seq, live.attempt) as watch:
+            if live.transactional:
+                return await self._transactional_async(step, live, args, kwargs, watch)
             started = time.monotonic()
             try:
                 if live.is_async:
@@ -530,6 +543,49 @@ class Replay:
                 return await self._failed(step, live, exc, started, watch)
             self._hold(live, output, started, watch)
         return live.decode(output)
+
+    # -- transactional steps (pgflow.transactional) ------------------------------
+
+    def _transactional_sync(self, step: Any, live: LiveStep, args: tuple[Any, ...],
+                            kwargs: dict[str, Any], watch: StepWatch) -> Any:
+        """In the workflow's thread: the step and its checkpoint, one transaction."""
+        try:
+            if live.is_async:
+                done = self._session.call(self._session.transactional_async(live, args, kwargs))
+            else:
+                done = self._session.transactional(live, args, kwargs)
+        except StepRaised as raised:
+            return self._session.call(self._failed(step, live, raised.error,
+                                                   time.monotonic() - raised.seconds, watch))
+        except Exception as exc:
+            raise Abandon(f"transactional step {live.name!r}: its checkpoint failed, "
+                          f"its writes rolled back with it: {exc}") from exc
+        return self._committed(live, done, watch)
+
+    async def _transactional_async(self, step: Any, live: LiveStep, args: tuple[Any, ...],
+                                   kwargs: dict[str, Any], watch: StepWatch) -> Any:
+        try:
+            if live.is_async:
+                done = await self._session.transactional_async(live, args, kwargs)
+            else:
+                done = await self._session.run_in_thread(
+                    lambda: self._session.transactional(live, args, kwargs))
+        except StepRaised as raised:
+            return await self._failed(step, live, raised.error,
+                                      time.monotonic() - raised.seconds, watch)
+        except Exception as exc:
+            raise Abandon(f"transactional step {live.name!r}: its checkpoint failed, "
+                          f"its writes rolled back with it: {exc}") from exc
+        return self._committed(live, done, watch)
+
+    def _committed(self, live: LiveStep, done: Any, watch: StepWatch) -> Any:
+        """A transactional step's checkpoint committed (nothing is held back)."""
+        watch.done("completed", done.seconds)
+        self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
+                                               done.output, None)
+        if done.cancel_requested:
+            self._cancel_requested = True
+        return live.decode(done.output)
 
     def _recorded(self, name: str, entry: JournalEntry, decode: Callable[[Any], Any]) -> Any:
         if entry.status == "failed":

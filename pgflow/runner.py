@@ -34,6 +34,8 @@ from pgflow.procedures import ClaimedRun, Procedures
 from pgflow.replay import Abandon, ContinueAsNew, Release, Replay, StepWatch, Suspend
 from pgflow.reporter import Reporter
 from pgflow.retry import Retry
+from pgflow.steps import LiveStep
+from pgflow.transactional import Checkpoint, Committed, TransactionalSteps
 
 logger = logging.getLogger("pgflow.worker")
 
@@ -46,7 +48,8 @@ class RunExecution:
                  default_retry: Retry, is_draining: Callable[[], bool],
                  on_lost_contact: Callable[[], None],
                  on_code_done: Callable[[], None] = lambda: None,
-                 instruments: Instruments | None = None) -> None:
+                 instruments: Instruments | None = None,
+                 transactional: TransactionalSteps | None = None) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
@@ -59,6 +62,7 @@ class RunExecution:
         self._is_draining = is_draining
         self._on_lost_contact = on_lost_contact
         self._on_code_done = on_code_done  # the workflow returned: only its last report is left
+        self._transactional = transactional  # connections of transactional steps
         self.observer = RunObserver(instruments or Instruments(), claimed.run_id, workflow.name,
                                     workflow.version, claimed.traceparent)
 
@@ -119,6 +123,23 @@ class RunExecution:
 
     def observe_step(self, name: str, seq: int, attempt: int) -> AbstractContextManager[StepWatch]:
         return self.observer.step(name, seq, attempt)
+
+    def transactional(self, live: LiveStep, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Committed:
+        return self._transactional_steps().run(live.fn, args, kwargs, self._checkpoint(live))
+
+    async def transactional_async(self, live: LiveStep, args: tuple[Any, ...],
+                                  kwargs: dict[str, Any]) -> Committed:
+        return await self._transactional_steps().run_async(live.fn, args, kwargs,
+                                                           self._checkpoint(live))
+
+    def _transactional_steps(self) -> TransactionalSteps:
+        if self._transactional is None:
+            raise errors.PgflowError("this worker runs no transactional steps")
+        return self._transactional
+
+    def _checkpoint(self, live: LiveStep) -> Checkpoint:
+        return Checkpoint(self.run_id, self.claimed.lease_token, live.seq, live.name)
 
     # -- driving the workflow -----------------------------------------------
 

@@ -72,6 +72,20 @@ class LiveStep:
     decode: Callable[[Any], Any]
     timeout: timedelta | None
     attempt: int = 1  # 2 and up: a retry
+    transactional: bool = False  # runs inside its checkpoint's transaction (pgflow.transactional)
+
+
+class StepRaised(Exception):
+    """A transactional step's own code raised (or left its transaction broken).
+
+    Its transaction was rolled back; ``error`` is the step's exception, reported
+    as any step failure is.
+    """
+
+    def __init__(self, error: BaseException, seconds: float) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.seconds = seconds
 
 
 def result_decoder(step: Any, name: str) -> Callable[[Any], Any]:
@@ -110,7 +124,7 @@ async def timed(live: LiveStep, awaitable: Any) -> Any:
 async def with_timeout_async(live: LiveStep, args: tuple[Any, ...],
                              kwargs: dict[str, Any]) -> Any:
     """Run an ``async def`` step outside the workflow, within its timeout."""
-    return await timed(live, _outside_workflow_async(live.fn, args, kwargs))
+    return await timed(live, outside_workflow_async(live.fn, args, kwargs))
 
 
 def in_own_thread(live: LiveStep, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -148,7 +162,7 @@ def outside_workflow(fn: Callable[..., Any], args: tuple[Any, ...],
         _running.reset(token)
 
 
-async def _outside_workflow_async(fn: Callable[..., Any], args: tuple[Any, ...],
+async def outside_workflow_async(fn: Callable[..., Any], args: tuple[Any, ...],
                                   kwargs: dict[str, Any]) -> Any:
     token = _running.set(None)
     try:
