@@ -71,14 +71,6 @@ def basic_auth(user: str, password: str, realm: str = "pgflow") -> AuthCallable:
     return check
 
 
-def parse_credentials(text: str) -> tuple[str, str]:
-    """``user:password`` (the CLI's ``--auth`` and ``PGFLOW_UI_AUTH``)."""
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ValueError("--auth (or PGFLOW_UI_AUTH) must be user:password, both non-empty")
-    return user, password
-
-
 class AuthMiddleware:
     """Ask ``auth`` about every request (static files too) before the dashboard sees it."""
 
