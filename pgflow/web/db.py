@@ -39,6 +39,7 @@ class Database:
     def __init__(self, dsn: str, *, read_only: bool) -> None:
         self.dsn = dsn
         self.read_only = read_only
+        self.wait = WAIT_FOR_CONNECTION
         self.pool = ConnectionPool(
             dsn, min_size=POOL_MIN_SIZE, max_size=POOL_MAX_SIZE, open=False,
             configure=self._configure, name="pgflow-web",
@@ -68,7 +69,7 @@ class Database:
         """``fn(conn, *args)`` in one transaction on a pooled connection (blocking)."""
         self.open()
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=self.wait) as conn:
                 return fn(conn, *args)
         except PoolTimeout:
             raise Unavailable(self._why_unavailable()) from None

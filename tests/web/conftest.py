@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from pgflow.web import create_app
 from tests.web import scenarios
 
-CSRF_INPUT = re.compile(r'name="csrf" value="([^"]+)"')
+CSRF_INPUT = re.compile(r'name="csrf-token" content="([^"]+)"')
 
 
 @pytest.fixture
