@@ -199,8 +199,9 @@ def test_retry_a_failed_run_from_the_page(page, site, conn, worker):
     run_id = pgflow.start(conn, fragile, 21)
     wait_status(conn, run_id, "failed")
     page.goto(f"{site}/runs/{run_id}")
-    expect(page.locator("#error")).to_have_text("pgflow.errors.StepFailed: step 'fragile_step' failed after 1 "
-                                                "attempt(s): ValueError: cannot handle 21 yet")
+    expect(page.locator("#error")).to_have_text(
+        "pgflow.errors.StepFailed: step 'fragile_step' failed after 1 attempt(s): "
+        "ValueError: cannot handle 21 yet")
     _fixed.set()
     page.get_by_role("button", name="Retry run").click()
     expect(flash(page)).to_have_text(f"run {run_id} will resume from its last checkpoint")
