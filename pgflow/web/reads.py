@@ -39,26 +39,45 @@ def engine_now(conn: Any) -> datetime:
 
 # -- overview -----------------------------------------------------------------
 
+UNFINISHED = ("pending", "running", "sleeping", "waiting")
+FINISHED = ("completed", "failed", "cancelled")
+
+
 @dataclass(frozen=True)
 class Overview:
     now: datetime
-    counts: dict[str, int]  # every status, zero included
+    counts: dict[str, int]  # unfinished: all of them; finished: in the last FAILURE_HOURS
     failures_by_hour: list[tuple[datetime, int]]  # the last FAILURE_HOURS hours, oldest first
     recent_failures: list[dict[str, Any]]
+    estimated_total: int | None  # every run in the table, the planner's estimate
 
     @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+    def unfinished(self) -> dict[str, int]:
+        return {s: self.counts[s] for s in UNFINISHED}
+
+    @property
+    def finished(self) -> dict[str, int]:
+        return {s: self.counts[s] for s in FINISHED}
 
 
 def overview(conn: Any) -> Overview:
+    """Counts that cost what the live work and the last day cost, not what history does.
+
+    Unfinished runs are counted exactly (``runs_status_created``); finished ones over
+    the last day (``runs_finished``); the whole table only as the planner estimates it.
+    """
     now = engine_now(conn)
-    counts = dict.fromkeys(("pending", "running", "sleeping", "waiting", "completed", "failed",
-                            "cancelled"), 0)
-    for status, n in conn.execute("select r.status, count(*) from pgflow.runs r group by r.status"):
-        counts[status] = int(n)
     end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     start = end - timedelta(hours=FAILURE_HOURS)
+    counts = dict.fromkeys((*UNFINISHED, *FINISHED), 0)
+    for status, n in conn.execute(
+            "select r.status, count(*) from pgflow.runs r where r.status = any(%s)"
+            " group by r.status", (list(UNFINISHED),)):
+        counts[status] = int(n)
+    for status, n in conn.execute(
+            "select r.status, count(*) from pgflow.runs r where r.finished_at >= %s"
+            " group by r.status", (now - timedelta(hours=FAILURE_HOURS),)):
+        counts[status] = int(n)
     by_hour = dict.fromkeys((start + timedelta(hours=i) for i in range(FAILURE_HOURS)), 0)
     rows = conn.execute(
         "select date_trunc('hour', r.finished_at, 'UTC') as hour, count(*) from pgflow.runs r"
@@ -71,7 +90,10 @@ def overview(conn: Any) -> Overview:
         "select r.id, r.name, r.finished_at, left(r.error ->> 'type', 200) as error_type,"
         " left(r.error ->> 'message', 300) as error_message from pgflow.runs r"
         " where r.status = 'failed' order by r.created_at desc limit %s", (RECENT_FAILURES,)))
-    return Overview(now, counts, sorted(by_hour.items()), recent)
+    estimate = conn.execute("select c.reltuples::bigint from pg_catalog.pg_class c"
+                            " where c.oid = 'pgflow.runs'::regclass").fetchone()[0]
+    return Overview(now, counts, sorted(by_hour.items()), recent,
+                    int(estimate) if estimate is not None and estimate >= 0 else None)
 
 
 # -- one run ------------------------------------------------------------------

@@ -36,6 +36,7 @@ def test_every_page_and_every_run_page_answers_200(client, history):
 
 
 def test_the_overview_counts_runs_by_status_and_charts_failures(client, history):
+    """Unfinished runs all, finished ones of the last 24 hours (here: all of them)."""
     page = client.get("/").text
     counts = dict(re.findall(r'id="count-(\w+)">\s*<span class="n">(\d+)</span>', page))
     assert counts == {"pending": "3", "running": "0", "sleeping": "1", "waiting": "1",
@@ -62,6 +63,7 @@ def test_the_chart_counts_failures_in_their_hour(client, dsn):
                             pgflow.now() - interval '3 days'""")
     page = client.get("/").text
     assert "6 failed in these 24 hours; at most 2 in one hour" in page
+    assert re.search(r'id="count-failed">\s*<span class="n">6</span>', page)  # not the old one
     counts = [int(n) for n in re.findall(r": (\d+) failed run\(s\)</title>", page)]
     assert counts[-3:] == [2, 2, 2] and sum(counts) == 6
 
