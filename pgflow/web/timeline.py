@@ -55,6 +55,10 @@ def duration_text(delta: timedelta) -> str:
     seconds = delta.total_seconds()
     if seconds < 0:
         seconds = 0.0
+    if seconds == 0:
+        return "0 ms"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
@@ -106,11 +110,12 @@ def _run_lane(run: models.Run, axis: _Axis, end: datetime) -> Lane:
     lane.segments.append(axis.segment("queued", run.created_at, claimed,
                                       "queued before its first claim", "queued"))
     if run.started_at is not None:
-        kind = {"completed": "ok", "failed": "failed", "cancelled": "cancelled"}.get(
-            run.status, "run")
+        kind = {"completed": "ok", "failed": "failed", "cancelled": "cancelled",
+                "running": "run", "sleeping": "sleep", "waiting": "wait",
+                "pending": "queued"}.get(run.status, "run")
+        until = "its end" if run.finished else f"now ({run.status})"
         lane.segments.append(axis.segment(kind, run.started_at, end,
-                                          f"from its first claim to {'its end' if run.finished else 'now'}",
-                                          run.status))
+                                          f"from its first claim to {until}", run.status))
     return lane
 
 

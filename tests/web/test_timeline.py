@@ -63,6 +63,8 @@ def test_an_unfinished_run_ends_now_and_open_waits_reach_it():
     t = timeline.build(r, {0: [attempt(1, 10, 20)]}, now=s(40),
                        waits=[{"kind": "retry", "seq": 0, "due_at": s(100)}])
     assert t.end == s(40)
+    assert [(x.kind, x.start, x.width) for x in t.lanes[0].segments] == [
+        ("queued", 0.0, 0.25), ("sleep", 0.25, 0.75)]  # the run itself: asleep since
     kinds = [(x.kind, x.start, x.width) for x in t.lanes[1].segments]
     assert kinds == [("failed", 0.25, 0.25), ("backoff", 0.5, 0.5)]
     assert "until 2026-12-01 08:01:40.000 UTC" in t.lanes[1].segments[1].title
