@@ -60,7 +60,8 @@ def _run_data(conn: Any, rid: Any) -> dict[str, Any]:
     data["steps"] = [{**vars(s), "attempts_failed": detail.attempts.get(s.seq, [])}
                      for s in r.steps]
     return {"run": data | {k: v for k, v in detail.extra.items() if k != "lease_owner"},
-            "finished": r.finished, "held": detail.held, "wait": reads.current_wait(detail),
+            "finished": r.finished, "held": detail.held, "unserved": detail.unserved,
+            "wait": reads.current_wait(detail),
             "signals": detail.signals, "state": detail.state,
             "children": detail.children, "version": pages.fingerprint(r)}
 

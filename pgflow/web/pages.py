@@ -56,12 +56,14 @@ def _search(conn: Any, text: str) -> tuple[str, str] | None:
 def _runs_data(conn: Any, q: listing.RunQuery) -> dict[str, Any]:
     page = listing.fetch_page(conn, q)
     held = flow.why_pending_runs(conn, [r["id"] for r in page.rows if r["status"] == "pending"])
+    unserved = reads.unserved(conn, [r["id"] for r in page.rows if not r["finished"]])
     names = [row[0] for row in conn.execute(
         "select distinct w.name from pgflow.workflows w order by 1").fetchall()]
     queue_names = [row[0] for row in conn.execute(
         "select w.queue from pgflow.workflows w union"
         " select s.name from pgflow.queue_settings s order by 1").fetchall()]
-    return {"page": page, "held": held, "workflows": names, "queue_names": queue_names}
+    return {"page": page, "held": held, "unserved": unserved, "workflows": names,
+            "queue_names": queue_names}
 
 
 @page_errors

@@ -110,6 +110,7 @@ class RunDetail:
     children: list[dict[str, Any]]
     children_total: int
     held: str | None  # why a pending run is not claimed now
+    unserved: bool  # unfinished, and no registered worker has its (name, version) on its queue
 
 
 def run_detail(conn: Any, run_id: uuid.UUID) -> RunDetail:
@@ -144,7 +145,15 @@ def run_detail(conn: Any, run_id: uuid.UUID) -> RunDetail:
                                  (run_id,)).fetchone()[0])
     held = flow.why_pending(conn, run_id) if run.status == "pending" else None
     return RunDetail(run, engine_now(conn), extra[0] if extra else {}, attempts, waits, signals,
-                     state, children, total, held)
+                     state, children, total, held, bool(unserved(conn, [run_id])))
+
+
+def unserved(conn: Any, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Those of ``run_ids`` that no registered worker can serve (view ``pgflow.unserved_runs``)."""
+    if not run_ids:
+        return set()
+    return {row[0] for row in conn.execute(
+        "select u.id from pgflow.unserved_runs u where u.id = any(%s)", (run_ids,))}
 
 
 def current_wait(detail: RunDetail) -> str | None:

@@ -26,6 +26,7 @@ from pgflow import models
 __all__ = ["Lane", "Segment", "Timeline", "build"]
 
 MIN_WIDTH = 0.004  # of the axis: an instant still shows
+MAX_LANES = 200  # journal entries drawn; a longer journal shows its first and last 100
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Timeline:
     end: datetime
     lanes: list[Lane]
     ticks: list[tuple[float, str]]  # axis marks: position, offset from the start
+    hidden: int = 0  # journal entries left out of the drawing (the steps table has them all)
 
 
 def duration_text(delta: timedelta) -> str:
@@ -98,10 +100,16 @@ def build(run: models.Run, attempts: dict[int, list[dict[str, Any]]], now: datet
     axis = _Axis(run.created_at, end)
     lanes = [_run_lane(run, axis, end)]
     retry_due = {w["seq"]: w["due_at"] for w in waits or [] if w["kind"] == "retry"}
-    for step in run.steps:
+    steps = run.steps
+    hidden = max(len(steps) - MAX_LANES, 0)
+    if hidden:
+        steps = steps[:MAX_LANES // 2] + steps[-(MAX_LANES // 2):]
+    for i, step in enumerate(steps):
+        if hidden and i == MAX_LANES // 2:
+            lanes.append(Lane(f"... {hidden} entries not drawn"))
         lanes.append(_step_lane(step, attempts.get(step.seq, []), axis, end, retry_due))
     ticks = [(i / 4, "+" + duration_text(timedelta(seconds=axis.span * i / 4))) for i in range(5)]
-    return Timeline(run.created_at, end, lanes, ticks)
+    return Timeline(run.created_at, end, lanes, ticks, hidden)
 
 
 def _run_lane(run: models.Run, axis: _Axis, end: datetime) -> Lane:

@@ -120,6 +120,17 @@ def test_a_held_run_says_why(client, history):
     assert 'class="held" title="queue payments is paused"' in listing
 
 
+def test_a_run_no_worker_can_serve_says_so(client, conn, history):
+    ghost = sqlkit.start(conn, "ghost", [], version="7")
+    page = client.get(f"/runs/{ghost}").text
+    assert "No registered worker serves ghost v7 on queue default" in page
+    assert "no worker for v7" in client.get("/runs").text
+    assert client.get(f"/api/runs/{ghost}").json()["unserved"] is True
+    for served in (history.waiting, history.completed):
+        assert 'id="unserved"' not in client.get(f"/runs/{served}").text
+    assert client.get("/runs").text.count("no worker for v") == 1
+
+
 def test_the_xss_probe_is_shown_as_text_everywhere(client, history):
     escaped = "&lt;img src=x onerror=alert(1)&gt;"
     for path in ("/runs", f"/runs/{history.xss}", f"/runs/{history.waiting}"):

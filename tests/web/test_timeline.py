@@ -79,3 +79,13 @@ def test_the_failure_chart_scales_bars_to_the_busiest_hour():
     assert chart.bars[2].y + chart.bars[2].height == chart.baseline
     assert chart.bars[0].label == "08h" and chart.bars[1].label == ""
     assert charts.bar_chart([(T0, 0)]).bars[0].height == 0
+
+
+def test_a_long_journal_draws_its_first_and_last_entries():
+    steps = [step(i, f"s{i}", "step", "completed", i, i + 0.5) for i in range(250)]
+    t = timeline.build(run("completed", steps, finished=300), {}, now=s(999))
+    assert t.hidden == 50
+    labels = [lane.label for lane in t.lanes]
+    assert len(labels) == 1 + 100 + 1 + 100
+    assert labels[1] == "0 s0" and labels[100] == "99 s99" and labels[-1] == "249 s249"
+    assert labels[101] == "... 50 entries not drawn" and labels[102] == "150 s150"
