@@ -17,7 +17,7 @@ import typer
 from pgflow import dsn as dsn_resolution
 from pgflow.cli_support import DsnOption, connect, user_errors
 
-__all__ = ["AUTH_ENV", "is_loopback", "parse_credentials", "ui"]
+__all__ = ["AUTH_ENV", "check_bindable", "is_loopback", "parse_credentials", "ui"]
 
 AUTH_ENV = "PGFLOW_UI_AUTH"
 MISSING_EXTRA = ("the web dashboard needs the 'ui' extra: pip install 'pgflow-engine[ui]' "
@@ -47,6 +47,21 @@ def parse_credentials(text: str) -> tuple[str, str]:
     if not sep or not user or not password:
         raise ValueError(f"--auth (or {AUTH_ENV}) must be USER:PASSWORD, both non-empty")
     return user, password
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Fail now, in one line, if ``host:port`` cannot be listened on (in use, no such address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _load() -> tuple[Any, Any]:
@@ -81,6 +96,7 @@ def ui(
                              f"{AUTH_ENV}), or keep the default --host 127.0.0.1")
         user_password = parse_credentials(credentials) if credentials else None
         uvicorn, web = _load()
+        check_bindable(host, port)
         check = web.basic_auth(*user_password) if user_password else None
         target = dsn_resolution.resolve(dsn)
         connect(target).close()  # unreachable or not migrated: one line now, not on each page

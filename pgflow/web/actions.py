@@ -32,7 +32,7 @@ from pgflow.web.site import NotFound, Refused, Site, classify, page_errors, site
 
 __all__ = ["cancel_run", "queue_action", "retry_run", "schedule_action", "signal_run"]
 
-MAX_PAYLOAD_CHARS = 1_000_000  # the engine refuses larger payloads anyway (pgflow.max_payload_bytes)
+MAX_PAYLOAD_CHARS = 4_000_000  # beyond any payload the engine accepts (pgflow.max_payload_bytes)
 
 Perform = Callable[[Any], str]  # runs in the transaction; returns the message shown when done
 

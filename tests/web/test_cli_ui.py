@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,18 @@ def test_bad_auth_and_bad_databases_are_one_line(empty_dsn):
     assert_one_line_error(pgflow_cli("ui", "--dsn", "postgresql://postgres@127.0.0.1:1/x"),
                           "cannot connect to the database")
     assert_one_line_error(pgflow_cli("ui", "--port", "70000"), "--port", exit_code=2)
+
+
+def test_a_port_in_use_is_one_line(dsn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(pgflow_cli("ui", "--dsn", dsn, "--port", str(port)),
+                              f"cannot listen on 127.0.0.1:{port}")
+    assert_one_line_error(pgflow_cli("ui", "--dsn", dsn, "--host", "no-such-host.invalid",
+                                     env=cli_env(PGFLOW_UI_AUTH="a:b")),
+                          "cannot listen on no-such-host.invalid:8080")
 
 
 def test_without_the_ui_extra_it_says_what_to_install(dsn):
