@@ -129,7 +129,8 @@ def _run_lane(run: models.Run, axis: _Axis, end: datetime) -> Lane:
 
 def _step_lane(step: models.StepRecord, failed: list[dict[str, Any]], axis: _Axis,
                end: datetime, retry_due: dict[int, datetime]) -> Lane:
-    lane = Lane(f"{step.seq} {step.name}" + ("" if step.kind == "step" else f" ({step.kind})"))
+    lane = Lane(f"{step.seq} {step.name}"
+                + ("" if step.kind in ("step", step.name) else f" ({step.kind})"))
     started = step.started_at or end
     finished = step.finished_at or end
     if step.kind == "step":
