@@ -235,6 +235,27 @@ def test_signal_a_waiting_run_from_the_page(page, site, conn, worker):
     browser.screenshot(page, "run")
 
 
+def test_the_page_follows_a_run_that_moves_elsewhere(page, site, conn, worker):
+    run_id = pgflow.start(conn, onboarding, "o-8")
+    wait_status(conn, run_id, "waiting")
+    page.goto(f"{site}/runs/{run_id}")
+    expect(run_status(page)).to_have_text("waiting")
+    pgflow.signal(conn, run_id, "approve", {"by": "the api"})  # not through the page
+    expect(run_status(page)).to_have_text("completed")  # reloaded by the poll alone
+    expect(page.locator("#output")).to_have_text('"acct_o-8 approved by the api"')
+
+
+def test_a_half_typed_signal_is_not_lost_when_the_run_moves(page, site, conn, worker):
+    first = pgflow.start(conn, onboarding, "o-9")
+    wait_status(conn, first, "waiting")
+    page.goto(f"{site}/runs/{first}")
+    page.fill("input[name=name]", "appr")
+    pgflow.signal(conn, first, "approve", {"by": "someone else"})
+    expect(page.locator("#changed")).to_be_visible()  # told, not reloaded
+    expect(page.locator("input[name=name]")).to_have_value("appr")
+    expect(run_status(page)).to_have_text("waiting")
+
+
 def test_the_xss_probe_runs_no_script(page, site, conn):
     run_id = sqlkit.start(conn, "web_probe", [XSS], key=XSS)  # by SQL: no worker knows it
     pgflow.set_queue(conn, XSS[:30].replace(" ", "_"), concurrency=1)
