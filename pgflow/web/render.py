@@ -34,8 +34,15 @@ def between(start: datetime | None, end: datetime | None) -> str:
     return "-" if start is None or end is None else duration_text(end - start)
 
 
-def pretty_json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str, sort_keys=False)
+MAX_SHOWN_CHARS = 100_000  # of one JSON payload on a page; /api/runs/{id} has all of it
+
+
+def pretty_json(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str, sort_keys=False)
+    if len(text) > limit:
+        return (f"{text[:limit]}\n... {len(text) - limit:,} more characters not shown "
+                "(GET /api/runs/<id> returns all of it)")
+    return text
 
 
 def percent(value: float) -> str:

@@ -187,3 +187,12 @@ def test_every_response_forbids_inline_script_and_framing(client):
     assert "frame-ancestors 'none'" in csp
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "<script>" not in page.text and " on" + "click=" not in page.text
+
+
+def test_a_huge_payload_is_cut_on_the_page_and_whole_in_the_api(client, conn):
+    big = "x" * 300_000
+    run_id = sqlkit.start(conn, "wf", [big])
+    page = client.get(f"/runs/{run_id}").text
+    assert "more characters not shown" in page
+    assert len(page) < 150_000
+    assert client.get(f"/api/runs/{run_id}").json()["run"]["input"] == [big]
