@@ -115,7 +115,7 @@ async def schedules(request: Request) -> Response:
 async def queues(request: Request) -> Response:
     site = site_of(request)
     found = await site.db.run(reads.queues)
-    return site.page(request, "queues.html", queues=found, nav="queues")
+    return site.page(request, "queues.html", queues=found, holds=reads.queue_holds, nav="queues")
 
 
 @page_errors

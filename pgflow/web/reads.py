@@ -203,6 +203,20 @@ def queues(conn: Any) -> list[flow.QueueInfo]:
     return flow.list_queues(conn)
 
 
+def queue_holds(q: flow.QueueInfo) -> list[str]:
+    """Why the queue's pending runs may wait, from its settings and counts, in words."""
+    notes = []
+    if q.paused and q.pending:
+        notes.append(f"paused: none of its {q.pending} pending run(s) is claimed")
+    elif q.paused:
+        notes.append("paused: nothing is claimed")
+    if q.concurrency is not None and q.running >= q.concurrency:
+        notes.append(f"at its cap: {q.running} of {q.concurrency} executing")
+    if q.held:
+        notes.append(f"{q.held} run(s) held by a workflow's concurrency limit")
+    return notes
+
+
 def workers(conn: Any) -> list[dict[str, Any]]:
     """Registered workers, with heartbeat age and whether their liveness lock is held.
 

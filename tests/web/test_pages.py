@@ -162,6 +162,7 @@ def test_schedules_queues_and_workers_pages(client, dsn, history):
     assert rows == {"default": "no cap", "emails": "5", "payments": "no cap"}
     assert "100/1m" in queues
     assert re.search(r'status=pending">1</a>', queues)  # the held payments run
+    assert "paused: none of its 1 pending run(s) is claimed" in queues
 
 
 def test_workers_show_liveness(client, dsn):

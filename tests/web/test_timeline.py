@@ -1,4 +1,4 @@
-"""The timeline and the chart are drawn to scale (no database)."""
+"""The timeline and the chart are drawn to scale; queue notes (no database)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,14 @@ def test_a_long_journal_draws_its_first_and_last_entries():
     assert len(labels) == 1 + 100 + 1 + 100
     assert labels[1] == "0 s0" and labels[100] == "99 s99" and labels[-1] == "249 s249"
     assert labels[101] == "... 50 entries not drawn" and labels[102] == "150 s150"
+
+
+def test_queue_notes_say_why_runs_wait():
+    from pgflow.flow import QueueInfo
+    from pgflow.web.reads import queue_holds
+
+    assert queue_holds(QueueInfo("q", None, None, False, 3, 0, 1, 0, 0)) == []
+    assert queue_holds(QueueInfo("q", 2, None, True, 3, 1, 2, 0, 0)) == [
+        "paused: none of its 3 pending run(s) is claimed", "at its cap: 2 of 2 executing",
+        "1 run(s) held by a workflow's concurrency limit"]
+    assert queue_holds(QueueInfo("q", None, None, True, 0, 0, 0, 0, 0)) == ["paused: nothing is claimed"]
