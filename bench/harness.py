@@ -18,6 +18,7 @@ import platform
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,13 @@ PGBENCH_ROWS = 100  # rows of the tiny table; each transaction updates one rando
 # `pgflow worker -c`: runs in flight in the one worker process; the worker's default
 # unless PGFLOW_BENCH_CONCURRENCY says otherwise (the targets are for default settings).
 WORKER_CONCURRENCY = int(os.environ.get("PGFLOW_BENCH_CONCURRENCY", DEFAULT_CONCURRENCY))
+# Observability on the worker (bench/README.md, "Observability cost"): with
+# PGFLOW_BENCH_METRICS=1 it records Prometheus metrics and serves them
+# (--metrics-port, never scraped during a run); with PGFLOW_BENCH_TRACING=1
+# bench.workflows configures the OpenTelemetry SDK, spans batched to an exporter
+# that drops them (the cost of making spans, not of shipping them).
+WORKER_METRICS = os.environ.get("PGFLOW_BENCH_METRICS") == "1"
+WORKER_TRACING = os.environ.get("PGFLOW_BENCH_TRACING") == "1"
 PRELOAD_BATCH = 1000  # W1b/W2: runs started per transaction when queueing ahead
 
 POLL_INTERVAL_S = 0.050  # completion polling of pgflow.runs (one autocommit query each)
@@ -362,9 +370,10 @@ def worker_process(b: Bench, label: str) -> Iterator[subprocess.Popen[bytes]]:
     """`pgflow worker bench.workflows` in its own process, registered; SIGTERM on exit."""
     logfile = b.tmp / f"worker-{label}.log"
     with open(logfile, "wb") as out:
+        metrics = ["--metrics-port", str(_free_port()), "--metrics-host", "127.0.0.1"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "pgflow", "worker", "bench.workflows", "--dsn", b.dsn,
-             "-c", str(WORKER_CONCURRENCY)],
+             "-c", str(WORKER_CONCURRENCY), *(metrics if WORKER_METRICS else [])],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_registered(b.dsn, proc, logfile)
@@ -584,3 +593,9 @@ class Output:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -28,6 +28,8 @@ from bench.harness import (
     QUICK_DIVISOR,
     REPO,
     RESULTS_DIR,
+    WORKER_METRICS,
+    WORKER_TRACING,
     Bench,
     Output,
     admin_server,
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     path = None if args.no_output else args.output or RESULTS_DIR / f"{started:%Y%m%dT%H%M%SZ}.jsonl"
     out = Output(path)
     run = {"workloads": names, "quick": args.quick, "private_server": args.private_server,
+           "worker_metrics": WORKER_METRICS, "worker_tracing": WORKER_TRACING,
            "argv": sys.argv[1:] if argv is None else argv}
     try:
         with admin_server(args.dsn, args.private_server) as admin_dsn:

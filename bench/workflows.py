@@ -7,9 +7,23 @@ and by the producers, which start runs with the decorated functions (so
 
 from __future__ import annotations
 
+import os
 import time
 
 import pgflow
+
+if os.environ.get("PGFLOW_BENCH_TRACING") == "1":  # see bench/harness.py: WORKER_TRACING
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class _Dropped(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    _provider = TracerProvider()
+    _provider.add_span_processor(BatchSpanProcessor(_Dropped()))
+    trace.set_tracer_provider(_provider)
 
 TEN = 10  # steps of ten_steps; bench.run computes steps/s from it
 

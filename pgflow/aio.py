@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from pgflow import connections, definitions, errors, flow, models, queries, schedules
+from pgflow import connections, definitions, errors, flow, models, queries, schedules, tracing
 from pgflow.client import RECHECK_INTERVAL
 from pgflow.validation import check_name
 
@@ -25,7 +25,7 @@ async def start(conn: Any, workflow: definitions.Workflow | str, *args: Any,
     """See :func:`pgflow.start`."""
     params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay,
                                   concurrency_key)
-    rows = await connections.afetch(conn, queries.START, params)
+    rows = await connections.afetch(conn, queries.START, (*params, tracing.current_traceparent()))
     return queries.as_uuid(rows[0][0])
 
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from pgflow import cli_queues, cli_schedules, cli_ui, client, errors, flow, models, schema
+from pgflow import cli_queues, cli_schedules, cli_ui, client, errors, flow, logs, metrics, models, schema
 from pgflow import dsn as dsn_resolution
 from pgflow.cli_support import (
     DsnOption,
@@ -65,10 +65,23 @@ def worker(
         help="Seconds without a heartbeat after which this worker declares another dead "
              "(a killed worker is noticed at once, by its lost connection).")
     ] = STALE_AFTER.total_seconds(),
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=1, max=65535,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics' extra).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(
+        "--metrics-host", help="Address the metrics endpoint listens on.")] = "0.0.0.0",
+    log_format: Annotated[str, typer.Option(
+        "--log-format", help="text, or json: one JSON object a line (run_id, workflow, step, "
+                             "attempt included).")] = "text",
     dsn: DsnOption = None,
 ) -> None:
     """Run the workflows defined in MODULES until SIGTERM/SIGINT, then drain."""
     with user_errors():
+        if log_format not in ("text", "json"):
+            raise ValueError(f"--log-format must be text or json, not {log_format!r}")
+        if (metrics_port is not None or metrics.shared_directory()) and not metrics.available():
+            raise ValueError("metrics need prometheus_client: pip install 'pgflow-engine[metrics]'")
         target = dsn_resolution.resolve(dsn)
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -78,12 +91,20 @@ def worker(
             except Exception as exc:  # any error of the module's own code, too
                 raise ValueError(f"cannot import module {name!r}: "
                                  f"{type(exc).__name__}: {exc}") from None
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(logging.INFO, log_format)
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        if metrics_port is not None:
+            try:
+                metrics.serve(metrics_port, target, metrics_host)
+            except OSError as exc:
+                raise ValueError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
+                                 f"{exc.strerror or exc}") from None
+            logging.getLogger("pgflow.worker").info(
+                "metrics at http://%s:%d/metrics", metrics_host, metrics_port)
         _quiet_garbage_collector()
         Worker(target, queues=queue or None, concurrency=concurrency,
-               stale_after=timedelta(seconds=stale_after)).run()
+               stale_after=timedelta(seconds=stale_after),
+               metrics=metrics_port is not None or metrics.shared_directory() is not None).run()
 
 
 def _quiet_garbage_collector() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from pgflow import connections, definitions, errors, models, queries
+from pgflow import connections, definitions, errors, models, queries, tracing
 
 __all__ = ["cancel", "get", "get_state", "result", "retry", "signal", "start"]
 
@@ -33,7 +33,8 @@ def start(conn: Any, workflow: definitions.Workflow | str, *args: Any, key: str 
     """
     params = queries.start_params(workflow, args, kwargs, key, queue, priority, delay,
                                   concurrency_key)
-    rows = connections.fetch(conn, queries.START, params)
+    # The caller's trace, if OpenTelemetry is tracing: the worker's spans continue it.
+    rows = connections.fetch(conn, queries.START, (*params, tracing.current_traceparent()))
     return queries.as_uuid(rows[0][0])
 
 

@@ -47,6 +47,8 @@ class ClaimedRun:
     cancel_seq: int | None = None
     scheduled_time: datetime | None = None  # the schedule tick that started it, if any
     limited: bool = False  # holds concurrency slots: its end frees one (claim again then)
+    traceparent: str | None = None  # the trace its spans continue (pgflow.tracing)
+    claim_delay: float = 0.0  # seconds from ready to claimed (metrics)
 
 
 class BatchReport(Protocol):
@@ -133,12 +135,14 @@ class Procedures:
         versions = [version for _, version in workflows]
         rows = await self._execute(
             "select run_id, name, version, input, lease_token, journal, cancel_requested,"
-            " cancel_seq, scheduled_time, limited from pgflow.claim_runs(%s, %s, %s, %s, %s)",
+            " cancel_seq, scheduled_time, limited, traceparent,"
+            " extract(epoch from claimed_at - ready_since)::float8"
+            " from pgflow.claim_runs(%s, %s, %s, %s, %s)",
             (worker_id, queues, names, versions, limit), pool=self.claim_pool)
         return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
                            journal=[JournalEntry.from_json(e) for e in r[5]],
                            cancel_requested=r[6], cancel_seq=r[7], scheduled_time=r[8],
-                           limited=r[9])
+                           limited=r[9], traceparent=r[10], claim_delay=r[11] or 0.0)
                 for r in rows]
 
     async def complete_batch(self, reports: Sequence[BatchReport]) -> dict[uuid.UUID, str]:

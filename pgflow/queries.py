@@ -22,7 +22,8 @@ from pgflow.durations import as_timedelta
 from pgflow.validation import check_key, check_name
 
 START = ("select pgflow.start_run(name => %s, input => %s::jsonb, key => %s, queue => %s,"
-         " priority => %s, delay => %s, version => %s, timeout => %s, concurrency_key => %s)")
+         " priority => %s, delay => %s, version => %s, timeout => %s, concurrency_key => %s,"
+         " traceparent => %s)")
 
 GET_RUN = ("select id, name, version, queue, key, status, priority, input, output, error,"
            " parent_id, created_at, started_at, finished_at from pgflow.runs where id = %s")

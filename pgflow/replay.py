@@ -52,6 +52,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -100,6 +101,13 @@ class ContinueAsNew(BaseException):
         self.kwargs = kwargs
 
 
+class StepWatch(Protocol):
+    """Told how a live step ended (see :meth:`RunSession.observe_step`)."""
+
+    def done(self, outcome: str, seconds: float, error: BaseException | None = None) -> None:
+        """``completed``, ``retrying`` (another attempt is scheduled) or ``failed``."""
+
+
 class RunSession(Protocol):
     """What the engine needs from the worker running it (see :class:`pgflow.runner.RunExecution`)."""
 
@@ -127,6 +135,9 @@ class RunSession(Protocol):
     async def wait_child(self, seq: int, child_id: uuid.UUID) -> dict[str, Any] | None: ...
     async def map(self, seq: int, name: str, inputs: list[Any], queue: str,
                   version: str) -> dict[str, Any] | None: ...
+    def observe_step(self, name: str, seq: int,
+                     attempt: int) -> AbstractContextManager[StepWatch]:
+        """Around a live step's code: its metrics, span and log context (pgflow.observe)."""
 
 
 class Replay:
@@ -467,7 +478,8 @@ class Replay:
         fn = getattr(step, "fn", step)
         is_async = getattr(step, "is_async", False) or asyncio.iscoroutinefunction(fn)
         timeout = getattr(step, "timeout", None)
-        return LiveStep(seq, name, fn, is_async, decode, timeout), None
+        attempt = entry.attempts + 1 if entry is not None else 1
+        return LiveStep(seq, name, fn, is_async, decode, timeout, attempt), None
 
     def _before_live_step(self) -> None:
         """The previous step's checkpoint commits before this step acts (and may bring news
@@ -482,18 +494,19 @@ class Replay:
         if self._unflushed is not None:
             self._session.call(self.flush())
             self._before_live_step()
-        started = time.monotonic()
-        try:  # the function runs in pgflow.steps: outside the workflow, within its timeout
-            if live.is_async:
-                result = self._session.call(with_timeout_async(live, args, kwargs))
-            elif live.timeout is not None:
-                result = in_own_thread(live, args, kwargs)
-            else:
-                result = outside_workflow(live.fn, args, kwargs)
-            output = codec.to_json(result, f"the result of step {live.name!r}")
-        except Exception as exc:
-            return self._session.call(self._failed(step, live, exc, started))
-        self._hold(live, output, started)
+        with self._session.observe_step(live.name, live.seq, live.attempt) as watch:
+            started = time.monotonic()
+            try:  # the function runs in pgflow.steps: outside the workflow, within its timeout
+                if live.is_async:
+                    result = self._session.call(with_timeout_async(live, args, kwargs))
+                elif live.timeout is not None:
+                    result = in_own_thread(live, args, kwargs)
+                else:
+                    result = outside_workflow(live.fn, args, kwargs)
+                output = codec.to_json(result, f"the result of step {live.name!r}")
+            except Exception as exc:
+                return self._session.call(self._failed(step, live, exc, started, watch))
+            self._hold(live, output, started, watch)
         return live.decode(output)
 
     async def _step_async(self, step: Any, live: LiveStep | None, recorded: Any,
@@ -503,17 +516,19 @@ class Replay:
         if self._unflushed is not None:
             await self.flush()
             self._before_live_step()
-        started = time.monotonic()
         fn = live.fn
-        try:
-            if live.is_async:
-                result = await with_timeout_async(live, args, kwargs)
-            else:
-                result = await timed(live, self._session.run_in_thread(lambda: fn(*args, **kwargs)))
-            output = codec.to_json(result, f"the result of step {live.name!r}")
-        except Exception as exc:
-            return await self._failed(step, live, exc, started)
-        self._hold(live, output, started)
+        with self._session.observe_step(live.name, live.seq, live.attempt) as watch:
+            started = time.monotonic()
+            try:
+                if live.is_async:
+                    result = await with_timeout_async(live, args, kwargs)
+                else:
+                    result = await timed(live, self._session.run_in_thread(
+                        lambda: fn(*args, **kwargs)))
+                output = codec.to_json(result, f"the result of step {live.name!r}")
+            except Exception as exc:
+                return await self._failed(step, live, exc, started, watch)
+            self._hold(live, output, started, watch)
         return live.decode(output)
 
     def _recorded(self, name: str, entry: JournalEntry, decode: Callable[[Any], Any]) -> Any:
@@ -521,7 +536,7 @@ class Replay:
             raise step_failed(name, entry)
         return decode(entry.output)
 
-    def _hold(self, live: LiveStep, output: Any, started: float) -> None:
+    def _hold(self, live: LiveStep, output: Any, started: float, watch: StepWatch) -> None:
         """Keep the step's checkpoint until the next durable call or the end (see flush).
 
         Nothing acts before it is sent, so a crash meanwhile only repeats this step,
@@ -529,18 +544,22 @@ class Replay:
         """
         assert self._unflushed is None, "a checkpoint is sent before the next step runs"
         ended = time.monotonic()  # the checkpoint records when it ended, not when it was sent
+        watch.done("completed", ended - started)
         self._unflushed = {"seq": live.seq, "name": live.name, "kind": "step",
                            "output": output, "duration_s": ended - started, "ended": ended}
         self._journal[live.seq] = JournalEntry(live.seq, live.name, "step", "completed", 1,
                                                output, None)
 
-    async def _failed(self, step: Any, live: LiveStep, exc: Exception, started: float) -> Any:
+    async def _failed(self, step: Any, live: LiveStep, exc: Exception, started: float,
+                      watch: StepWatch) -> Any:
         duration = timedelta(seconds=time.monotonic() - started)
         policy = policy_for(step, self._workflow_retry, self._session.default_retry)
         retryable = is_retryable(policy, exc)
         error = error_json(exc)
         outcome = await self._report(f"failure report of step {live.name!r}", self._session.fail_step(
             live.seq, live.name, "step", error, duration, retryable, policy), cancellable=False)
+        watch.done("retrying" if outcome.outcome == "retry" else "failed",
+                   duration.total_seconds(), exc)
         if outcome.outcome == "retry":
             raise Suspend()
         entry = JournalEntry(live.seq, live.name, "step", "failed", outcome.attempts, None, error)

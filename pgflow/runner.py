@@ -21,14 +21,17 @@ import logging
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
-from pgflow import codec, context, errors, steps
+from pgflow import codec, context, errors, logs, steps
 from pgflow.definitions import Workflow
 from pgflow.journal import FailOutcome, error_json
+from pgflow.metrics import Instruments
+from pgflow.observe import RunObserver
 from pgflow.procedures import ClaimedRun, Procedures
-from pgflow.replay import Abandon, ContinueAsNew, Release, Replay, Suspend
+from pgflow.replay import Abandon, ContinueAsNew, Release, Replay, StepWatch, Suspend
 from pgflow.reporter import Reporter
 from pgflow.retry import Retry
 
@@ -42,7 +45,8 @@ class RunExecution:
                  reporter: Reporter, loop: asyncio.AbstractEventLoop, executor: Executor,
                  default_retry: Retry, is_draining: Callable[[], bool],
                  on_lost_contact: Callable[[], None],
-                 on_code_done: Callable[[], None] = lambda: None) -> None:
+                 on_code_done: Callable[[], None] = lambda: None,
+                 instruments: Instruments | None = None) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
@@ -55,6 +59,8 @@ class RunExecution:
         self._is_draining = is_draining
         self._on_lost_contact = on_lost_contact
         self._on_code_done = on_code_done  # the workflow returned: only its last report is left
+        self.observer = RunObserver(instruments or Instruments(), claimed.run_id, workflow.name,
+                                    workflow.version, claimed.traceparent)
 
     # -- RunSession ---------------------------------------------------------
 
@@ -111,9 +117,19 @@ class RunExecution:
         return await self._procedures.map(self.run_id, self.claimed.lease_token, seq, name,
                                           inputs, queue, version)
 
+    def observe_step(self, name: str, seq: int, attempt: int) -> AbstractContextManager[StepWatch]:
+        return self.observer.step(name, seq, attempt)
+
     # -- driving the workflow -----------------------------------------------
 
     async def execute(self) -> None:
+        with logs.run_scope(self.run_id, self.workflow.name):
+            try:
+                await self._execute()
+            finally:
+                self.observer.ended("abandoned")  # unless an ending below said otherwise
+
+    async def _execute(self) -> None:
         ctx = context.Context(self, self.claimed.journal, is_async=self.workflow.is_async,
                               workflow_retry=self.workflow.retry,
                               cancel_requested=self.claimed.cancel_requested,
@@ -125,6 +141,7 @@ class RunExecution:
             result = await self._invoke(ctx)
             output = codec.to_json(result, f"the result of workflow {self.workflow.name!r}")
         except Suspend:
+            self.observer.ended("suspended")
             return
         except Abandon as exc:
             self._abandon(exc)
@@ -133,8 +150,9 @@ class RunExecution:
             await self._end_otherwise(engine, token, exc)
             return
         self._on_code_done()
-        await self._report(self._reporter.complete_run(self.run_id, token, output,
-                                                       engine.take_unflushed()))
+        if await self._report(self._reporter.complete_run(self.run_id, token, output,
+                                                          engine.take_unflushed())):
+            self.observer.ended("completed")
 
     async def _end_otherwise(self, engine: Replay, token: int, exc: BaseException) -> None:
         """Every ending but success: send the held-back checkpoint, then report it."""
@@ -145,16 +163,20 @@ class RunExecution:
             return
         if isinstance(exc, Release):
             await self._report(self._procedures.release_run(self.run_id, token))
+            self.observer.ended("released")
             logger.info("run %s released while draining", self.run_id)
         elif isinstance(exc, errors.Cancelled):
             logger.info("run %s cancelled", self.run_id)
-            await self._report(self._procedures.cancel_run(self.run_id, token))
+            if await self._report(self._procedures.cancel_run(self.run_id, token)):
+                self.observer.ended("cancelled")
         elif isinstance(exc, ContinueAsNew):
             await self._continue_as_new(token, exc)
+            self.observer.ended("continued")
         elif isinstance(exc, Exception):
-            logger.info("run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
-            await self._report(self._procedures.fail_run(self.run_id, token,
-                                                         error_json(exc)))
+            logger.error("run %s failed: %s: %s", self.run_id, type(exc).__name__, exc)
+            if await self._report(self._procedures.fail_run(self.run_id, token,
+                                                            error_json(exc))):
+                self.observer.ended("failed", exc)
         else:
             raise exc  # KeyboardInterrupt, SystemExit: not the run's doing
 
@@ -185,16 +207,20 @@ class RunExecution:
             finally:
                 steps.leave(entered)
 
+        fields = logs.current()
+
         def in_thread() -> Any:
-            entered = steps.enter(ctx)
+            entered, adopted = steps.enter(ctx), logs.adopt(fields)
             try:
                 return fn(ctx, *args, **kwargs)
             finally:
+                logs.leave(adopted)
                 steps.leave(entered)
 
         return await self._loop.run_in_executor(self._executor, in_thread)
 
-    async def _report(self, report: Coroutine[Any, Any, None]) -> None:
+    async def _report(self, report: Coroutine[Any, Any, Any]) -> bool:
+        """Send the run's last report; whether it was recorded (else it is logged here)."""
         try:
             await report
         except errors.LeaseLost as exc:
@@ -202,3 +228,6 @@ class RunExecution:
         except Exception as exc:
             logger.error("run %s: could not report its outcome: %s", self.run_id, exc)
             self._on_lost_contact()
+        else:
+            return True
+        return False

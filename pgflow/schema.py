@@ -116,7 +116,7 @@ def _revision(conn: psycopg.Connection[Any]) -> str | None:
 # code starts to call something a later revision added (see sql/README.md,
 # "Compatibility"); this code also runs on any newer revision that still
 # accepts its workers (pgflow.min_worker_revision()).
-MIN_REVISION = "0008_flow_control"
+MIN_REVISION = "0009_observability"
 
 BREAKING_MARK = "-- breaking:"  # the first line of a revision that needs workers stopped
 

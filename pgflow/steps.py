@@ -71,6 +71,7 @@ class LiveStep:
     is_async: bool
     decode: Callable[[Any], Any]
     timeout: timedelta | None
+    attempt: int = 1  # 2 and up: a retry
 
 
 def result_decoder(step: Any, name: str) -> Callable[[Any], Any]:
@@ -126,7 +127,9 @@ def in_own_thread(live: LiveStep, args: tuple[Any, ...], kwargs: dict[str, Any])
         finally:
             finished.set()
 
-    threading.Thread(target=target, daemon=True, name=f"pgflow-step-{live.name}").start()
+    # In a copy of the caller's context: the step's log fields and span go along.
+    threading.Thread(target=contextvars.copy_context().run, args=(target,), daemon=True,
+                     name=f"pgflow-step-{live.name}").start()
     assert live.timeout is not None
     if not finished.wait(live.timeout.total_seconds()):
         raise _timeout_error(live)

@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgflow import definitions, schema
 from pgflow.definitions import Workflow
 from pgflow.membership import Membership
+from pgflow.metrics import instruments
 from pgflow.procedures import ClaimedRun, Procedures
 from pgflow.reporter import Reporter
 from pgflow.retry import DEFAULT_RETRY, Retry
@@ -64,6 +65,8 @@ class Worker:
     :param schedule_timers: take part in electing the one scheduler (timers and schedules).
     :param schedules: the schedules to create or update when it starts; default, all
         declared in this process (``pgflow.schedule``). See :mod:`pgflow.schedules`.
+    :param metrics: record Prometheus metrics (:mod:`pgflow.metrics`; needs
+        ``prometheus_client``). Serving them is :func:`pgflow.metrics.serve`'s.
     """
 
     def __init__(self, dsn: str, *, workflows: Iterable[Workflow] | None = None,
@@ -72,7 +75,7 @@ class Worker:
                  heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  stale_after: timedelta = STALE_AFTER,
                  shutdown_timeout: float | None = None, schedule_timers: bool = True,
-                 schedules: Iterable[ScheduleSpec] | None = None) -> None:
+                 schedules: Iterable[ScheduleSpec] | None = None, metrics: bool = False) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.dsn = dsn
@@ -93,6 +96,7 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
         self.shutdown_timeout = shutdown_timeout
+        self.instruments = instruments(metrics)
         # Every worker may lead timer scheduling; one at a time does (see scheduler.py).
         self.scheduler = Scheduler(dsn) if schedule_timers else None
         # Items of ctx.map run as internal workflows, one per step this process knows.
@@ -233,6 +237,9 @@ class Worker:
                 await _first(self._stop.wait(), timeout=min(self.poll_interval, 1.0))
                 continue
             for run in claimed:
+                if self.instruments.enabled:
+                    self.instruments.claimed(self._by_key[(run.name, run.version)].queue,
+                                             run.claim_delay)
                 slot = slots.take()
                 task = asyncio.create_task(self._execute(run, procedures, executor, slot))
                 self._inflight.add(task)
@@ -256,7 +263,8 @@ class Worker:
         assert self._loop is not None
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
                                  self._reporter, self._loop, executor, self.retry, self._stopping.is_set,
-                                 self._membership.request_reset, on_code_done=slot.release)
+                                 self._membership.request_reset, on_code_done=slot.release,
+                                 instruments=self.instruments)
         try:
             await execution.execute()
         except Exception:

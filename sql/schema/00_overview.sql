@@ -7,13 +7,15 @@
 -- chain in sql/migrations/; tests/migrations/test_schema_layout.py proves that both build
 -- the same catalog.
 --
--- Who may call what is 14_roles.sql's: the entry points run as the schema
+-- Who may call what is 15_roles.sql's: the entry points run as the schema
 -- owner with a fixed search_path, and the roles pgflow_client, pgflow_worker
 -- and pgflow_reader each get their duty's share.
 --
 -- Public procedures (stable, callable from a client, trigger or psql):
 --   pgflow.start(name, input, key, queue, priority, delay, version, timeout)  new run
---   pgflow.start_run(..., concurrency_key)  start with every option (13_flow_control.sql)
+--   pgflow.start_run(..., concurrency_key, traceparent)  start with every option
+--                                 (13_flow_control.sql, 14_observability.sql)
+--   pgflow.queue_metrics()        unfinished runs by queue and status (metrics scrapes)
 --   pgflow.watch(run)             ask for NOTIFY pgflow_done when the run finishes
 --   pgflow.now()                                                      engine clock
 --   pgflow.max_payload_bytes()    the size limit of every JSON payload (see Limits)
@@ -21,7 +23,7 @@
 -- Worker procedures (called by `pgflow worker`):
 --   pgflow.register_worker(...)   join: takes the worker's liveness lock
 --   pgflow.heartbeat(worker)      still alive
---   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals
+--   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals and traces
 --   pgflow.claim(worker, ...)     the same for workers of 0.1.0 (fewer columns)
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up

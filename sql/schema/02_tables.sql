@@ -71,6 +71,7 @@ create table pgflow.runs (
     concurrency_key text,                    -- its value of its workflow's Concurrency key
     held_by      text,                       -- pending, parked by this full scope (13_flow_control.sql)
     holds_slots  boolean not null default false,  -- running with concurrency slots taken
+    traceparent  text,                       -- W3C trace context of its start (14_observability.sql)
     constraint runs_status_known check (
         status in ('pending', 'running', 'sleeping', 'waiting', 'completed', 'failed', 'cancelled')),
     constraint runs_leased_iff_running check ((status = 'running') = (lease_owner is not null)),

@@ -85,7 +85,8 @@ create function pgflow._start(
     timeout  interval default null,
     schedule_id    text default null,        -- a schedule's tick (12_schedules.sql)
     scheduled_time timestamptz default null,
-    concurrency_key text default null        -- overrides the key read from the input (13_flow_control.sql)
+    concurrency_key text default null,       -- overrides the key read from the input (13_flow_control.sql)
+    traceparent     text default null        -- the caller's trace (14_observability.sql)
 ) returns uuid
 language plpgsql
 as $$
@@ -169,13 +170,13 @@ begin
 
     insert into pgflow.runs as r (name, version, queue, key, status, priority, input, parent_id,
                                   timeout, created_at, available_at, schedule_id,
-                                  scheduled_time, concurrency_key)
+                                  scheduled_time, concurrency_key, traceparent)
     values (_start.name, v_version, v_queue, _start.key,
             case when coalesce(_start.delay, interval '0') > interval '0'
                  then 'sleeping' else 'pending' end,
             coalesce(_start.priority, 0), _start.input, _start.parent_id, v_timeout, v_now,
             v_now + coalesce(_start.delay, interval '0'), _start.schedule_id,
-            _start.scheduled_time, v_ckey)
+            _start.scheduled_time, v_ckey, pgflow._check_traceparent(_start.traceparent))
     on conflict (key) where key is not null do nothing
     returning r.id into v_id;
 
@@ -223,7 +224,9 @@ $$;
 
 -- start with every option: what the Python client calls. concurrency_key
 -- sets the run's key under its workflow's Concurrency limit (else it is read
--- from the input; 13_flow_control.sql).
+-- from the input; 13_flow_control.sql). traceparent: the W3C trace context
+-- (`00-<trace id>-<span id>-<flags>`) the run's spans continue
+-- (14_observability.sql).
 create function pgflow.start_run(
     name     text,
     input    jsonb default '[]'::jsonb,
@@ -233,11 +236,13 @@ create function pgflow.start_run(
     delay    interval default null,
     version  text default null,
     timeout  interval default null,
-    concurrency_key text default null
+    concurrency_key text default null,
+    traceparent     text default null
 ) returns uuid
 language sql
 as $$
     select pgflow._start(start_run.name, start_run.input, start_run.key, start_run.queue,
                          start_run.priority, start_run.delay, start_run.version, null,
-                         start_run.timeout, null, null, start_run.concurrency_key)
+                         start_run.timeout, null, null, start_run.concurrency_key,
+                         start_run.traceparent)
 $$;

@@ -11,6 +11,8 @@
 -- (13_flow_control.sql). limited: the run holds concurrency slots, which it
 -- gives back when it stops executing; its worker then claims again at once
 -- (it is the one that knows a slot just came free: no NOTIFY is sent for it).
+-- traceparent: the trace its spans continue; claimed_at: the claim's time
+-- (claimed_at - ready_since is the claim delay the worker's metrics show).
 create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
@@ -19,7 +21,8 @@ create function pgflow.claim_runs(
     p_limit     integer
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
                  journal jsonb, cancel_requested boolean, cancel_seq integer,
-                 scheduled_time timestamptz, ready_since timestamptz, limited boolean)
+                 scheduled_time timestamptz, ready_since timestamptz, limited boolean,
+                 traceparent text, claimed_at timestamptz)
 language plpgsql
 -- One plan for the life of the connection: left to choose, PL/pgSQL re-plans
 -- this statement on every call (its array parameters make each custom plan
@@ -100,7 +103,7 @@ begin
             started_at = coalesce(r.started_at, v_now), holds_slots = r.id = any (v_slotted)
         where r.id = any (v_chosen)
         returning r.id, r.name, r.version, r.input, r.lease_token, r.cancel_requested,
-                  r.cancel_seq, r.scheduled_time, r.available_at, r.holds_slots
+                  r.cancel_seq, r.scheduled_time, r.available_at, r.holds_slots, r.traceparent
     )
     select c.id, c.name, c.version, c.input, c.lease_token,
            coalesce((select jsonb_agg(jsonb_build_object(
@@ -109,7 +112,8 @@ begin
                              order by s.seq)
                      from pgflow.steps s where s.run_id = c.id),
                     '[]'::jsonb),
-           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at, c.holds_slots
+           c.cancel_requested, c.cancel_seq, c.scheduled_time, c.available_at, c.holds_slots,
+           c.traceparent, v_now
     from claimed c;
 end;
 $$;

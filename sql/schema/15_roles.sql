@@ -117,6 +117,8 @@ as $$
     ('definer', 'start_buffered_ticks', '{pgflow_worker}'),
     -- worker: flow control (the leader wakes rate-limited queues; revision 0008)
     ('definer', 'wake_queues',       '{pgflow_worker}'),
+    -- worker and dashboard: the queue figures of a metrics scrape (revision 0009)
+    ('definer', 'queue_metrics',     '{pgflow_worker,pgflow_reader}'),
     -- client: control runs (pgflow/client.py, pgflow/aio.py, the CLI)
     ('definer', 'start',             '{pgflow_client}'),
     ('definer', 'start_run',         '{pgflow_client}'),  -- revision 0008

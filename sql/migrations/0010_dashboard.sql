@@ -1,4 +1,4 @@
--- pgflow engine, revision 0009: an index for the dashboard's runs list.
+-- pgflow engine, revision 0010: an index for the dashboard's runs list.
 --
 -- Changes: index runs_concurrency_key on pgflow.runs (new). The dashboard
 -- (pgflow.web) lists runs newest first through runs_status_created and
