@@ -10,6 +10,7 @@ Routes (relative to wherever the application is mounted)::
     GET  /queues               POST /queues/pause, /resume (field: name)
     GET  /workers
     GET  /api/runs             GET /api/runs/{id}: JSON
+    GET  /metrics              Prometheus (pgflow.metrics: queue series from SQL)
     GET  /static/...           the stylesheet and the one small script
 
 Every link is built with ``request.url_for``, so the same application works at
@@ -29,7 +30,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pgflow.web import actions, api, pages
+from pgflow.web import actions, api, pages, prometheus
 from pgflow.web.db import Database
 from pgflow.web.security import AuthCallable, AuthMiddleware, HeadersMiddleware
 from pgflow.web.site import Site
@@ -86,6 +87,7 @@ def create_app(dsn: str, *, read_only: bool = False, auth: AuthCallable | None =
         Route("/workers", pages.workers, name="workers"),
         Route("/api/runs", api.runs, name="api_runs"),
         Route("/api/runs/{run_id}", api.run, name="api_run"),
+        Route("/metrics", prometheus.endpoint, name="metrics"),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     middleware = [Middleware(HeadersMiddleware)]

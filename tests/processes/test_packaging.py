@@ -196,7 +196,7 @@ def test_the_wheel_carries_the_dashboard_and_its_extra(dist: Dist) -> None:
     assert not missing, f"{dist.wheel.name} lacks {missing}"
     ui = {r.split(">")[0].split("<")[0].strip() for r in metadata.get_all("Requires-Dist")
           if "extra == 'ui'" in r}
-    assert ui == {"starlette", "jinja2", "uvicorn", "python-multipart"}, ui
+    assert ui == {"starlette", "jinja2", "uvicorn", "python-multipart", "prometheus-client"}, ui
 
 
 @pytest.mark.slow

@@ -8,10 +8,13 @@ with runs in every state through the engine's own procedures.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from starlette.testclient import TestClient
 
 from pgflow.web import create_app
@@ -39,6 +42,20 @@ def web(dsn: str) -> Iterator[Callable[..., TestClient]]:
 @pytest.fixture
 def client(web: Callable[..., TestClient]) -> TestClient:
     return web()
+
+
+@pytest.fixture
+def reader_dsn(dsn: str, server_dsn: str) -> Iterator[str]:
+    """A login that holds pgflow_reader and nothing else."""
+    role = f"pgflow_web_reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'create role "{role}" login')
+        admin.execute(f'grant pgflow_reader to "{role}"')
+    try:
+        yield make_conninfo(dsn, user=role)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'drop role "{role}"')
 
 
 @pytest.fixture

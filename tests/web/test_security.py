@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import base64
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from pgflow.web import basic_auth
 from tests.web.conftest import csrf_token
@@ -73,20 +70,6 @@ def test_auth_must_be_callable(dsn):
     from pgflow.web import create_app
     with pytest.raises(TypeError, match="auth must be a callable"):
         create_app(dsn, auth="ana:secret")  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def reader_dsn(dsn: str, server_dsn: str) -> Iterator[str]:
-    """A login that holds pgflow_reader and nothing else."""
-    role = f"pgflow_web_reader_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(f'create role "{role}" login')
-        admin.execute(f'grant pgflow_reader to "{role}"')
-    try:
-        yield make_conninfo(dsn, user=role)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute(f'drop role "{role}"')
 
 
 def test_read_only_mode_serves_every_page_as_pgflow_reader(web, dsn, reader_dsn, history):
