@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from pgflow import cli_queues, cli_schedules, client, errors, flow, logs, metrics, models, schema
+from pgflow import cli_queues, cli_schedules, cli_ui, client, errors, flow, logs, metrics, models, schema
 from pgflow import dsn as dsn_resolution
 from pgflow.cli_support import (
     DsnOption,
@@ -40,6 +40,7 @@ app.command("schedules")(cli_schedules.list_schedules)
 app.add_typer(cli_schedules.schedule_app, name="schedule")
 app.command("queues")(cli_queues.list_queues)
 app.add_typer(cli_queues.queue_app, name="queue")
+app.command("ui")(cli_ui.ui)
 
 @app.command()
 def migrate(dsn: DsnOption = None) -> None:

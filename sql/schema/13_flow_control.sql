@@ -94,6 +94,10 @@ create index runs_held on pgflow.runs (held_by, priority desc, available_at)
 -- without a concurrency key are not in it (they never pay for it).
 create index runs_keyed_ready on pgflow.runs (name, concurrency_key)
     where status = 'pending' and held_by is null and concurrency_key is not null;
+-- The runs of one concurrency key, newest first: the dashboard's runs list
+-- filtered by key (pgflow/web/listing.py; revision 0010). Partial, like the one above.
+create index runs_concurrency_key on pgflow.runs (concurrency_key, created_at desc)
+    where concurrency_key is not null;
 
 -- ---------------------------------------------------------------------------
 -- Scopes and slots

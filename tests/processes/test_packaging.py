@@ -182,6 +182,24 @@ def test_the_wheel_carries_the_sql_and_the_migrations(dist: Dist) -> None:
 
 
 @pytest.mark.slow
+def test_the_wheel_carries_the_dashboard_and_its_extra(dist: Dist) -> None:
+    """pgflow.web's templates and static files travel in the wheel; the `ui` extra names its stack."""
+    web = REPO / "pgflow" / "web"
+    wanted = [f"pgflow/web/{p.relative_to(web).as_posix()}"
+              for p in sorted(web.rglob("*")) if p.is_file() and p.suffix in (".html", ".css", ".js")]
+    assert len(wanted) >= 10, wanted
+    with zipfile.ZipFile(dist.wheel) as zf:
+        names = set(zf.namelist())
+        [metadata_file] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = email.parser.Parser().parsestr(zf.read(metadata_file).decode())
+    missing = [name for name in wanted if name not in names]
+    assert not missing, f"{dist.wheel.name} lacks {missing}"
+    ui = {r.split(">")[0].split("<")[0].strip() for r in metadata.get_all("Requires-Dist")
+          if "extra == 'ui'" in r}
+    assert ui == {"starlette", "jinja2", "uvicorn", "python-multipart", "prometheus-client"}, ui
+
+
+@pytest.mark.slow
 def test_the_installed_wheel_is_pgflow_engine_with_a_pgflow_command(installed: Install) -> None:
     show = _run([str(installed.python), "-m", "pip", "show", DIST_NAME], cwd=installed.outside,
                 timeout=60, what="pip show")
@@ -201,8 +219,13 @@ def test_the_installed_wheel_is_pgflow_engine_with_a_pgflow_command(installed: I
     helped = _run([str(installed.cli), "--help"], cwd=installed.outside, timeout=60,
                   what="pgflow --help")
     assert helped.returncode == 0, f"{helped.stdout}\n{helped.stderr}"
-    for command in ("migrate", "worker", "show"):
+    for command in ("migrate", "worker", "show", "ui"):
         assert command in helped.stdout, helped.stdout
+    # Installed without the `ui` extra: the dashboard says what to install, in one line.
+    ui = _run([str(installed.cli), "ui", "--dsn", "postgresql://nobody@127.0.0.1:1/x"],
+              cwd=installed.outside, timeout=60, what="pgflow ui")
+    assert ui.returncode == 1 and "Traceback" not in ui.stderr, ui.stderr
+    assert ui.stderr.strip().startswith("pgflow: error: the web dashboard needs the 'ui' extra")
     assert list(installed.outside.iterdir()) == []
 
 

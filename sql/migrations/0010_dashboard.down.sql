@@ -1,0 +1,3 @@
+-- Undo revision 0010: the dashboard's index.
+
+drop index pgflow.runs_concurrency_key;
