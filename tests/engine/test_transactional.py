@@ -12,8 +12,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import pgflow
+import pgflow.orm
 
 _attempts: dict[str, int] = {}  # (run, step) -> attempts made, outside any transaction
 
@@ -213,3 +215,49 @@ def test_declaring_a_transactional_step_wrongly_is_one_clear_error():
 
 def test_a_map_of_a_transactional_step_takes_its_inputs_without_the_connection():
     assert [p["name"] for p in book_item.signature.describe()] == ["pair"]
+
+
+# -- SQLAlchemy on the step's connection (pgflow.orm) ----------------------------------
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class LedgerEntry(_Base):
+    __tablename__ = "ledger"
+    __table_args__ = {"schema": "public"}
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str]
+    what: Mapped[str]
+
+
+@pgflow.step(transactional=True, retry=pgflow.Retry(max_attempts=2, initial_interval=0.01))
+def book_with_orm(conn: psycopg.Connection[Any], run_id: str) -> int:
+    with pgflow.orm.session(conn) as session:
+        entry = LedgerEntry(run_id=run_id, what=f"orm attempt {_attempts.get(run_id, 0) + 1}")
+        session.add(entry)
+        session.commit()  # only flushes: the step's transaction commits with its checkpoint
+        if _attempt(run_id) == 1:
+            raise ConnectionError("after the flush")
+        return entry.id
+
+
+@pgflow.workflow(name="tx_orm")
+def orm_flow(ctx: pgflow.Context) -> int:
+    return book_with_orm(str(ctx.workflow_id))
+
+
+def test_a_sqlalchemy_session_on_the_steps_connection_commits_with_its_checkpoint(
+        ledger, inprocess_worker):
+    inprocess_worker.start([orm_flow])
+    run_id = pgflow.start(ledger, orm_flow)
+    entry_id = pgflow.result(ledger, run_id, timeout=60)
+    assert entries(ledger, run_id) == ["orm attempt 2"]  # the first attempt's flush rolled back
+    assert ledger.execute("select id from public.ledger where run_id = %s",
+                          (str(run_id),)).fetchone()[0] == entry_id
+
+
+def test_pgflow_orm_session_takes_a_psycopg_connection():
+    with pytest.raises(TypeError, match="takes a transactional step's psycopg Connection"), \
+            pgflow.orm.session("not a connection"):
+        pass
