@@ -39,6 +39,17 @@ def one_step(ctx: pgflow.Context, n: int) -> int:
     return bump(n)
 
 
+@pgflow.step(transactional=True)
+def bump_in_transaction(conn: object, n: int) -> int:
+    """bump as a transactional step: the same nothing, in its checkpoint's own transaction."""
+    return n + 1
+
+
+@pgflow.workflow(name="one_tx_step")
+def one_tx_step(ctx: pgflow.Context, n: int) -> int:
+    return bump_in_transaction(n)
+
+
 @pgflow.workflow(name="ten_steps")
 def ten_steps(ctx: pgflow.Context, n: int) -> int:
     for _ in range(TEN):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.harness import Bench, pgbench_baseline
-from bench.workloads.drain import w1b_drain, w1c_capped, w2_ten_steps
+from bench.workloads.drain import w1b_drain, w1c_capped, w1t_transactional, w2_ten_steps
 from bench.workloads.history import w5_history
 from bench.workloads.producer import w0_producer, w1_one_step
 from bench.workloads.schedules import w6_schedules
@@ -24,6 +24,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "W5": w5_history,  # right after W1, whose per_sec it is compared with
     "W1b": w1b_drain,
     "W1c": w1c_capped,
+    "W1t": w1t_transactional,
     "W2": w2_ten_steps,
     "W3": w3_wake_latency,
     "W4": w4_timers,

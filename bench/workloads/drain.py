@@ -1,8 +1,10 @@
-"""W1b, W1c and W2: runs queued before the worker starts, then drained by one worker.
+"""W1b, W1c, W1t and W2: runs queued before the worker starts, then drained by one worker.
 
 The worker's own throughput, with no producer competing for the machine: W1b one-step runs/s,
-W1c the same under a queue cap of 20 executing runs (what flow control costs the claim), W2
-steps/s of ten-step runs, all from the first claim to the last finish.
+W1c the same under a queue cap of 20 executing runs (what flow control costs the claim), W1t
+the same with the step transactional (its checkpoint in a transaction of its own: what
+exactly-once database steps cost), W2 steps/s of ten-step runs, all from the first claim to
+the last finish.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def w1c_capped(b: Bench) -> list[dict[str, Any]]:
     s, extra = _drain(b, "w1c", workflows.one_step, n, queue_cap=W1C_QUEUE_CAP)
     return [line("W1c_capped", n, s.from_started_s, n / s.from_started_s, None, None,
                  queue_cap=W1C_QUEUE_CAP, **extra)]
+
+
+def w1t_transactional(b: Bench) -> list[dict[str, Any]]:
+    """W1b with its one step transactional (no group commit for its checkpoint)."""
+    n = b.count(W1B_RUNS)
+    log(f"W1t: {n} one_tx_step runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
+    s, extra = _drain(b, "w1t", workflows.one_tx_step, n)
+    return [line("W1t_transactional", n, s.from_started_s, n / s.from_started_s, None, None,
+                 **extra)]
 
 
 def w2_ten_steps(b: Bench) -> list[dict[str, Any]]:
