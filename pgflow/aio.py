@@ -1,5 +1,6 @@
 """The client for asyncio code: the names of :mod:`pgflow.client`, awaited,
-on a ``psycopg.AsyncConnection`` (or ``AsyncCursor``)."""
+on a ``psycopg.AsyncConnection`` (or ``AsyncCursor``), or a SQLAlchemy
+``AsyncConnection`` or ``AsyncSession`` on ``postgresql+psycopg://``."""
 
 from __future__ import annotations
 
@@ -59,12 +60,12 @@ async def retry(conn: Any, run_id: uuid.UUID | str) -> None:
     await connections.afetch(conn, queries.RETRY, (queries.run_id_param(run_id),))
 
 
-async def result(conn: psycopg.AsyncConnection[Any], run_id: uuid.UUID | str,
-                 timeout: float | None = None) -> Any:
-    """See :func:`pgflow.result`."""
+async def result(conn: Any, run_id: uuid.UUID | str, timeout: float | None = None) -> Any:
+    """See :func:`pgflow.result` (a SQLAlchemy ``AsyncConnection`` or ``AsyncSession`` too)."""
     wait = queries.ResultWait(run_id, timeout)
-    if not isinstance(conn, psycopg.AsyncConnection):
-        raise TypeError(f"result() needs a psycopg AsyncConnection, not {type(conn)!r}")
+    if isinstance(conn, psycopg.AsyncCursor):
+        raise TypeError(f"result() needs an async connection, not {type(conn)!r}")
+    conn = await connections.adbapi_connection(conn)
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise errors.PgflowError(
             "result() must be called outside a transaction: commit first, or use autocommit")

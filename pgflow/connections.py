@@ -1,9 +1,18 @@
 """Running pgflow's statements on whatever connection the application holds.
 
-Accepted: a psycopg ``Connection`` or ``Cursor``, a SQLAlchemy ``Connection``
-or ``Session`` (on psycopg or psycopg2), or any DB-API connection with the
-``format`` paramstyle. The statement runs in that connection's current
-transaction; nothing here commits or rolls back.
+Accepted by :func:`fetch` (the sync client): a psycopg ``Connection`` or
+``Cursor``; a SQLAlchemy ``Connection`` or ``Session`` (on psycopg or
+psycopg2); a Django database connection (``django.db.connection`` or
+``connections[alias]``, PostgreSQL backend); or any DB-API connection with the
+``format`` paramstyle. Accepted by :func:`afetch` (``pgflow.aio``): a psycopg
+``AsyncConnection`` or ``AsyncCursor``, and a SQLAlchemy ``AsyncConnection`` or
+``AsyncSession`` on ``postgresql+psycopg``.
+
+The statement runs in that connection's current transaction (a SQLAlchemy
+connection that has none begins one, as its own ``execute`` would; Django's
+``atomic()`` block is the transaction, if one is open); nothing here commits or
+rolls back. Neither Django nor SQLAlchemy is imported: they are recognised by
+the module of the object's class.
 """
 
 from __future__ import annotations
@@ -11,8 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg.adapt import Loader
+from psycopg.pq import Format
+from psycopg.types.datetime import TimestamptzLoader
+from psycopg.types.json import JsonbLoader, JsonLoader
 
 from pgflow import errors
+
+# What pgflow reads back, decoded the way psycopg does by default, whatever the
+# application registered on its connection (Django loads jsonb as text, and
+# timestamptz with its own time zone rule).
+_LOADERS: tuple[tuple[str, type[Loader]], ...] = (
+    ("jsonb", JsonbLoader), ("json", JsonLoader), ("timestamptz", TimestamptzLoader))
 
 
 def _is_sqlalchemy(obj: object, cls_name: str) -> bool:
@@ -20,31 +39,120 @@ def _is_sqlalchemy(obj: object, cls_name: str) -> bool:
                for c in type(obj).__mro__)
 
 
+def _is_django(obj: object) -> bool:
+    """A Django database connection: ``connections[alias]``, or the ``connection`` proxy."""
+    return any(c.__module__.startswith("django.")
+               and c.__name__ in ("BaseDatabaseWrapper", "ConnectionProxy")
+               for c in type(obj).__mro__)
+
+
+def _is_async(obj: object) -> bool:
+    return (isinstance(obj, (psycopg.AsyncConnection, psycopg.AsyncCursor))
+            or _is_sqlalchemy(obj, "AsyncConnection") or _is_sqlalchemy(obj, "AsyncSession"))
+
+
+def _check_django(conn: Any) -> None:
+    if conn.vendor != "postgresql":
+        raise TypeError(f"pgflow needs a PostgreSQL database; Django connection "
+                        f"{conn.alias!r} uses the {conn.vendor!r} backend")
+
+
 def dbapi_connection(conn: Any) -> Any:
-    """The driver-level connection behind ``conn`` (a SQLAlchemy wrapper, say)."""
+    """The driver-level connection behind ``conn`` (a SQLAlchemy or Django wrapper, say).
+
+    A SQLAlchemy ``Connection`` without a transaction begins one, so that what
+    runs on the driver connection is committed by the caller's ``commit()``.
+    """
+    if _is_async(conn):
+        raise TypeError(f"{type(conn).__name__} is an asyncio connection: "
+                        "use the pgflow.aio client with it")
+    if _is_django(conn):
+        _check_django(conn)
+        conn.ensure_connection()
+        return conn.connection
     if _is_sqlalchemy(conn, "Session"):
         conn = conn.connection()
     if _is_sqlalchemy(conn, "Connection"):
+        if not conn.in_transaction():
+            conn.begin()
         return conn.connection.driver_connection
     return conn
 
 
+async def adbapi_connection(conn: Any) -> psycopg.AsyncConnection[Any]:
+    """The psycopg ``AsyncConnection`` behind ``conn`` (a SQLAlchemy async wrapper, say)."""
+    if _is_sqlalchemy(conn, "AsyncSession"):
+        conn = await conn.connection()
+    if _is_sqlalchemy(conn, "AsyncConnection"):
+        if not conn.in_transaction():
+            await conn.begin()
+        raw = (await conn.get_raw_connection()).driver_connection
+        if not isinstance(raw, psycopg.AsyncConnection):
+            raise TypeError("pgflow.aio needs SQLAlchemy's psycopg async driver "
+                            f"(postgresql+psycopg://), not {type(raw).__module__}.{type(raw).__name__}")
+        return raw
+    if isinstance(conn, psycopg.AsyncConnection):
+        return conn
+    if isinstance(conn, (psycopg.Connection, psycopg.Cursor)) or _is_django(conn) or (
+            _is_sqlalchemy(conn, "Connection") or _is_sqlalchemy(conn, "Session")):
+        raise TypeError(f"{type(conn).__name__} is not an asyncio connection: "
+                        "use the sync client (pgflow.start, pgflow.get, ...) with it")
+    raise TypeError("expected a psycopg AsyncConnection or AsyncCursor, or a SQLAlchemy "
+                    f"AsyncConnection or AsyncSession, not {type(conn)!r}")
+
+
+def _use_pgflow_loaders(cursor: Any) -> None:
+    """Decode jsonb, json and timestamptz on this cursor of ours as psycopg does by default."""
+    if not isinstance(cursor, (psycopg.Cursor, psycopg.AsyncCursor)):
+        return  # psycopg2 and other drivers: theirs are the defaults
+    adapters = cursor.adapters
+    for name, loader in _LOADERS:
+        info = adapters.types.get(name)
+        if info is not None and adapters.get_loader(info.oid, Format.TEXT) is not loader:
+            adapters.register_loader(name, loader)
+
+
 def _reraise_translated(exc: BaseException) -> None:
-    """Raise the pgflow exception for an engine error; return for any other error."""
-    translated = errors.from_database(exc)
-    if translated is not exc:
-        raise translated from None
+    """Raise the pgflow exception for an engine error; return for any other error.
+
+    A framework's wrapper of the driver's error (Django's ``DatabaseError``)
+    carries the driver's error as its ``__cause__``.
+    """
+    for candidate in (exc, exc.__cause__):
+        if candidate is None:
+            continue
+        translated = errors.from_database(candidate)
+        if translated is not candidate:
+            raise translated from None
+
+
+def _django_fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    # Django's own cursor: the statement takes part in atomic() (and in whatever
+    # the application hooked on the connection: execute wrappers, query logging).
+    _check_django(conn)
+    with conn.cursor() as wrapper:
+        _use_pgflow_loaders(wrapper.cursor)
+        try:
+            wrapper.execute(sql, params)
+            return list(wrapper.fetchall()) if wrapper.description else []
+        except Exception as exc:
+            _reraise_translated(exc)
+            raise
 
 
 def fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """Execute ``sql`` on ``conn`` in its current transaction and return all rows."""
+    if _is_django(conn):
+        return _django_fetch(conn, sql, params)
     if isinstance(conn, psycopg.Cursor):
         cursor, owned = conn, False
     else:
         raw = dbapi_connection(conn)
         if not hasattr(raw, "cursor"):
-            raise TypeError(f"expected a psycopg or SQLAlchemy connection, not {type(conn)!r}")
+            raise TypeError("expected a psycopg, SQLAlchemy, Django or DB-API connection, "
+                            f"not {type(conn)!r}")
         cursor, owned = raw.cursor(), True
+        _use_pgflow_loaders(cursor)
     try:
         cursor.execute(sql, params)
         return list(cursor.fetchall()) if cursor.description else []
@@ -57,13 +165,12 @@ def fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]
 
 
 async def afetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """:func:`fetch` for ``psycopg.AsyncConnection`` / ``AsyncCursor``."""
+    """:func:`fetch` for asyncio connections (psycopg or SQLAlchemy)."""
     if isinstance(conn, psycopg.AsyncCursor):
         cursor, owned = conn, False
-    elif isinstance(conn, psycopg.AsyncConnection):
-        cursor, owned = conn.cursor(), True
     else:
-        raise TypeError(f"expected a psycopg AsyncConnection or AsyncCursor, not {type(conn)!r}")
+        cursor, owned = (await adbapi_connection(conn)).cursor(), True
+        _use_pgflow_loaders(cursor)
     try:
         await cursor.execute(sql, params)
         return list(await cursor.fetchall()) if cursor.description else []
