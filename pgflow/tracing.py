@@ -126,10 +126,7 @@ class RunSpans:
         """End the run's span: ``completed``, ``failed``, ``suspended``, ``cancelled``, ..."""
         if self._span is None:
             return
-        self._span.set_attribute("pgflow.outcome", outcome)
-        if error is not None:
-            self._span.record_exception(error)
-            self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        _record(self._span, outcome, error)
         self._span.end()
         self._span = None
 
@@ -141,12 +138,16 @@ class StepSpan:
         self._span = span
 
     def ended(self, outcome: str, error: BaseException | None = None) -> None:
-        if self._span is None:
-            return
-        self._span.set_attribute("pgflow.outcome", outcome)
-        if error is not None:
-            self._span.record_exception(error)
-            self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        if self._span is not None:
+            _record(self._span, outcome, error)
 
 
 _NO_STEP = StepSpan(None)
+
+
+def _record(span: Any, outcome: str, error: BaseException | None) -> None:
+    """The outcome on ``span``; a failure as an exception event and an error status."""
+    span.set_attribute("pgflow.outcome", outcome)
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
