@@ -372,7 +372,7 @@ def worker_process(b: Bench, label: str) -> Iterator[subprocess.Popen[bytes]]:
     with open(logfile, "wb") as out:
         metrics = ["--metrics-port", str(_free_port()), "--metrics-host", "127.0.0.1"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgflow", "worker", "bench.workflows", "--dsn", b.dsn,
+            [sys.executable, "-m", "pgflow", "worker", "bench.workflows", "--dsn", b.dsn, "-p", "1",
              "-c", str(WORKER_CONCURRENCY), *(metrics if WORKER_METRICS else [])],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -8,20 +8,35 @@ code 1; set ``PGFLOW_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import json
 import logging
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import psycopg
 import typer
+from psycopg.types.json import Jsonb
 
-from pgflow import cli_queues, cli_schedules, cli_ui, client, errors, flow, logs, metrics, models, schema
+from pgflow import (
+    cli_queues,
+    cli_schedules,
+    cli_ui,
+    client,
+    errors,
+    flow,
+    logs,
+    metrics,
+    models,
+    schema,
+    supervisor,
+)
 from pgflow import dsn as dsn_resolution
 from pgflow.cli_support import (
     DsnOption,
@@ -74,9 +89,22 @@ def worker(
     log_format: Annotated[str, typer.Option(
         "--log-format", help="text, or json: one JSON object a line (run_id, workflow, step, "
                              "attempt included).")] = "text",
+    processes: Annotated[int | None, typer.Option(
+        "-p", "--processes", min=1,
+        help="Worker processes, under one supervisor when more than 1 [default: one a core]")
+    ] = None,
+    scheduler: Annotated[bool, typer.Option(
+        "--scheduler/--no-scheduler", hidden=True,
+        help="Take part in electing the scheduler leader (a supervisor's first process does).")
+    ] = True,
     dsn: DsnOption = None,
 ) -> None:
-    """Run the workflows defined in MODULES until SIGTERM/SIGINT, then drain."""
+    """Run the workflows defined in MODULES until SIGTERM/SIGINT, then drain.
+
+    With -p N (default: one a core), a supervisor starts N worker processes,
+    starts again one that dies, and forwards SIGTERM to all for a drain.
+    """
+    supervisor.die_with_supervisor()
     with user_errors():
         if log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json, not {log_format!r}")
@@ -93,6 +121,27 @@ def worker(
                                  f"{type(exc).__name__}: {exc}") from None
         logs.configure(logging.INFO, log_format)
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        count = supervisor.default_processes() if processes is None else processes
+        if count > 1:
+            # Every mistake is found here, once, before any child starts.
+            Worker(target, queues=queue or None, concurrency=concurrency)
+            with psycopg.connect(target, autocommit=True) as conn:
+                schema.check(conn)
+                # What each process does first, tried once here and undone: a login
+                # without the pgflow_worker role gets one error line, not one a process.
+                with conn.transaction(force_rollback=True):
+                    conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
+                                 (uuid.uuid4(), "supervisor", os.getpid(), [], Jsonb([])))
+            command = functools.partial(
+                _child_command, modules=modules, queues=queue or [], concurrency=concurrency,
+                stale_after=stale_after, log_format=log_format)
+            try:
+                code = supervisor.Supervisor(command, count, target, metrics_port,
+                                             metrics_host).run()
+            except OSError as exc:
+                raise ValueError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
+                                 f"{exc.strerror or exc}") from None
+            raise typer.Exit(code)
         if metrics_port is not None:
             try:
                 metrics.serve(metrics_port, target, metrics_host)
@@ -103,8 +152,18 @@ def worker(
                 "metrics at http://%s:%d/metrics", metrics_host, metrics_port)
         _quiet_garbage_collector()
         Worker(target, queues=queue or None, concurrency=concurrency,
-               stale_after=timedelta(seconds=stale_after),
+               stale_after=timedelta(seconds=stale_after), schedule_timers=scheduler,
                metrics=metrics_port is not None or metrics.shared_directory() is not None).run()
+
+
+def _child_command(index: int, *, modules: list[str], queues: list[str], concurrency: int,
+                   stale_after: float, log_format: str) -> list[str]:
+    """A supervised worker process: one process, the DSN in its environment; the first
+    is the host's scheduler candidate."""
+    return [sys.executable, "-m", "pgflow", "worker", *modules, "-p", "1",
+            "-c", str(concurrency), "--stale-after", str(stale_after),
+            "--log-format", log_format, *[arg for q in queues for arg in ("-q", q)],
+            *(() if index == 0 else ("--no-scheduler",))]
 
 
 def _quiet_garbage_collector() -> None:

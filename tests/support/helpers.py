@@ -151,7 +151,7 @@ class Processes:
                "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         env.pop("PGFLOW_DSN", None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgflow", "worker", *modules, "--dsn", dsn,
+            [sys.executable, "-m", "pgflow", "worker", *modules, "--dsn", dsn, "-p", "1",
              "-c", str(concurrency), *extra_args],
             cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         self.procs.append(proc)
