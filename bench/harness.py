@@ -58,6 +58,9 @@ WORKER_CONCURRENCY = int(os.environ.get("PGFLOW_BENCH_CONCURRENCY", DEFAULT_CONC
 # bench.workflows configures the OpenTelemetry SDK, spans batched to an exporter
 # that drops them (the cost of making spans, not of shipping them).
 WORKER_METRICS = os.environ.get("PGFLOW_BENCH_METRICS") == "1"
+# Worker processes (`pgflow worker -p N`, one supervisor): PGFLOW_BENCH_PROCESSES, default 1.
+# The worker CPU figures then add up the supervisor and all its processes.
+WORKER_PROCESSES = int(os.environ.get("PGFLOW_BENCH_PROCESSES", "1"))
 WORKER_TRACING = os.environ.get("PGFLOW_BENCH_TRACING") == "1"
 PRELOAD_BATCH = 1000  # W1b/W2: runs started per transaction when queueing ahead
 
@@ -297,6 +300,20 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def tree_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds so far of ``pid`` and of each live child of it (a supervisor's workers)."""
+    found = {pid: process_cpu_s(pid)}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return found
+
+
 def host_cpu() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -316,7 +333,7 @@ class CpuMeter:
 
     def __init__(self, worker_pid: int, conn: psycopg.Connection[Any]) -> None:
         self.worker_pid = worker_pid
-        self.worker = process_cpu_s(worker_pid)  # imports and start-up are not counted
+        self.worker = tree_cpu_s(worker_pid)  # imports and start-up are not counted
         self.backends = backend_cpu_s(conn)
         self.host = host_cpu()
 
@@ -325,7 +342,9 @@ class CpuMeter:
         backends = sum(cpu - self.backends.get(pid, 0.0) for pid, cpu in backend_cpu_s(conn).items())
         busy, total = host_cpu()
         return {
-            "worker_cpu_ms_per_run": round((process_cpu_s(self.worker_pid) - self.worker) * 1000 / n, 3),
+            "worker_cpu_ms_per_run": round(sum(
+                cpu - self.worker.get(pid, 0.0) for pid, cpu in tree_cpu_s(self.worker_pid).items()
+            ) * 1000 / n, 3),
             "db_cpu_ms_per_run": round(backends * 1000 / n, 3),
             "host_cpu_busy": round((busy - self.host[0]) / max(1, total - self.host[1]), 2),
         }
@@ -356,7 +375,7 @@ def wait_registered(dsn: str, proc: subprocess.Popen[bytes], logfile: Path) -> N
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
             row = conn.execute("select count(*) from pgflow.workers").fetchone()
-            if row and row[0] >= 1:
+            if row and row[0] >= WORKER_PROCESSES:
                 return
             if proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_tail(logfile)}")
@@ -372,7 +391,8 @@ def worker_process(b: Bench, label: str) -> Iterator[subprocess.Popen[bytes]]:
     with open(logfile, "wb") as out:
         metrics = ["--metrics-port", str(_free_port()), "--metrics-host", "127.0.0.1"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgflow", "worker", "bench.workflows", "--dsn", b.dsn, "-p", "1",
+            [sys.executable, "-m", "pgflow", "worker", "bench.workflows", "--dsn", b.dsn,
+             "-p", str(WORKER_PROCESSES),
              "-c", str(WORKER_CONCURRENCY), *(metrics if WORKER_METRICS else [])],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:

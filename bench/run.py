@@ -29,6 +29,7 @@ from bench.harness import (
     REPO,
     RESULTS_DIR,
     WORKER_METRICS,
+    WORKER_PROCESSES,
     WORKER_TRACING,
     Bench,
     Output,
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(path)
     run = {"workloads": names, "quick": args.quick, "private_server": args.private_server,
            "worker_metrics": WORKER_METRICS, "worker_tracing": WORKER_TRACING,
+           "worker_processes": WORKER_PROCESSES,
            "argv": sys.argv[1:] if argv is None else argv}
     try:
         with admin_server(args.dsn, args.private_server) as admin_dsn:

@@ -17,6 +17,7 @@ import pgflow
 from bench import workflows
 from bench.harness import (
     WORKER_CONCURRENCY,
+    WORKER_PROCESSES,
     Bench,
     CpuMeter,
     Spans,
@@ -41,17 +42,22 @@ def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int |
     """Queue ``n`` runs, then start one worker and wait until it has finished them all."""
     reset(b.dsn)
     preload(b.dsn, workflow, n)
-    if queue_cap is not None:
-        with psycopg.connect(b.dsn, autocommit=True) as conn:
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        if queue_cap is not None:
             pgflow.set_queue(conn, workflow.queue, concurrency=queue_cap)
+        if WORKER_PROCESSES > 1:  # none starts before all are up, and measured
+            pgflow.pause_queue(conn, workflow.queue)
     before = read_stats(b.dsn)
     with worker_process(b, label) as worker, psycopg.connect(b.dsn, autocommit=True) as conn:
         meter = CpuMeter(worker.pid, conn)
+        if WORKER_PROCESSES > 1:
+            pgflow.resume_queue(conn, workflow.queue)
         polls = wait_finished(conn, n, worker)
         cpu = meter.report(conn, n)
         s = spans(conn)
     work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=0, steps=steps)
-    return s, {"concurrency": WORKER_CONCURRENCY, "failed": s.failed, **cpu, **work}
+    return s, {"concurrency": WORKER_CONCURRENCY, "processes": WORKER_PROCESSES,
+               "failed": s.failed, **cpu, **work}
 
 
 def w1b_drain(b: Bench) -> list[dict[str, Any]]:
@@ -87,5 +93,7 @@ def w2_ten_steps(b: Bench) -> list[dict[str, Any]]:
     steps = n * workflows.TEN
     log(f"W2: {n} ten_steps runs queued, then worker -c {WORKER_CONCURRENCY} drains them")
     s, extra = _drain(b, "w2", workflows.ten_steps, n, steps=steps)
+    per_step = {f"{key[:-len('_per_run')]}_per_step": round(value / workflows.TEN, 3)
+                for key, value in extra.items() if key.endswith("cpu_ms_per_run")}
     return [line("W2_ten_steps", steps, s.from_started_s, steps / s.from_started_s, None, None,
-                 runs=n, runs_per_sec=round(n / s.from_started_s, 1), **extra)]
+                 runs=n, runs_per_sec=round(n / s.from_started_s, 1), **per_step, **extra)]
