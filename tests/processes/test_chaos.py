@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from tests.support.workflows import chaos
 
 MODULE = "tests.support.workflows.chaos"
 pytestmark = pytest.mark.slow
+REPORT_LABEL = "faults"  # the prefix of the figures `report` prints
 
 CHAOS_RUNS = 500
 CHAOS_CONCURRENCY = 6
@@ -42,20 +42,6 @@ MIN_KILLS = 10
 CHAOS_LIMIT = 75.0  # seconds of killing at most; then the last workers finish in peace
 SETTLE_TIMEOUT = 150.0  # seconds for the survivors to finish: bounds a hang, not a speed
 EARLY_SIGNALS = 3  # one run in this many gets its signal with its start
-
-
-@pytest.fixture
-def report(capsys: pytest.CaptureFixture[str],
-           record_property: Callable[[str, object], None]) -> Callable[..., None]:
-    """Print a scenario's figures to the terminal even under capture, and into junit XML."""
-    def say(scenario: str, **figures: object) -> None:
-        line = f"[faults] {scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items())
-        for key, value in figures.items():
-            record_property(key, value)
-        with capsys.disabled():
-            sys.stdout.write(f"\n{line}\n")
-            sys.stdout.flush()
-    return say
 
 
 def _counts(conn: psycopg.Connection[Any]) -> dict[str, int]:

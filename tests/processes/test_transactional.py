@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from tests.support.workflows import transactional as tx
 
 MODULE = "tests.support.workflows.transactional"
 pytestmark = pytest.mark.slow
+REPORT_LABEL = "transactional"  # the prefix of the figures `report` prints
 
 CONCURRENCY = 2
 MAX_KILLS = 30
@@ -41,20 +41,6 @@ RANDOM_LIFE = (0.05, 0.4)  # seconds a worker works before its kill, at random..
 RUNS_A_LIFE = 20  # ...and never more than runs // RUNS_A_LIFE runs completed (at least 2),
 # whatever the machine's speed: a fast one is killed as often per run as a slow one
 SETTLE_TIMEOUT = 120.0  # seconds for the last worker to finish: bounds a hang, not a speed
-
-
-@pytest.fixture
-def report(capsys: pytest.CaptureFixture[str],
-           record_property: Callable[[str, object], None]) -> Callable[..., None]:
-    """Print a scenario's figures to the terminal even under capture, and into junit XML."""
-    def say(scenario: str, **figures: object) -> None:
-        line = f"[transactional] {scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items())
-        for key, value in figures.items():
-            record_property(key, value)
-        with capsys.disabled():
-            sys.stdout.write(f"\n{line}\n")
-            sys.stdout.flush()
-    return say
 
 
 def _one(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:
