@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 logger = logging.getLogger("pgflow.supervisor")
@@ -175,9 +176,20 @@ def die_with_supervisor() -> None:
         os._exit(1)  # orphaned before the request took effect
 
 
-def default_processes() -> int:
-    """One worker process a core this process may run on."""
+CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def default_processes(cpu_max: str = CPU_MAX) -> int:
+    """One worker process a core this process may use: the cores it may run on, fewer
+    under a CPU quota (a container limited to 2 CPUs on a 64-core node gets 2)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # rounded up
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return max(1, cores)
