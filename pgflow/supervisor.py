@@ -19,7 +19,8 @@ each a complete worker: claims, heartbeat, recovery) and keeps them running:
   come back through recovery like any dead worker's.
 
 The DSN reaches the children in ``PGFLOW_DSN`` (never on a command line that
-``ps`` shows).
+``ps`` shows). Under systemd, use ``KillMode=mixed``: SIGTERM to the supervisor
+only (a second SIGTERM sent to each child directly would stop it at once).
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ class Supervisor:
         env = {**os.environ, "PGFLOW_DSN": self._dsn, SUPERVISOR_ENV: str(os.getpid())}
         if self._metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
-        child.proc = subprocess.Popen(self._command(child.index), env=env)
+        # A session of its own: Ctrl-C in a terminal reaches the supervisor alone, which
+        # passes it on once (twice would be "exit at once").
+        child.proc = subprocess.Popen(self._command(child.index), env=env,
+                                      start_new_session=True)
         child.started = time.monotonic()
         child.restart_at = None
 
