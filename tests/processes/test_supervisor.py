@@ -24,16 +24,18 @@ from prometheus_client.parser import text_string_to_metric_families
 import pgflow
 from tests.support.helpers import EFFECTS_DSN_ENV, REPO, wait_for
 from tests.support.workflows.simple import two_steps
+from tests.support.workflows.supervised import three_slow_steps
 
 pytestmark = pytest.mark.slow
 
 MODULE = "tests.support.workflows.simple"
+SLOW = "tests.support.workflows.supervised"
 
 
 def supervisor(dsn: str, processes: int, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), EFFECTS_DSN_ENV: dsn, "PYTHONUNBUFFERED": "1"}
     env.pop("PGFLOW_DSN", None)
-    return subprocess.Popen([sys.executable, "-m", "pgflow", "worker", MODULE, "--dsn", dsn,
+    return subprocess.Popen([sys.executable, "-m", "pgflow", "worker", MODULE, SLOW, "--dsn", dsn,
                              "-p", str(processes), "-c", "4", *extra],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -163,3 +165,66 @@ def test_one_endpoint_serves_the_sum_of_the_processes(dsn, conn, effects, superv
     print(f"processes that ran steps: {len(worked)}")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
+
+
+def leased_by(conn: psycopg.Connection[Any], pid: int) -> list[Any]:
+    """The runs the worker process ``pid`` holds."""
+    return [row[0] for row in conn.execute(
+        "select r.id from pgflow.runs r join pgflow.workers w on w.id = r.lease_owner"
+        " where w.pid = %s and r.status = 'running'", (pid,))]
+
+
+def executions(conn: psycopg.Connection[Any]) -> dict[tuple[str, str], int]:
+    return {(run, step): n for run, step, n in conn.execute(
+        "select run_id, step, count(*) from public.effects group by 1, 2")}
+
+
+def test_a_child_killed_mid_load_is_restarted_and_its_runs_recovered(
+        dsn, conn, effects, supervised):
+    proc = supervised(dsn, 2)
+    wait_for(lambda: len(registered(conn)) == 2, timeout=60, what="two registered processes")
+    run_ids = [pgflow.start(conn, three_slow_steps) for _ in range(24)]
+    first = children(proc.pid)
+    wait_for(lambda: any(leased_by(conn, pid) for pid in first), timeout=60,
+             what="a process holding runs")
+    victim = next(pid for pid in first if leased_by(conn, pid))
+    held = leased_by(conn, victim)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children(proc.pid)) == 2 and victim not in children(proc.pid),
+             timeout=60, what="a new process in place of the killed one")
+    for run_id in run_ids:
+        assert pgflow.result(conn, run_id, timeout=180) == [0, 1, 2]
+    counts = executions(conn)
+    for run_id in run_ids:  # every step ran; only the killed process's steps may have run twice
+        for step in ("step 0", "step 1", "step 2"):
+            n = counts.get((str(run_id), step), 0)
+            assert n == 1 or (n == 2 and run_id in held), (run_id, step, n)
+    print(f"runs held by the killed process: {len(held)}, all recovered")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def test_sigterm_mid_load_drains_every_process_and_nothing_runs_twice(
+        dsn, conn, effects, supervised):
+    proc = supervised(dsn, 2)
+    wait_for(lambda: len(registered(conn)) == 2, timeout=60, what="two registered processes")
+    run_ids = [pgflow.start(conn, three_slow_steps) for _ in range(24)]
+    wait_for(lambda: effects.count() >= 6, timeout=60, what="steps under way")
+    kids = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    wait_for(lambda: not any(alive(pid) for pid in kids), timeout=30, what="children gone")
+    assert registered(conn) == []
+    unfinished = conn.execute("select count(*) from pgflow.runs where status <> 'completed'"
+                              ).fetchone()[0]
+    assert unfinished > 0  # the drain stopped mid-load: runs were given back, not finished
+    assert conn.execute("select count(*) from pgflow.runs where status = 'running'"
+                        ).fetchone()[0] == 0  # none left leased to a drained process
+
+    after = supervised(dsn, 2)  # a new supervisor finishes what was given back
+    for run_id in run_ids:
+        assert pgflow.result(conn, run_id, timeout=180) == [0, 1, 2]
+    assert set(executions(conn).values()) == {1}  # every step of every run ran exactly once
+    assert len(executions(conn)) == 3 * len(run_ids)
+    after.send_signal(signal.SIGTERM)
+    assert after.wait(60) == 0
