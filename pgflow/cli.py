@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
@@ -123,37 +124,45 @@ def worker(
         logging.getLogger("alembic").setLevel(logging.WARNING)
         count = supervisor.default_processes() if processes is None else processes
         if count > 1:
-            # Every mistake is found here, once, before any child starts.
-            Worker(target, queues=queue or None, concurrency=concurrency)
-            with psycopg.connect(target, autocommit=True) as conn:
-                schema.check(conn)
-                # What each process does first, tried once here and undone: a login
-                # without the pgflow_worker role gets one error line, not one a process.
-                with conn.transaction(force_rollback=True):
-                    conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
-                                 (uuid.uuid4(), "supervisor", os.getpid(), [], Jsonb([])))
             command = functools.partial(
                 _child_command, modules=modules, queues=queue or [], concurrency=concurrency,
                 stale_after=stale_after, log_format=log_format)
-            try:
-                code = supervisor.Supervisor(command, count, target, metrics_port,
-                                             metrics_host).run()
-            except OSError as exc:
-                raise ValueError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
-                                 f"{exc.strerror or exc}") from None
-            raise typer.Exit(code)
+            _check_before_supervising(target, queue, concurrency)
+            boss = supervisor.Supervisor(command, count, target)
+            if metrics_port is not None:
+                with _serving_metrics(metrics_host, metrics_port):
+                    boss.serve_metrics(metrics_port, metrics_host)
+            raise typer.Exit(boss.run())
         if metrics_port is not None:
-            try:
+            with _serving_metrics(metrics_host, metrics_port):
                 metrics.serve(metrics_port, target, metrics_host)
-            except OSError as exc:
-                raise ValueError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
-                                 f"{exc.strerror or exc}") from None
             logging.getLogger("pgflow.worker").info(
                 "metrics at http://%s:%d/metrics", metrics_host, metrics_port)
         _quiet_garbage_collector()
         Worker(target, queues=queue or None, concurrency=concurrency,
                stale_after=timedelta(seconds=stale_after), schedule_timers=scheduler,
                metrics=metrics_port is not None or metrics.shared_directory() is not None).run()
+
+
+@contextlib.contextmanager
+def _serving_metrics(host: str, port: int) -> Iterator[None]:
+    """A port that cannot be bound is one error line."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _check_before_supervising(target: str, queues: list[str] | None, concurrency: int) -> None:
+    """Every mistake found once, before any process starts (not once a process)."""
+    Worker(target, queues=queues or None, concurrency=concurrency)  # workflows, queues
+    with psycopg.connect(target, autocommit=True) as conn:
+        schema.check(conn)
+        # What each process does first, tried here and undone: a login without the
+        # pgflow_worker role gets its one error line now.
+        with conn.transaction(force_rollback=True):
+            conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
+                         (uuid.uuid4(), "supervisor", os.getpid(), [], Jsonb([])))
 
 
 def _child_command(index: int, *, modules: list[str], queues: list[str], concurrency: int,

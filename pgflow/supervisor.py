@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from pgflow import metrics
+
 logger = logging.getLogger("pgflow.supervisor")
 
 SUPERVISOR_ENV = "PGFLOW_SUPERVISOR_PID"  # set for a child: its supervisor's pid
@@ -62,15 +64,12 @@ class _Child:
 class Supervisor:
     """Runs ``processes`` children made by ``command(index)`` until signalled; see the module."""
 
-    def __init__(self, command: Callable[[int], list[str]], processes: int, dsn: str,
-                 metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> None:
+    def __init__(self, command: Callable[[int], list[str]], processes: int, dsn: str) -> None:
         if processes < 2:
             raise ValueError(f"a supervisor runs 2 processes or more, not {processes}")
         self._command = command
         self._children = [_Child(i) for i in range(processes)]
         self._dsn = dsn
-        self._metrics_port = metrics_port
-        self._metrics_host = metrics_host
         self._signals = 0
         self._metrics_dir: str | None = None
 
@@ -81,8 +80,6 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         try:
-            if self._metrics_port is not None:
-                self._serve_metrics()
             for child in self._children:
                 self._start(child)
             logger.info("supervising %d worker processes: %s", len(self._children),
@@ -154,16 +151,18 @@ class Supervisor:
 
             multiprocess.mark_process_dead(pid, self._metrics_dir)
 
-    def _serve_metrics(self) -> None:
-        """The children's samples go to a fresh directory; this process serves their sum."""
+    def serve_metrics(self, port: int, host: str = "0.0.0.0") -> None:
+        """Before :meth:`run`: the children's samples go to a fresh directory, and this
+        process serves their sum on ``port`` (:class:`OSError` if it cannot bind it)."""
         self._metrics_dir = tempfile.mkdtemp(prefix="pgflow-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
-        from pgflow import metrics  # prometheus_client reads the directory when imported
-
-        assert self._metrics_port is not None
-        metrics.serve(self._metrics_port, self._dsn, self._metrics_host)
-        logger.info("metrics of all worker processes at http://%s:%d/metrics",
-                    self._metrics_host, self._metrics_port)
+        try:
+            metrics.serve(port, self._dsn, host)
+        except OSError:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
+            raise
+        logger.info("metrics of all worker processes at http://%s:%d/metrics", host, port)
 
 
 def die_with_supervisor() -> None:
