@@ -89,3 +89,14 @@ async def async_sleeper(ctx: pgflow.Context, n: int, seconds: float = SLEEP_S) -
     """``sleeper`` written with ``async def`` (W4a): replay needs no thread either."""
     await ctx.sleep(seconds)
     return await async_bump(n)
+
+
+@pgflow.step
+async def async_stamp() -> float:
+    """stamp, ``async def``: no thread between the claim and the step (W3a)."""
+    return time.time()
+
+
+@pgflow.workflow(name="async_wake_probe")
+async def async_wake_probe(ctx: pgflow.Context) -> float:
+    return await async_stamp()

@@ -82,6 +82,13 @@ class Workflow:
                               f"the concurrency key of workflow {self.name!r}")
         return key_text(value)
 
+    def announcement(self) -> dict[str, Any]:
+        """What a worker that serves it tells ``pgflow.register_worker`` about it."""
+        return {"name": self.name, "version": self.version, "queue": self.queue,
+                "timeout_seconds": self.timeout.total_seconds() if self.timeout else None,
+                "params": self.signature.describe(),
+                "concurrency": self.concurrency.announced() if self.concurrency else None}
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 

@@ -1,14 +1,12 @@
-"""A worker's long-lived connection: registration, liveness lock, LISTEN, heartbeat.
+"""A worker's long-lived connection: registration, liveness lock, heartbeat.
 
 The connection that registers the worker also holds its session advisory
 lock, so the lock lives exactly as long as this connection: a killed worker
 loses it at once and any other worker's ``pgflow.recover()`` gives its runs
-back within a tick. The same connection LISTENs for ``pgflow_ready``, beats
-the heartbeat and runs recovery, so a broken connection is noticed on the
-next tick and the worker re-registers (under a new id) and re-polls.
-
-NOTIFY is only a hint: after every (re)connect the worker polls, and the
-claim loop polls on its own every ``poll_interval`` in any case.
+back within a tick. The same connection beats the heartbeat and runs
+recovery, so a broken connection is noticed on the next tick and the worker
+re-registers (under a new id) and claims again at once. (The worker LISTENs
+on its claim session, claims.py.)
 """
 
 from __future__ import annotations
@@ -29,20 +27,17 @@ from pgflow import procedures
 
 logger = logging.getLogger("pgflow.worker")
 
-READY_CHANNEL = "pgflow_ready"
-TIMER_CHANNEL = "pgflow_timer"
 RECONNECT_DELAY_MAX = 5.0  # seconds
 
 
 class Membership:
     def __init__(self, dsn: str, queues: list[str], workflows: list[dict[str, Any]], *,
                  on_wake: Callable[[], None], heartbeat_interval: float,
-                 stale_after: timedelta, on_timer: Callable[[], None] | None = None) -> None:
+                 stale_after: timedelta) -> None:
         self._dsn = dsn
         self._queues = queues
         self._workflows = workflows
-        self._on_wake = on_wake
-        self._on_timer = on_timer or (lambda: None)
+        self._on_wake = on_wake  # registered (again): claim now
         self._heartbeat_interval = heartbeat_interval
         self._stale_after = stale_after
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -51,21 +46,16 @@ class Membership:
         self._reset_requested = False
 
     async def connect(self) -> None:
-        """Connect, register under a fresh id and LISTEN."""
+        """Connect and register under a fresh id."""
         conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
         worker_id = uuid.uuid4()
         await procedures.register_worker(conn, worker_id, socket.gethostname(), os.getpid(),
                                          self._queues, self._workflows)
-        # The one LISTEN connection of the process: every listening connection
-        # pays a transaction for each NOTIFY in the database, whatever the channel.
-        await conn.execute(f"listen {READY_CHANNEL}")
-        await conn.execute(f"listen {TIMER_CHANNEL}")
         self._conn = conn
         self.worker_id = worker_id
         self.registered.set()
         logger.info("worker %s registered (queues %s)", worker_id, ", ".join(self._queues))
-        self._on_wake()  # whatever became ready while we were away
-        self._on_timer()
+        self._on_wake()
 
     def request_reset(self) -> None:
         """Leave and re-register under a new id at the next tick.
@@ -76,14 +66,8 @@ class Membership:
         """
         self._reset_requested = True
 
-    def _on_notify(self, notify: psycopg.Notify) -> None:
-        if notify.channel == READY_CHANNEL and notify.payload in self._queues:
-            self._on_wake()
-        elif notify.channel == TIMER_CHANNEL:
-            self._on_timer()
-
     async def run(self, stop: asyncio.Event) -> None:
-        """Until ``stop``: pump notifications, heartbeat, recover, reconnect."""
+        """Until ``stop``: heartbeat, recover, reconnect."""
         delay = 0.1
         while not stop.is_set():
             try:
@@ -91,7 +75,10 @@ class Membership:
                     self.registered.clear()
                     await self.connect()
                     delay = 0.1
-                await self._tick()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._heartbeat_interval)
+                if not stop.is_set():
+                    await self._tick()
             except psycopg.Error as exc:
                 logger.warning("worker connection lost (%s); reconnecting in %.1fs",
                                str(exc).strip().splitlines()[0] if str(exc) else exc, delay)
@@ -103,10 +90,6 @@ class Membership:
     async def _tick(self) -> None:
         conn = self._conn
         assert conn is not None
-        # Notifications that arrive while we heartbeat are kept by psycopg and
-        # come out of the next notifies() call.
-        async for notify in conn.notifies(timeout=self._heartbeat_interval):
-            self._on_notify(notify)
         if self._reset_requested:
             self._reset_requested = False
             logger.warning("worker %s leaves and re-registers so its runs are recovered",

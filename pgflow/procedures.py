@@ -94,20 +94,15 @@ class Procedures:
     the retry, which is then the success it is (see :meth:`complete_batch`).
     """
 
-    def __init__(self, pool: AsyncConnectionPool[Any], retry_for: float = REPORT_RETRY_FOR,
-                 claim_pool: AsyncConnectionPool[Any] | None = None) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], retry_for: float = REPORT_RETRY_FOR) -> None:
         self.pool = pool
         self.retry_for = retry_for
-        # Claims may go through their own connection(s): see Worker (asynchronous commit).
-        self.claim_pool = claim_pool or pool
 
-    async def _execute(self, sql: str, params: tuple[Any, ...],
-                       pool: AsyncConnectionPool[Any] | None = None) -> list[tuple[Any, ...]]:
-        rows, _retried = await self._execute_retrying(sql, params, pool)
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        rows, _retried = await self._execute_retrying(sql, params)
         return rows
 
     async def _execute_retrying(self, sql: str, params: tuple[Any, ...],
-                                pool: AsyncConnectionPool[Any] | None = None,
                                 ) -> tuple[list[tuple[Any, ...]], bool]:
         """Rows, and whether the call had to be repeated (its first try may have committed)."""
         deadline = time.monotonic() + self.retry_for
@@ -115,7 +110,7 @@ class Procedures:
         retried = False
         while True:
             try:
-                async with _translated(), (pool or self.pool).connection() as conn:
+                async with _translated(), self.pool.connection() as conn:
                     cur = await conn.execute(sql, params)
                     return (await cur.fetchall() if cur.description else []), retried
             except psycopg.errors.UniqueViolation:
@@ -129,23 +124,6 @@ class Procedures:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 retried = True
-
-    async def claim(self, worker_id: uuid.UUID, queues: list[str],
-                    workflows: list[tuple[str, str]], limit: int) -> list[ClaimedRun]:
-        names = [name for name, _ in workflows]
-        versions = [version for _, version in workflows]
-        rows = await self._execute(
-            "select run_id, name, version, input, lease_token, journal, cancel_requested,"
-            " cancel_seq, scheduled_time, limited, traceparent,"
-            " extract(epoch from claimed_at - ready_since)::float8, queue"
-            " from pgflow.claim_runs(%s, %s, %s, %s, %s)",
-            (worker_id, queues, names, versions, limit), pool=self.claim_pool)
-        return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
-                           journal=[JournalEntry.from_json(e) for e in r[5]],
-                           cancel_requested=r[6], cancel_seq=r[7], scheduled_time=r[8],
-                           limited=r[9], traceparent=r[10], claim_delay=r[11] or 0.0,
-                           queue=r[12])
-                for r in rows]
 
     async def complete_batch(self, reports: Sequence[BatchReport]) -> dict[uuid.UUID, str]:
         """Checkpoints, completions and sleeps of many runs in one transaction: outcome by run.
@@ -241,6 +219,27 @@ class Procedures:
     async def recover(self, stale_after: timedelta) -> int:
         rows = await self._execute("select pgflow.recover(%s)", (stale_after,))
         return int(rows[0][0])
+
+
+async def claim_runs(conn: Conn, worker_id: uuid.UUID, queues: list[str],
+                     workflows: list[tuple[str, str]], limit: int) -> list[ClaimedRun]:
+    """Lease up to ``limit`` ready runs on ``conn`` (the worker's claim session, claims.py)."""
+    names = [name for name, _ in workflows]
+    versions = [version for _, version in workflows]
+    async with _translated():
+        cur = await conn.execute(
+            "select run_id, name, version, input, lease_token, journal, cancel_requested,"
+            " cancel_seq, scheduled_time, limited, traceparent,"
+            " extract(epoch from claimed_at - ready_since)::float8, queue"
+            " from pgflow.claim_runs(%s, %s, %s, %s, %s)",
+            (worker_id, queues, names, versions, limit))
+        rows = await cur.fetchall()
+    return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
+                       journal=[JournalEntry.from_json(e) for e in r[5]],
+                       cancel_requested=r[6], cancel_seq=r[7], scheduled_time=r[8],
+                       limited=r[9], traceparent=r[10], claim_delay=r[11] or 0.0,
+                       queue=r[12])
+            for r in rows]
 
 
 async def register_worker(conn: Conn, worker_id: uuid.UUID, hostname: str, pid: int,

@@ -15,8 +15,8 @@ woken early by
 became the earliest, a schedule was created or resumed, a scheduled run
 with buffered ticks finished, a claim found a queue's rate spent, or the
 test clock moved. That NOTIFY arrives
-on the worker's one LISTEN connection (membership.py), not on the
-scheduler's own. The leader never scans sleeping runs or schedules that are
+on the worker's one LISTEN connection (its claim session, claims.py), not
+on the scheduler's own. The leader never scans sleeping runs or schedules that are
 not due: the timers and schedules indexes are read in due order only.
 """
 

@@ -1,8 +1,8 @@
 """``pgflow.Worker``: claims runs of its workflows and drives them to the end.
 
-One asyncio loop a process: a claim loop (batch claims, woken by NOTIFY or
-by the poll interval), the membership task (heartbeat, recovery, LISTEN) and
-one task a run in flight. Sync workflows and steps run in a bounded thread
+One asyncio loop a process: a claim loop (batch claims on the claim session,
+which also LISTENs: woken by NOTIFY or by the poll interval), the membership
+task (heartbeat, recovery) and one task a run in flight. Sync workflows and steps run in a bounded thread
 pool; async ones on the loop.
 
 Stopping (SIGTERM/SIGINT, or :meth:`Worker.stop`) drains: no new claims, the
@@ -29,6 +29,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from pgflow import definitions, schema
+from pgflow.claims import ClaimSession
 from pgflow.definitions import Workflow
 from pgflow.membership import Membership
 from pgflow.metrics import instruments
@@ -156,23 +157,18 @@ class Worker:
             self.scheduler.on_fired = wake.set  # woken runs may be ours: claim now
         self._membership = Membership(
             self.dsn, self.queues,
-            [{"name": wf.name, "version": wf.version, "queue": wf.queue,
-              "timeout_seconds": wf.timeout.total_seconds() if wf.timeout else None,
-              "params": wf.signature.describe(),
-              "concurrency": wf.concurrency.announced() if wf.concurrency else None}
-             for wf in self.workflows],
+            [wf.announcement() for wf in self.workflows],
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
-            stale_after=self.stale_after,
-            on_timer=self.scheduler.poke if self.scheduler is not None else None)
+            stale_after=self.stale_after)
+        session = ClaimSession(self.dsn, self.queues,
+                               on_timer=self.scheduler.poke if self.scheduler is not None
+                               else lambda: None)
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")
         pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")
         await pool.open(wait=True)
-        claim_pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=1,
-                                         kwargs={"autocommit": True}, configure=_claim_session,
-                                         open=False, name="pgflow-claim")
-        await claim_pool.open(wait=True)
-        procedures = Procedures(pool, claim_pool=claim_pool)
+        await session.connect()
+        procedures = Procedures(pool)
         self._transactional = TransactionalSteps(self.dsn, max_size=self.concurrency)
         self._reporter = Reporter(procedures)
         await self._membership.connect()  # registers the workflows the schedules name
@@ -183,7 +179,7 @@ class Worker:
         scheduler_task = (asyncio.create_task(self.scheduler.run(self._stop))
                           if self.scheduler is not None else None)
         try:
-            await self._claim_loop(procedures, executor, wake)
+            await self._claim_loop(session, procedures, executor, wake)
             await self._drain()
         finally:
             self._stop.set()
@@ -194,7 +190,7 @@ class Worker:
             await membership_task
             await self._membership.close()
             await self._transactional.aclose()
-            await claim_pool.close()
+            await session.close()
             await pool.close()
             executor.shutdown(wait=False, cancel_futures=True)
             logger.info("worker stopped")
@@ -217,15 +213,16 @@ class Worker:
 
     # -- claiming -----------------------------------------------------------
 
-    async def _claim_loop(self, procedures: Procedures, executor: ThreadPoolExecutor,
-                          wake: asyncio.Event) -> None:
+    async def _claim_loop(self, session: ClaimSession, procedures: Procedures,
+                          executor: ThreadPoolExecutor, wake: asyncio.Event) -> None:
         assert self._stop is not None
         keys = list(self._by_key)
         slots = _Slots(self.concurrency)  # runs whose code is running
         while not self._stop.is_set():
             free = slots.free
             if free <= 0:
-                await _first(slots.freed.wait(), self._stop.wait())
+                # Timer NOTIFYs still reach the scheduler meanwhile.
+                await session.wait(slots.freed, self._stop, timeout=None, ready_wakes=False)
                 slots.freed.clear()
                 continue
             wake.clear()
@@ -233,11 +230,11 @@ class Worker:
             try:
                 if not self._membership.registered.is_set():
                     raise ConnectionError("not registered")
-                claimed = await procedures.claim(worker_id, self.queues, keys,
-                                                 min(free, CLAIM_BATCH))
+                claimed = await session.claim(worker_id, keys, min(free, CLAIM_BATCH))
             except (psycopg.Error, ConnectionError) as exc:
                 logger.warning("claim failed: %s", str(exc).strip().splitlines()[0:1])
-                await _first(self._stop.wait(), timeout=min(self.poll_interval, 1.0))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(self.poll_interval, 1.0))
                 continue
             for run in claimed:
                 if self.instruments.enabled:
@@ -248,7 +245,7 @@ class Worker:
                 task.add_done_callback(functools.partial(self._finished, slot=slot, wake=wake,
                                                          limited=run.limited))
             if len(claimed) < min(free, CLAIM_BATCH):
-                await _first(wake.wait(), self._stop.wait(), timeout=self.poll_interval)
+                await session.wait(wake, self._stop, timeout=self.poll_interval)
 
     def _finished(self, task: asyncio.Task[None], *, slot: _Slot, wake: asyncio.Event,
                   limited: bool) -> None:
@@ -318,25 +315,3 @@ class _Slot:
             self._slots.busy -= 1
             self._slots.freed.set()
             self._slots = None
-
-
-async def _claim_session(conn: psycopg.AsyncConnection[Any]) -> None:
-    """The claim connection commits asynchronously (it does not wait for its WAL flush).
-
-    A claim need not survive a database crash: a lost claim leaves the run
-    pending, exactly as if this worker had died before starting it, and the
-    worker's next report under the lost lease is refused (PF001). Whatever the
-    run then records commits synchronously and flushes the claim's WAL with
-    its own. Every other transaction of the worker keeps the server's setting.
-    """
-    await conn.execute("set synchronous_commit = off")
-
-
-async def _first(*awaitables: Any, timeout: float | None = None) -> None:
-    """Wait until the first of ``awaitables`` finishes (or ``timeout``); cancel the rest."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()

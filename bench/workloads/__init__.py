@@ -15,7 +15,7 @@ from bench.workloads.history import w5_history
 from bench.workloads.producer import w0_producer, w1_one_step
 from bench.workloads.schedules import w6_schedules
 from bench.workloads.timers import w4_timers, w4a_async_timers, w4b_many_sleepers
-from bench.workloads.wake import w3_wake_latency
+from bench.workloads.wake import w3_wake_latency, w3a_async_wake_latency
 
 WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "pgbench": pgbench_baseline,
@@ -27,6 +27,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[dict[str, Any]]]] = {
     "W1t": w1t_transactional,
     "W2": w2_ten_steps,
     "W3": w3_wake_latency,
+    "W3a": w3a_async_wake_latency,
     "W4": w4_timers,
     "W4a": w4a_async_timers,
     "W4b": w4b_many_sleepers,
