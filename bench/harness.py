@@ -163,6 +163,10 @@ def prepare(b: Bench) -> None:
         conn.execute("create table bench_counter (id integer primary key, n bigint not null default 0)")
         conn.execute("insert into bench_counter (id) select generate_series(1, %s)", (PGBENCH_ROWS,))
         conn.execute("vacuum analyze bench_counter")
+        # W0's yardstick (bench/workloads/producer.py): an application's own job table.
+        conn.execute("create table bench_jobs (id uuid primary key default gen_random_uuid(),"
+                     " name text not null, input jsonb not null,"
+                     " created_at timestamptz not null default now())")
         if statements_tracked(conn):
             conn.execute("create extension if not exists pg_stat_statements")
 
@@ -171,7 +175,7 @@ def reset(dsn: str) -> None:
     """Empty the engine tables between workloads (no worker is running then); the engine
     clock back to the real time (W6 moves it)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("truncate pgflow.runs, pgflow.steps, pgflow.timers, pgflow.schedules,"
+        conn.execute("truncate bench_jobs, pgflow.runs, pgflow.steps, pgflow.timers, pgflow.schedules,"
                      " pgflow.schedule_ticks, pgflow.queue_settings, pgflow.slots")
         conn.execute("select pgflow.reset_time()")
         conn.execute("delete from pgflow.workers")

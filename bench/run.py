@@ -1,7 +1,7 @@
 """pgflow benchmark: one command, a fresh database, one JSON line per workload.
 
     .venv/bin/python -m bench.run [--dsn ADMIN_DSN | --private-server] [--quick]
-        [--only pgbench,W0,W1,W5,W1b,W1c,W1t,W2,W3,W4,W4a,W4b,W6] [--output FILE | --no-output]
+        [--only pgbench,W0,W1,W5,W1b,W1c,W1t,W2,W3,W3a,W4,W4a,W4b,W6] [--output FILE | --no-output]
 
 Creates database ``pgflow_bench_<random>`` on the admin server, migrates it,
 runs the selected workloads and drops it again, whatever happens. Progress

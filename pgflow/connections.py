@@ -30,8 +30,21 @@ from pgflow import errors
 # What pgflow reads back, decoded the way psycopg does by default, whatever the
 # application registered on its connection (Django loads jsonb as text, and
 # timestamptz with its own time zone rule).
-_LOADERS: tuple[tuple[str, type[Loader]], ...] = (
+_DECODED: tuple[tuple[str, type[Loader]], ...] = (
     ("jsonb", JsonbLoader), ("json", JsonLoader), ("timestamptz", TimestamptzLoader))
+
+
+def _psycopg_loader(name: str, python: type[Loader]) -> type[Loader]:
+    """psycopg's own loader of ``name``: its C one where psycopg[binary] or [c] has it."""
+    info = psycopg.adapters.types.get(name)
+    found = psycopg.adapters.get_loader(info.oid, Format.TEXT) if info is not None else None
+    if found is not None and found.__module__.split(".")[0] in ("psycopg", "psycopg_binary",
+                                                                 "psycopg_c"):
+        return found
+    return python  # the application replaced psycopg's globally: not pgflow's to use
+
+
+_DEFAULT_LOADERS = {name: _psycopg_loader(name, python) for name, python in _DECODED}
 
 
 def _is_sqlalchemy(obj: object, cls_name: str) -> bool:
@@ -106,10 +119,12 @@ def _use_pgflow_loaders(cursor: Any) -> None:
     if not isinstance(cursor, (psycopg.Cursor, psycopg.AsyncCursor)):
         return  # psycopg2 and other drivers: theirs are the defaults
     adapters = cursor.adapters
-    for name, loader in _LOADERS:
+    for name, default in _DEFAULT_LOADERS.items():
+        # Compared with psycopg's own (the C one where there is one): registering
+        # another on every cursor slowed each call and every row it read.
         info = adapters.types.get(name)
-        if info is not None and adapters.get_loader(info.oid, Format.TEXT) is not loader:
-            adapters.register_loader(name, loader)
+        if info is not None and adapters.get_loader(info.oid, Format.TEXT) is not default:
+            adapters.register_loader(name, default)
 
 
 def _reraise_translated(exc: BaseException) -> None:
@@ -142,10 +157,13 @@ def _django_fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[An
 
 def fetch(conn: Any, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """Execute ``sql`` on ``conn`` in its current transaction and return all rows."""
-    if _is_django(conn):
-        return _django_fetch(conn, sql, params)
     if isinstance(conn, psycopg.Cursor):
         cursor, owned = conn, False
+    elif isinstance(conn, psycopg.Connection):  # the common case: no wrapper to look for
+        cursor, owned = conn.cursor(), True
+        _use_pgflow_loaders(cursor)
+    elif _is_django(conn):
+        return _django_fetch(conn, sql, params)
     else:
         raw = dbapi_connection(conn)
         if not hasattr(raw, "cursor"):

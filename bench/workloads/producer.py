@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 import pgflow
 from bench import workflows
@@ -40,6 +41,9 @@ W1_RUNS = 5000  # W1: runs started one per transaction while the worker runs
 # alone is bounded by its own round trips and commit flushes; 8 is pgbench's -c 8.
 PRODUCER_CONNECTIONS = 4
 PRODUCER_CONNECTIONS_ALSO = (1, 8)
+# W0's yardstick: what a hand-made job table costs the same producer, one row a commit
+# (bench_jobs: a uuid primary key, the name, the jsonb input, a timestamp; harness.prepare).
+BARE_INSERT = "insert into bench_jobs (name, input) values (%s, %s)"
 
 
 def producer_variants(workload: str) -> Iterator[tuple[str, int]]:
@@ -49,11 +53,13 @@ def producer_variants(workload: str) -> Iterator[tuple[str, int]]:
     yield workload, PRODUCER_CONNECTIONS
 
 
-def produce_committed(dsn: str, n: int, connections: int = 1) -> float:
+def produce_committed(dsn: str, n: int, connections: int = 1, bare: bool = False) -> float:
     """Producer for W1: ``n`` runs of one_step, one start per transaction; returns seconds.
 
     ``connections`` threads share the work, each on its own connection (opened before
-    the clock starts), as concurrent requests of an application would.
+    the clock starts), as concurrent requests of an application would. ``bare``: the
+    same with a plain insert of the same input into an application's table (W0's
+    yardstick) instead of ``pgflow.start()``.
     """
     conns = [psycopg.connect(dsn) for _ in range(connections)]
     go = threading.Barrier(connections + 1)
@@ -61,7 +67,10 @@ def produce_committed(dsn: str, n: int, connections: int = 1) -> float:
     def produce(conn: psycopg.Connection[Any], numbers: range) -> None:
         go.wait()
         for i in numbers:
-            pgflow.start(conn, workflows.one_step, i)
+            if bare:
+                conn.execute(BARE_INSERT, ("one_step", Jsonb([i])))
+            else:
+                pgflow.start(conn, workflows.one_step, i)
             conn.commit()
 
     try:
@@ -124,17 +133,22 @@ def w0_producer(b: Bench) -> list[dict[str, Any]]:
 
     One process doing ``pgflow.start()`` + commit per transaction is what W1 measures
     from first start to last completion, so W1 is bounded by this rate (minus the CPU
-    the worker takes from the producer on a shared machine).
+    the worker takes from the producer on a shared machine). Each line also measures,
+    right before, the same producer inserting the same input into a plain table
+    (``bare_per_sec``): ``cost_ratio`` is a start's time over a bare insert's.
     """
     n = b.count(W1_RUNS)
     lines = []
     for name, connections in producer_variants("W0_producer"):
         reset(b.dsn)
-        log(f"W0: producer alone starts {n} one_step runs, one per commit, on {connections}"
-            " connection(s) (no worker)")
+        log(f"W0: producer alone inserts {n} rows into a plain table, then starts {n}"
+            f" one_step runs, one per commit, on {connections} connection(s) (no worker)")
         with producer() as pool:
+            bare_s = pool.submit(produce_committed, b.dsn, n, connections, True).result()
             seconds = pool.submit(produce_committed, b.dsn, n, connections).result()
         lines.append(line(name, n, seconds, n / seconds, None, None,
-                          producer_connections=connections))
+                          producer_connections=connections,
+                          bare_per_sec=round(n / bare_s, 1),
+                          cost_ratio=round(seconds / bare_s, 2)))
     reset(b.dsn)
     return lines
