@@ -16,6 +16,7 @@ declare
     v_var_args   boolean;
     v_var_kwargs boolean;
     v_given      integer;
+    v_filled     integer;  -- positional parameters (what an array can fill)
     v_bad        text[];
     v_what       text;
 begin
@@ -25,16 +26,20 @@ begin
     -- The common case, an array that binds, in expressions PL/pgSQL evaluates
     -- without running a statement (the checks below cost 30-60 us a start):
     -- no more arguments than positional parameters (unless *args), and no
-    -- required parameter after the given ones. Positional parameters come
-    -- first in a signature, so the required ones after position v_given are
-    -- exactly those missing (keyword-only ones cannot be given in an array).
+    -- required parameter after the positional ones given. Positional
+    -- parameters come first in a signature, so the required ones from position
+    -- least(given, positional) on are exactly those missing (keyword-only ones
+    -- cannot be given in an array). tests/properties/test_input_binding.py
+    -- compares both paths with Python's Signature.bind.
     if pg_catalog.jsonb_typeof(p_input) = 'array' then
         v_given := pg_catalog.jsonb_array_length(p_input);
-        if (v_given <= pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(
-                           p_params, '$[*] ? (@.kind == "positional_only" || @.kind == "positional")'))
+        v_filled := pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(
+            p_params, '$[*] ? (@.kind == "positional_only" || @.kind == "positional")'));
+        if (v_given <= v_filled
             or pg_catalog.jsonb_path_exists(p_params, '$[*] ? (@.kind == "var_positional")'))
-           and not pg_catalog.jsonb_path_exists(p_params, '$[$given to last] ? (@.required == true)',
-                                                pg_catalog.jsonb_build_object('given', v_given)) then
+           and not pg_catalog.jsonb_path_exists(
+                   p_params, '$[$filled to last] ? (@.required == true)',
+                   pg_catalog.jsonb_build_object('filled', least(v_given, v_filled))) then
             return;
         end if;
     end if;
