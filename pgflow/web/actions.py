@@ -139,22 +139,32 @@ _SCHEDULE_VERBS: dict[str, Callable[[Any, str], str]] = {
     "pause": _pause_schedule, "resume": _resume_schedule, "trigger": _trigger_schedule}
 
 
-@page_errors
-async def schedule_action(request: Request) -> Response:
+async def _named_action(request: Request, verbs: dict[str, Callable[[Any, str], str]], *,
+                        thing: str, field: str, label: str, back_to: str,
+                        question: Callable[[str, str], str]) -> Response:
+    """A schedule's or a queue's action: the verb of the path, the name of the form."""
     site = site_of(request)
     verb = request.path_params["verb"]
-    if verb not in _SCHEDULE_VERBS:
-        raise NotFound(f"no schedule action {verb[:40]!r}: pause, resume or trigger")
+    if verb not in verbs:
+        *others, last = verbs
+        raise NotFound(f"no {thing} action {verb[:40]!r}: {', '.join(others)} or {last}")
     form = await _guarded_form(request, site)
-    back = site.url(request, "schedules")
-    sid = str(form.get("id") or "")
+    back = site.url(request, back_to)
+    name = str(form.get(field) or "")
     try:
-        check_name(sid, "schedule id")
+        check_name(name, label)
     except ValueError as exc:
         return site.redirect(request, back, "error", describe(exc))
-    act = _SCHEDULE_VERBS[verb]
-    return await _act(request, site, form, back=back, perform=lambda conn: act(conn, sid),
-                      question=f"{verb.capitalize()} schedule {sid!r}?")
+    act = verbs[verb]
+    return await _act(request, site, form, back=back, perform=lambda conn: act(conn, name),
+                      question=question(verb, name))
+
+
+@page_errors
+async def schedule_action(request: Request) -> Response:
+    return await _named_action(
+        request, _SCHEDULE_VERBS, thing="schedule", field="id", label="schedule id",
+        back_to="schedules", question=lambda verb, sid: f"{verb.capitalize()} schedule {sid!r}?")
 
 
 def _pause_queue(conn: Any, name: str) -> str:
@@ -173,19 +183,8 @@ _QUEUE_VERBS: dict[str, Callable[[Any, str], str]] = {
 
 @page_errors
 async def queue_action(request: Request) -> Response:
-    site = site_of(request)
-    verb = request.path_params["verb"]
-    if verb not in _QUEUE_VERBS:
-        raise NotFound(f"no queue action {verb[:40]!r}: pause or resume")
-    form = await _guarded_form(request, site)
-    back = site.url(request, "queues")
-    name = str(form.get("name") or "")
-    try:
-        check_name(name, "queue")
-    except ValueError as exc:
-        return site.redirect(request, back, "error", describe(exc))
-    act = _QUEUE_VERBS[verb]
-    question = (f"Pause queue {name!r}? Its pending runs will not be claimed until it is resumed."
-                if verb == "pause" else f"Resume queue {name!r}?")
-    return await _act(request, site, form, back=back, perform=lambda conn: act(conn, name),
-                      question=question)
+    return await _named_action(
+        request, _QUEUE_VERBS, thing="queue", field="name", label="queue", back_to="queues",
+        question=lambda verb, name: (
+            f"Pause queue {name!r}? Its pending runs will not be claimed until it is resumed."
+            if verb == "pause" else f"Resume queue {name!r}?"))

@@ -20,12 +20,11 @@ from starlette.responses import PlainTextResponse, Response
 
 from pgflow import metrics
 from pgflow.web.db import Database
-from pgflow.web.site import site_of
+from pgflow.web.site import Site, site_of
 
 __all__ = ["endpoint"]
 
-_lock = threading.Lock()
-_registries: dict[int, Any] = {}  # one a Database (a dashboard), made on its first scrape
+_lock = threading.Lock()  # two first scrapes at once make one registry
 
 
 def _queue_rows(db: Database) -> list[tuple[str, str, int, float]]:
@@ -36,14 +35,15 @@ def _queue_rows(db: Database) -> list[tuple[str, str, int, float]]:
     return db.call(read)
 
 
-def _registry(db: Database) -> Any:
+def _registry(site: Site) -> Any:
+    """The dashboard's registry, made on its first scrape; it lives as long as the app."""
     with _lock:
-        found = _registries.get(id(db))
-        if found is None:
-            found = metrics.registry(None)
-            found.register(metrics.QueueCollector(db.dsn, read=lambda _dsn: _queue_rows(db)))
-            _registries[id(db)] = found
-        return found
+        if site.metrics_registry is None:
+            db = site.db
+            registry = metrics.registry(None)
+            registry.register(metrics.QueueCollector(db.dsn, read=lambda _dsn: _queue_rows(db)))
+            site.metrics_registry = registry
+        return site.metrics_registry
 
 
 async def endpoint(request: Request) -> Response:
@@ -52,6 +52,5 @@ async def endpoint(request: Request) -> Response:
                                  "'pgflow-engine[metrics]'\n", status_code=503)
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    db = site_of(request).db
-    body = await run_in_threadpool(generate_latest, _registry(db))
+    body = await run_in_threadpool(generate_latest, _registry(site_of(request)))
     return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"cache-control": "no-store"})

@@ -78,6 +78,7 @@ class Site:
         self.read_only = read_only
         self.secret = secret
         self.env = render.environment()
+        self.metrics_registry: Any = None  # /metrics' (pgflow/web/prometheus.py), made on use
 
     # -- cookies -------------------------------------------------------------------
     @staticmethod
