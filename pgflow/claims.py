@@ -94,7 +94,7 @@ class ClaimSession:
             return
         try:
             conn = await self.connect()
-        except psycopg.OperationalError:
+        except psycopg.Error:
             # The claim that follows says why, once; wait as a poll would.
             await _first(*(event.wait() for event in events), timeout=timeout)
             return
