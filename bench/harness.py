@@ -21,7 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +64,12 @@ WORKER_METRICS = os.environ.get("PGFLOW_BENCH_METRICS") == "1"
 # The worker CPU figures then add up the supervisor and all its processes.
 WORKER_PROCESSES = int(os.environ.get("PGFLOW_BENCH_PROCESSES", "1"))
 WORKER_TRACING = os.environ.get("PGFLOW_BENCH_TRACING") == "1"
+# What the database waits on during the drains (WaitSampler): PGFLOW_BENCH_WAITS=1 samples
+# pg_stat_activity every WAIT_SAMPLE_S on a connection of its own (off by default: the
+# sampling costs a little CPU of its own); bench/scale.py turns it on.
+WAIT_SAMPLING = os.environ.get("PGFLOW_BENCH_WAITS") == "1"
+WAIT_SAMPLE_S = 0.010
+WAIT_SAMPLER_NAME = "pgflow-bench-waits"  # its backend: not in the CPU figures
 PRELOAD_BATCH = 1000  # W1b/W2: runs started per transaction when queueing ahead
 
 POLL_INTERVAL_S = 0.050  # completion polling of pgflow.runs (one autocommit query each)
@@ -328,7 +336,8 @@ def host_cpu() -> tuple[int, int]:
 def backend_cpu_s(conn: psycopg.Connection[Any]) -> dict[int, float]:
     """CPU seconds so far of every other backend connected to this database, by pid."""
     rows = conn.execute("select pid from pg_stat_activity where datname = current_database()"
-                        " and pid <> pg_backend_pid()").fetchall()
+                        " and pid <> pg_backend_pid() and application_name <> %s",
+                        (WAIT_SAMPLER_NAME,)).fetchall()
     return {r[0]: process_cpu_s(r[0]) for r in rows}
 
 
@@ -352,6 +361,49 @@ class CpuMeter:
             "db_cpu_ms_per_run": round(backends * 1000 / n, 3),
             "host_cpu_busy": round((busy - self.host[0]) / max(1, total - self.host[1]), 2),
         }
+
+
+class WaitSampler:
+    """What the bench database's active backends wait on, sampled while a drain runs.
+
+    Every WAIT_SAMPLE_S, on a connection of its own, the client backends of the
+    database that are running a statement, by ``wait_event_type:wait_event`` (``CPU``:
+    none, so running). Where PostgreSQL saturates, its waits say on what: WAL flushes
+    (``IO:WALSync``, ``LWLock:WALWrite``), locks, or CPU.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._stop = threading.Event()
+        self._counts: Counter[str] = Counter()
+        self.samples = 0  # one commit each: not the runs' (db_work subtracts them)
+        self._thread = threading.Thread(target=self._sample, name="wait-sampler", daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True,
+                             application_name=WAIT_SAMPLER_NAME) as conn:
+            while not self._stop.wait(WAIT_SAMPLE_S):
+                rows = conn.execute(
+                    "select wait_event_type, wait_event from pg_catalog.pg_stat_activity"
+                    " where datname = current_database() and state = 'active'"
+                    " and backend_type = 'client backend' and pid <> pg_backend_pid()").fetchall()
+                self.samples += 1
+                self._counts.update(f"{kind}:{event}" if kind else "CPU" for kind, event in rows)
+
+    def report(self) -> dict[str, Any]:
+        active = sum(self._counts.values())
+        return {"wait_samples": self.samples,
+                "active_backends": round(active / max(1, self.samples), 2),
+                "wait_events": {name: round(count / max(1, active), 3)
+                                for name, count in self._counts.most_common(6)}}
 
 
 # -- processes ----------------------------------------------------------------

@@ -9,6 +9,7 @@ the last finish.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -16,11 +17,13 @@ import psycopg
 import pgflow
 from bench import workflows
 from bench.harness import (
+    WAIT_SAMPLING,
     WORKER_CONCURRENCY,
     WORKER_PROCESSES,
     Bench,
     CpuMeter,
     Spans,
+    WaitSampler,
     db_work,
     line,
     log,
@@ -48,16 +51,19 @@ def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int |
         if WORKER_PROCESSES > 1:  # none starts before all are up, and measured
             pgflow.pause_queue(conn, workflow.queue)
     before = read_stats(b.dsn)
+    waits = WaitSampler(b.dsn) if WAIT_SAMPLING else None
     with worker_process(b, label) as worker, psycopg.connect(b.dsn, autocommit=True) as conn:
         meter = CpuMeter(worker.pid, conn)
         if WORKER_PROCESSES > 1:
             pgflow.resume_queue(conn, workflow.queue)
-        polls = wait_finished(conn, n, worker)
+        with waits or contextlib.nullcontext():
+            polls = wait_finished(conn, n, worker)
         cpu = meter.report(conn, n)
         s = spans(conn)
+    polls += waits.samples if waits else 0  # the sampler's statements are not the runs'
     work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=0, steps=steps)
     return s, {"concurrency": WORKER_CONCURRENCY, "processes": WORKER_PROCESSES,
-               "failed": s.failed, **cpu, **work}
+               "failed": s.failed, **cpu, **work, **(waits.report() if waits else {})}
 
 
 def w1b_drain(b: Bench) -> list[dict[str, Any]]:
