@@ -41,13 +41,16 @@ class ClaimSession:
     """Claims runs of ``queues`` and waits for NOTIFYs about them, on one connection.
 
     :param on_timer: called for each ``pgflow_timer`` NOTIFY, and after every
-        (re)connect, when some may have been missed.
+        (re)connect, when some may have been missed (the scheduler's poke; None: a
+        worker that takes no part in scheduling).
     """
 
-    def __init__(self, dsn: str, queues: list[str], *, on_timer: Callable[[], None]) -> None:
+    def __init__(self, dsn: str, queues: list[str], *,
+                 on_timer: Callable[[], None] | None = None) -> None:
         self._dsn = dsn
-        self._queues = frozenset(queues)
-        self._on_timer = on_timer
+        self._queues = sorted(set(queues))  # what the claim names, in one order
+        self._listened = frozenset(queues)  # the payloads of pgflow_ready that wake it
+        self._on_timer = on_timer or (lambda: None)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._polled = False  # a claim has been made since the connection was opened
 
@@ -56,10 +59,9 @@ class ClaimSession:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-        try:
-            await conn.execute("set synchronous_commit = off")
-            await conn.execute(f"listen {READY_CHANNEL}")
-            await conn.execute(f"listen {TIMER_CHANNEL}")
+        try:  # one round trip: a statement without parameters may hold several
+            await conn.execute(f"set synchronous_commit = off; listen {READY_CHANNEL};"
+                               f" listen {TIMER_CHANNEL}")
         except BaseException:
             await conn.close()
             raise
@@ -73,8 +75,8 @@ class ClaimSession:
         """Lease up to ``limit`` ready runs of the session's queues and ``workflows``."""
         conn = await self.connect()
         try:
-            claimed = await procedures.claim_runs(conn, worker_id, sorted(self._queues),
-                                                  workflows, limit)
+            claimed = await procedures.claim_runs(conn, worker_id, self._queues, workflows,
+                                                  limit)
         except psycopg.OperationalError:
             await self._drop()
             raise
@@ -113,7 +115,7 @@ class ClaimSession:
             async for notify in conn.notifies(stop_after=1):
                 if notify.channel == TIMER_CHANNEL:
                     self._on_timer()
-                elif notify.channel == READY_CHANNEL and notify.payload in self._queues:
+                elif notify.channel == READY_CHANNEL and notify.payload in self._listened:
                     ready = True
             if ready and ready_wakes:
                 return

@@ -2,8 +2,8 @@
 
 One asyncio loop a process: a claim loop (batch claims on the claim session,
 which also LISTENs: woken by NOTIFY or by the poll interval), the membership
-task (heartbeat, recovery) and one task a run in flight. Sync workflows and steps run in a bounded thread
-pool; async ones on the loop.
+task (heartbeat, recovery) and one task a run in flight. Sync workflows and
+steps run in a bounded thread pool; async ones on the loop.
 
 Stopping (SIGTERM/SIGINT, or :meth:`Worker.stop`) drains: no new claims, the
 steps in flight finish and are checkpointed, and each run is given back at
@@ -161,8 +161,7 @@ class Worker:
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
             stale_after=self.stale_after)
         session = ClaimSession(self.dsn, self.queues,
-                               on_timer=self.scheduler.poke if self.scheduler is not None
-                               else lambda: None)
+                               on_timer=self.scheduler.poke if self.scheduler is not None else None)
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")
         pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")
