@@ -73,6 +73,7 @@ class Reporter:
         self._max_in_flight = max_in_flight
         self._waiting: list[Report] = []
         self._in_flight = 0
+        self._sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self._pump_scheduled = False
         self.batches = 0  # calls made, for tests and statistics
         self.reports = 0
@@ -124,7 +125,9 @@ class Reporter:
             batch = self._waiting[:self._max_batch]
             del self._waiting[:self._max_batch]
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._send(batch))
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[Report]) -> None:
         _stamp(batch)

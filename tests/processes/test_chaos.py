@@ -225,7 +225,14 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
         latencies = []
         for n in range(5):
             run_id = pgflow.start(conn, chaos.ping, n)
-            assert pgflow.result(conn, run_id, timeout=60) == f"pong:{n}"
+            try:
+                assert pgflow.result(conn, run_id, timeout=60) == f"pong:{n}"
+            except TimeoutError:
+                row = conn.execute("select status, lease_owner, lease_token, held_by from pgflow.runs"
+                                   " where id = %s", (run_id,)).fetchone()
+                logs = "\n".join(processes.log_of(w)[-3000:] for w in workers)
+                raise AssertionError(f"ping {n} not done, run (status, lease_owner, lease_token, held_by)"
+                                     f" {row}; worker logs:\n{logs}") from None
             latencies.append(conn.execute(
                 "select extract(epoch from started_at - created_at) from pgflow.runs"
                 " where id = %s", (run_id,)).fetchone()[0])
