@@ -12,6 +12,15 @@ NOTIFY is only a hint. The session LISTENs before its first claim on every
 new connection, so a run made ready while it was away is found by that
 claim; and the worker's claim loop polls every ``poll_interval`` in any case.
 
+A start NOTIFYs only when a worker may be waiting for it (schema revision
+0012, ``pgflow._notify_ready``): PostgreSQL commits notifying transactions
+one at a time, so producers on several connections would share no commit
+flush. Before it waits for a NOTIFY the session *guards* its queues' wake-ups
+(:meth:`ClaimSession.guard`: advisory locks in share mode, held by this
+connection), and the claim loop claims once more; from then on a start
+cannot take its lock and NOTIFYs. While the worker has work it gives them
+back (:meth:`ClaimSession.unguard`) and starts skip the NOTIFY.
+
 Claims commit asynchronously (they do not wait for their WAL flush). A claim
 need not survive a database crash: a lost claim leaves the run pending,
 exactly as if this worker had died before starting it, and the worker's next
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +42,8 @@ import psycopg
 
 from pgflow import procedures
 from pgflow.procedures import ClaimedRun
+
+logger = logging.getLogger("pgflow.worker")
 
 READY_CHANNEL = "pgflow_ready"  # payload: the queue a run became ready in
 TIMER_CHANNEL = "pgflow_timer"  # a timer or schedule became the earliest (scheduler.py)
@@ -43,16 +55,23 @@ class ClaimSession:
     :param on_timer: called for each ``pgflow_timer`` NOTIFY, and after every
         (re)connect, when some may have been missed (the scheduler's poke; None: a
         worker that takes no part in scheduling).
+    :param guards_wakes: the schema has ``pgflow.guard_wakes`` (revision 0012):
+        :meth:`guard` takes the locks; else it is a no-op that says guarded, and
+        every start NOTIFYs.
     """
 
     def __init__(self, dsn: str, queues: list[str], *,
-                 on_timer: Callable[[], None] | None = None) -> None:
+                 on_timer: Callable[[], None] | None = None,
+                 guards_wakes: bool = True) -> None:
         self._dsn = dsn
         self._queues = sorted(set(queues))  # what the claim names, in one order
         self._listened = frozenset(queues)  # the payloads of pgflow_ready that wake it
         self._on_timer = on_timer or (lambda: None)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._polled = False  # a claim has been made since the connection was opened
+        self._guards_wakes = guards_wakes
+        self._guarded = False  # this connection holds the wake locks of the queues
+        self._guard_failed = False  # guard_wakes raised something else than a lost connection
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         """The session's connection, opened (and LISTENing) if it is not."""
@@ -67,8 +86,58 @@ class ClaimSession:
             raise
         self._conn = conn
         self._polled = False
+        self._guarded = False
         self._on_timer()
         return conn
+
+    @property
+    def guarded(self) -> bool:
+        """Starts of the session's queues NOTIFY it (see the module's docstring)."""
+        return self._guarded or not self._guards_wakes
+
+    async def guard(self) -> bool:
+        """Make starts of the session's queues NOTIFY from now on; claim once more after.
+
+        False, holding nothing, while a transaction that made a run of these queues
+        ready has not ended: poll shortly and try again.
+        """
+        if self.guarded:
+            return True
+        if self._conn is None or self._conn.closed:
+            return False  # the next claim reconnects (and says why it could not)
+        try:
+            cur = await self._conn.execute("select pgflow.guard_wakes(%s)", (self._queues,))
+            row = await cur.fetchone()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            await self._lost("guard_wakes", exc)
+            return False
+        except psycopg.Error as exc:
+            # Not the connection (a role without EXECUTE on it?): the claim loop
+            # then polls (worker.GUARD_RETRY_MAX) instead of waiting; say so once.
+            if not self._guard_failed:
+                self._guard_failed = True
+                logger.warning("cannot guard wake-ups (%s): polling instead",
+                               str(exc).strip().splitlines()[0])
+            return False
+        self._guarded = bool(row and row[0])
+        return self._guarded
+
+    async def unguard(self) -> None:
+        """The worker has work: starts may skip the NOTIFY again."""
+        if not self._guarded or self._conn is None:
+            return
+        try:
+            await self._conn.execute("select pgflow.unguard_wakes(%s)", (self._queues,))
+        except psycopg.Error as exc:
+            await self._lost("unguard_wakes", exc)
+            return
+        self._guarded = False
+
+    async def _lost(self, what: str, exc: psycopg.Error) -> None:
+        # Closing the connection gives back whatever it held; the next claim
+        # reconnects and says why, if it still cannot.
+        logger.debug("%s failed (%s): reconnecting", what, str(exc).strip().splitlines()[0:1])
+        await self._drop()
 
     async def claim(self, worker_id: uuid.UUID, workflows: list[tuple[str, str]],
                     limit: int) -> list[ClaimedRun]:
@@ -122,6 +191,7 @@ class ClaimSession:
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
+        self._guarded = False
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken
                 await conn.close()

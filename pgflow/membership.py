@@ -33,13 +33,14 @@ RECONNECT_DELAY_MAX = 5.0  # seconds
 class Membership:
     def __init__(self, dsn: str, queues: list[str], workflows: list[dict[str, Any]], *,
                  on_wake: Callable[[], None], heartbeat_interval: float,
-                 stale_after: timedelta) -> None:
+                 stale_after: timedelta, guards_wakes: bool) -> None:
         self._dsn = dsn
         self._queues = queues
         self._workflows = workflows
         self._on_wake = on_wake  # registered (again): claim now
         self._heartbeat_interval = heartbeat_interval
         self._stale_after = stale_after
+        self._guards_wakes = guards_wakes  # registered as a worker that guards its wake-ups
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self.worker_id: uuid.UUID | None = None
         self.registered = asyncio.Event()
@@ -50,7 +51,7 @@ class Membership:
         conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
         worker_id = uuid.uuid4()
         await procedures.register_worker(conn, worker_id, socket.gethostname(), os.getpid(),
-                                         self._queues, self._workflows)
+                                         self._queues, self._workflows, self._guards_wakes)
         self._conn = conn
         self.worker_id = worker_id
         self.registered.set()

@@ -243,11 +243,20 @@ async def claim_runs(conn: Conn, worker_id: uuid.UUID, queues: list[str],
 
 
 async def register_worker(conn: Conn, worker_id: uuid.UUID, hostname: str, pid: int,
-                          queues: list[str], workflows: list[dict[str, Any]]) -> int:
-    """Register on ``conn``, which then holds the worker's liveness lock."""
+                          queues: list[str], workflows: list[dict[str, Any]],
+                          guards_wakes: bool) -> int:
+    """Register on ``conn``, which then holds the worker's liveness lock.
+
+    ``guards_wakes``: it guards its wake-ups (schema revision 0012 and later;
+    claims.py); on an older schema the old signature.
+    """
     async with _translated():
-        cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
-                                 (worker_id, hostname, pid, queues, Jsonb(workflows)))
+        if guards_wakes:
+            cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s, true)",
+                                     (worker_id, hostname, pid, queues, Jsonb(workflows)))
+        else:
+            cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
+                                     (worker_id, hostname, pid, queues, Jsonb(workflows)))
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])

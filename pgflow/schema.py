@@ -118,6 +118,10 @@ def _revision(conn: psycopg.Connection[Any]) -> str | None:
 # accepts its workers (pgflow.min_worker_revision()).
 MIN_REVISION = "0009_observability"
 
+# The first revision whose workers guard their wake-ups (pgflow.guard_wakes): on an
+# older schema a worker waits for NOTIFYs as before, and every start sends one.
+GUARDED_WAKES_REVISION = "0012_quiet_starts"
+
 BREAKING_MARK = "-- breaking:"  # the first line of a revision that needs workers stopped
 
 

@@ -54,6 +54,10 @@ POLL_INTERVAL = 2.0  # seconds between claims when no NOTIFY arrives
 HEARTBEAT_INTERVAL = 1.0  # seconds; also how often dead workers are looked for
 STALE_AFTER = timedelta(seconds=30)  # a worker silent this long is presumed dead
 CLAIM_BATCH = 32  # at most this many runs claimed in one call
+# An idle worker that cannot guard its wake-ups yet (a transaction that made a run
+# ready is still open) polls this often, doubling up to the max (seconds).
+GUARD_RETRY_MIN = 0.002
+GUARD_RETRY_MAX = 0.1
 
 
 class Worker:
@@ -152,6 +156,9 @@ class Worker:
         if self._stopping.is_set():
             self._stop.set()
         await asyncio.to_thread(self._check_schema)
+        assert self._schema_revision is not None
+        guards_wakes = (schema.revision_number(self._schema_revision)
+                        >= schema.revision_number(schema.GUARDED_WAKES_REVISION))
         wake = asyncio.Event()
         if self.scheduler is not None:
             self.scheduler.on_fired = wake.set  # woken runs may be ours: claim now
@@ -159,9 +166,10 @@ class Worker:
             self.dsn, self.queues,
             [wf.announcement() for wf in self.workflows],
             on_wake=wake.set, heartbeat_interval=self.heartbeat_interval,
-            stale_after=self.stale_after)
+            stale_after=self.stale_after, guards_wakes=guards_wakes)
         session = ClaimSession(self.dsn, self.queues,
-                               on_timer=self.scheduler.poke if self.scheduler is not None else None)
+                               on_timer=self.scheduler.poke if self.scheduler is not None else None,
+                               guards_wakes=guards_wakes)
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")
         pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")
@@ -217,19 +225,23 @@ class Worker:
         assert self._stop is not None
         keys = list(self._by_key)
         slots = _Slots(self.concurrency)  # runs whose code is running
+        guard_retry = GUARD_RETRY_MIN
         while not self._stop.is_set():
             free = slots.free
             if free <= 0:
-                # Timer NOTIFYs still reach the scheduler meanwhile.
+                # Busy: no start needs to wake this worker (claims.py). Timer
+                # NOTIFYs still reach the scheduler meanwhile.
+                await session.unguard()
                 await session.wait(slots.freed, self._stop, timeout=None, ready_wakes=False)
                 slots.freed.clear()
                 continue
             wake.clear()
             worker_id = self._membership.worker_id
+            want = min(free, CLAIM_BATCH)
             try:
                 if not self._membership.registered.is_set():
                     raise ConnectionError("not registered")
-                claimed = await session.claim(worker_id, keys, min(free, CLAIM_BATCH))
+                claimed = await session.claim(worker_id, keys, want)
             except (psycopg.Error, ConnectionError) as exc:
                 logger.warning("claim failed: %s", str(exc).strip().splitlines()[0:1])
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -243,8 +255,20 @@ class Worker:
                 self._inflight.add(task)
                 task.add_done_callback(functools.partial(self._finished, slot=slot, wake=wake,
                                                          limited=run.limited))
-            if len(claimed) < min(free, CLAIM_BATCH):
-                await session.wait(wake, self._stop, timeout=self.poll_interval)
+            if len(claimed) == want:
+                await session.unguard()  # more may be ready: starts need not wake us
+                continue
+            if not session.guarded:
+                # About to wait for a NOTIFY: from now on starts send one (claims.py).
+                if await session.guard():
+                    guard_retry = GUARD_RETRY_MIN
+                    continue  # claim once more: a start that committed before did not
+                # A transaction that made a run of these queues ready has not ended
+                # (it holds a wake lock): poll shortly until it has.
+                await session.wait(wake, self._stop, timeout=guard_retry)
+                guard_retry = min(guard_retry * 2, GUARD_RETRY_MAX)
+                continue
+            await session.wait(wake, self._stop, timeout=self.poll_interval)
 
     def _finished(self, task: asyncio.Task[None], *, slot: _Slot, wake: asyncio.Event,
                   limited: bool) -> None:

@@ -25,6 +25,8 @@
 --   pgflow.heartbeat(worker)      still alive
 --   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals and traces
 --   pgflow.claim(worker, ...)     the same for workers of 0.1.0 (fewer columns)
+--   pgflow.guard_wakes(queues)    about to wait for a NOTIFY: starts must send one
+--   pgflow.unguard_wakes(queues)  busy again: starts may skip it
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up
 --   pgflow.complete_run(...)      the workflow returned
@@ -87,7 +89,9 @@
 --
 -- Advisory lock classes: 7366502 a worker's liveness (session), 7366503 a run
 -- (transaction), 7366504 the scheduler leader (session), 7366505 a
--- concurrency scope (transaction).
+-- concurrency scope (transaction), 7366506 a queue's wake stripes (session
+-- in share mode by idle workers, transaction by what makes runs ready:
+-- pgflow._notify_ready).
 --
 -- Error codes raised here (class PF):
 --   PF001 lease lost          PF002 bad argument / unknown workflow

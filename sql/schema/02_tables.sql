@@ -210,8 +210,15 @@ create table pgflow.workers (
     queues       text[] not null,
     workflows    jsonb not null,    -- [{name, version, queue}]
     started_at   timestamptz not null default pg_catalog.clock_timestamp(),
-    heartbeat_at timestamptz not null default pg_catalog.clock_timestamp()
+    heartbeat_at timestamptz not null default pg_catalog.clock_timestamp(),
+    -- It guards its wake-ups (pgflow.guard_wakes, revision 0012). While a
+    -- worker that does not (an older one) is registered, every transition to
+    -- ready NOTIFYs, as before.
+    guards_wakes boolean not null default false
 );
+
+-- What pgflow._notify_ready asks on every call: is any registered worker an older one?
+create index workers_unguarded on pgflow.workers (id) where not guards_wakes;
 
 -- What every suspended run waits for, and until when.
 create view pgflow.waits as

@@ -82,10 +82,42 @@ $$;
 
 -- Wake idle workers of a queue. Payload is the queue name only (NOTIFY
 -- payloads are capped at 8000 bytes; queue names at 200 characters).
+--
+-- Only when one may be waiting for it. PostgreSQL commits the transactions
+-- that NOTIFY one at a time, each holding a database-wide lock until its
+-- commit is flushed, so concurrent starts that all NOTIFY share no flush.
+-- A worker about to wait for a NOTIFY first takes every wake stripe of its
+-- queues in share mode (pgflow.guard_wakes), then claims once more. This
+-- transaction takes its stripe of the queue exclusively, to its end:
+-- - refused: a worker waits (or is about to): NOTIFY;
+-- - taken: every waiting worker took its stripes after this transaction
+--   ends, so its claim that follows sees this run (locks are released
+--   after the commit is visible): no NOTIFY needed.
+-- Also NOTIFY when this session guards itself (a claim that makes runs of
+-- its own queues ready: its own lock would not refuse it) and while any
+-- registered worker is older than revision 0012 (it never guards).
 create function pgflow._notify_ready(p_queue text) returns void
-language sql
+language plpgsql
 as $$
-    select pg_catalog.pg_notify('pgflow_ready', p_queue)
+begin
+    if pg_catalog.current_setting('pgflow.guarding', true) is distinct from 'on'
+       and not exists (select 1 from pgflow.workers w where not w.guards_wakes)
+       and pg_catalog.pg_try_advisory_xact_lock(
+               7366506, pgflow._wake_stripe(p_queue, pg_catalog.pg_backend_pid() & 7)) then
+        return;
+    end if;
+    perform pg_catalog.pg_notify('pgflow_ready', p_queue);
+end;
+$$;
+
+-- The advisory lock key (class 7366506) of stripe p_stripe (0..7) of a
+-- queue's wake-ups. A transaction takes the stripe of its backend (pid
+-- modulo 8), so concurrent producers mostly take different ones. Two queues
+-- whose hashes share the key only cost an extra NOTIFY or a retried guard.
+create function pgflow._wake_stripe(p_queue text, p_stripe integer) returns integer
+language sql immutable
+as $$
+    select (pg_catalog.hashtext(p_queue) & -8) | p_stripe
 $$;
 
 -- Add a timer. If it is now the earliest one, wake the scheduler, which may

@@ -3,13 +3,15 @@
 -- ---------------------------------------------------------------------------
 
 -- Register a worker and take its liveness lock on *this* session. Call it on
--- the connection that lives as long as the worker (its listener).
+-- the connection that lives as long as the worker. p_guards_wakes: it guards
+-- its wake-ups (pgflow.guard_wakes; workers since revision 0012).
 create function pgflow.register_worker(
     p_worker_id uuid,
     p_hostname  text,
     p_pid       integer,
     p_queues    text[],
-    p_workflows jsonb   -- [{name, version, queue, timeout_seconds, params, concurrency}]
+    p_workflows jsonb,  -- [{name, version, queue, timeout_seconds, params, concurrency}]
+    p_guards_wakes boolean
 ) returns integer
 language plpgsql
 as $$
@@ -19,8 +21,8 @@ declare
 begin
     -- Lock first, row second: recovery never sees a row without its lock.
     perform pg_catalog.pg_advisory_lock(7366502, v_lock_key);
-    insert into pgflow.workers (id, lock_key, hostname, pid, queues, workflows)
-    values (p_worker_id, v_lock_key, p_hostname, p_pid, p_queues, p_workflows);
+    insert into pgflow.workers (id, lock_key, hostname, pid, queues, workflows, guards_wakes)
+    values (p_worker_id, v_lock_key, p_hostname, p_pid, p_queues, p_workflows, p_guards_wakes);
 
     insert into pgflow.workflows as w (name, version, queue, timeout, params)
     select d ->> 'name', d ->> 'version', d ->> 'queue',
@@ -54,6 +56,16 @@ begin
     from (select distinct c.name from changed c) c;
     return v_lock_key;
 end;
+$$;
+
+-- Workers older than revision 0012: they wait for every NOTIFY, so while one
+-- is registered every transition to ready NOTIFYs (pgflow._notify_ready).
+create function pgflow.register_worker(
+    p_worker_id uuid, p_hostname text, p_pid integer, p_queues text[], p_workflows jsonb
+) returns integer
+language sql
+as $$
+    select pgflow.register_worker(p_worker_id, p_hostname, p_pid, p_queues, p_workflows, false)
 $$;
 
 -- Returns false when the worker is no longer registered (declared dead):

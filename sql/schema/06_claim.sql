@@ -140,3 +140,70 @@ as $$
            c.cancel_seq
     from pgflow.claim_runs(p_worker_id, p_queues, p_names, p_versions, p_limit) c
 $$;
+
+-- A worker about to wait for a NOTIFY guards its wake-ups: it takes every
+-- wake stripe of its queues in share mode, on its claim connection (session
+-- locks: waiting workers do not block each other), then claims once more
+-- before it waits. A transaction that makes a run of one of these queues
+-- ready from then on cannot take its stripe, and NOTIFYs (_notify_ready).
+-- A stripe held by such a transaction is waited for, up to p_wait: it is
+-- given back when that transaction ends, usually within a millisecond, and
+-- the start that follows on the same connection finds the guard queued
+-- first, and NOTIFYs. Returns false, holding nothing, when a stripe stays
+-- taken (a transaction that made a run ready is still open: the worker polls
+-- shortly, then tries again). The session remembers that it guards (the
+-- setting pgflow.guarding).
+create function pgflow.guard_wakes(p_queues text[], p_wait interval default interval '20 ms')
+returns boolean
+language plpgsql
+as $$
+declare
+    v_keys  integer[] := array(select distinct pgflow._wake_stripe(q, s)
+                               from pg_catalog.unnest(p_queues) q,
+                                    pg_catalog.generate_series(0, 7) s);
+    v_taken integer := 0;
+    v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
+begin
+    if pg_catalog.current_setting('pgflow.guarding', true) = 'on' then
+        return true;  -- guarding already (each lock is taken once)
+    end if;
+    while v_taken < pg_catalog.cardinality(v_keys) loop
+        if not pg_catalog.pg_try_advisory_lock_shared(7366506, v_keys[v_taken + 1]) then
+            exit when p_wait <= interval '0';
+            begin  -- a subtransaction: a lock timeout ends it, not the call
+                perform pg_catalog.set_config(
+                    'lock_timeout',
+                    pg_catalog.ceil(extract(epoch from p_wait) * 1000)::integer || 'ms', true);
+                perform pg_catalog.pg_advisory_lock_shared(7366506, v_keys[v_taken + 1]);
+            exception when lock_not_available then
+                exit;
+            end;
+        end if;
+        v_taken := v_taken + 1;
+    end loop;
+    perform pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
+    if v_taken < pg_catalog.cardinality(v_keys) then
+        perform pg_catalog.pg_advisory_unlock_shared(7366506, v_keys[i])
+        from pg_catalog.generate_series(1, v_taken) i;
+        return false;
+    end if;
+    perform pg_catalog.set_config('pgflow.guarding', 'on', false);
+    return true;
+end;
+$$;
+
+-- The worker has work again (its slots are full, or its claims come back
+-- full): starts no longer need to wake it. Gives back what guard_wakes took.
+create function pgflow.unguard_wakes(p_queues text[]) returns void
+language plpgsql
+as $$
+begin
+    if pg_catalog.current_setting('pgflow.guarding', true) is distinct from 'on' then
+        return;  -- nothing held (a repeated call would warn for each stripe)
+    end if;
+    perform pg_catalog.pg_advisory_unlock_shared(7366506, k.key)
+    from (select distinct pgflow._wake_stripe(q, s) as key
+          from pg_catalog.unnest(p_queues) q, pg_catalog.generate_series(0, 7) s) k;
+    perform pg_catalog.set_config('pgflow.guarding', 'off', false);
+end;
+$$;

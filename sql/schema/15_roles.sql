@@ -18,7 +18,7 @@
 -- change what the engine calls. pg_catalog first, pg_temp last.
 --
 -- Not definer: pgflow.now() and the `_` helpers. The one-expression SQL
--- helpers (_lock_run, _notify_ready) are inlined by the planner into their
+-- helpers (_lock_run, _wake_stripe) are inlined by the planner into their
 -- callers, and pgflow.now() runs in almost every procedure, in some queries
 -- once a row; a SET clause or SECURITY DEFINER would stop the inlining and
 -- cost about a microsecond a call (an entry point pays it once a call).
@@ -89,6 +89,9 @@ as $$
     ('definer', 'heartbeat',         '{pgflow_worker}'),
     ('definer', 'unregister_worker', '{pgflow_worker}'),
     ('definer', 'recover',           '{pgflow_worker}'),
+    -- worker: going idle (pgflow/claims.py; revision 0012)
+    ('definer', 'guard_wakes',       '{pgflow_worker}'),
+    ('definer', 'unguard_wakes',     '{pgflow_worker}'),
     -- worker: claiming and reporting (pgflow/procedures.py)
     ('definer', 'claim',             '{pgflow_worker}'),  -- workers of 0.1.0
     ('definer', 'claim_runs',        '{pgflow_worker}'),  -- revision 0007

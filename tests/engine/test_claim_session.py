@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from pgflow.claims import READY_CHANNEL, TIMER_CHANNEL, ClaimSession
 from tests.support.sqlkit import Worker, start
@@ -241,3 +243,67 @@ def test_a_wait_whose_connection_breaks_returns_and_the_claim_after_reconnects(d
     waited, claimed = asyncio.run(scenario())
     assert waited < LONG / 2
     assert claimed == 1
+
+
+def guarding_worker(dsn: str) -> tuple[psycopg.Connection[Any], Any]:
+    """A worker of this revision (it guards its wake-ups): its connection and id."""
+    holder = psycopg.connect(dsn, autocommit=True)
+    worker_id = uuid.uuid4()
+    holder.execute("select pgflow.register_worker(%s, 'h', 1, array['default'], %s, true)",
+                   (worker_id, Jsonb([{"name": "wf", "version": "1", "queue": "default"}])))
+    return holder, worker_id
+
+
+def test_guarded_a_start_wakes_the_session_and_unguarded_it_does_not(dsn, conn):
+    holder, worker_id = guarding_worker(dsn)
+
+    async def scenario() -> tuple[float, float, bool]:
+        session = ClaimSession(dsn, ["default"], on_timer=Pokes())
+        try:
+            assert await session.claim(worker_id, PAIRS, 10) == []
+            assert not session.guarded and await session.guard() and session.guarded
+            soon = asyncio.get_running_loop().call_later(
+                0.2, lambda: asyncio.ensure_future(asyncio.to_thread(start, conn)))
+            woken = await timed_wait(session, asyncio.Event())
+            soon.cancel()
+            assert len(await session.claim(worker_id, PAIRS, 10)) == 1
+
+            await session.unguard()  # busy: starts skip the NOTIFY
+            late = asyncio.ensure_future(notify_soon(conn, READY_CHANNEL, "other", 0.0))
+            await asyncio.to_thread(start, conn)
+            idle = await timed_wait(session, asyncio.Event(), timeout=1.0)
+            await late
+            return woken, idle, session.guarded
+        finally:
+            await session.close()
+
+    with holder:
+        woken, idle, guarded = asyncio.run(scenario())
+    assert woken < LONG / 2
+    assert idle >= 0.9 and not guarded  # the start's NOTIFY was skipped
+
+
+def test_a_lost_connection_takes_the_guard_with_it(dsn, conn):
+    holder, worker_id = guarding_worker(dsn)
+
+    async def scenario() -> tuple[bool, bool, int]:
+        session = ClaimSession(dsn, ["default"], on_timer=Pokes())
+        try:
+            await session.claim(worker_id, PAIRS, 10)
+            assert await session.guard()
+            pid = (await session.connect()).info.backend_pid
+            await asyncio.to_thread(conn.execute, "select pg_terminate_backend(%s)", (pid,))
+            await session.unguard()  # fails quietly: the connection is dropped
+            after_loss = session.guarded
+            run_id = await asyncio.to_thread(start, conn)  # nobody guards: no NOTIFY
+            claimed = await session.claim(worker_id, PAIRS, 10)  # reconnects, finds it
+            assert [c.run_id for c in claimed] == [run_id]
+            return after_loss, await session.guard(), len(await asyncio.to_thread(
+                lambda: conn.execute("select 1 from pg_locks where classid = 7366506"
+                                     " and locktype = 'advisory'").fetchall()))
+        finally:
+            await session.close()
+
+    with holder:
+        after_loss, guarded_again, locks = asyncio.run(scenario())
+    assert not after_loss and guarded_again and locks == 8

@@ -377,7 +377,7 @@ def test_the_catalog_matches_the_policy(conn):
 def test_the_one_expression_helpers_are_still_inlined(conn):
     """A SET clause or SECURITY DEFINER would stop inlining: the plan would show the call."""
     for call, body in (("pgflow._lock_run(gen_random_uuid())", "pg_advisory_xact_lock"),
-                       ("pgflow._notify_ready('q')", "pg_notify")):
+                       ("pgflow._wake_stripe(random()::text, 3)", "hashtext")):
         plan = "\n".join(r[0] for r in conn.execute(
             f"explain (verbose, costs off) select {call}").fetchall())
         assert body in plan and call.split("(")[0] not in plan, plan

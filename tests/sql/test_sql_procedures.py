@@ -168,7 +168,7 @@ def test_start_accepts_the_named_argument_call_form(conn):
 
 
 def test_start_notifies_pgflow_ready_with_the_queue_only_after_commit(dsn, conn):
-    listen = listener(dsn)
+    listen = listener(dsn, guards=["emails"])
     with listen, psycopg.connect(dsn) as tx:
         start(tx, queue="emails")
         assert received(listen, conn, "pgflow_ready") == [], "notified before commit"
@@ -632,7 +632,7 @@ def test_recover_notifies_every_queue_of_the_runs_it_puts_back(dsn, conn, worker
         start(conn, queue=queue)
     assert len(doomed.claim(queues=["q1", "q2"])) == 3
     doomed.lose_liveness_lock()
-    with listener(dsn) as listen:
+    with listener(dsn, guards=["q1", "q2"]) as listen:
         assert recover(conn) == 3
         assert sorted(received(listen, conn, "pgflow_ready")) == ["q1", "q2"]  # once each
     assert recover(conn) == 0

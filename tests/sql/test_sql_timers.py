@@ -416,7 +416,7 @@ def test_advance_time_fires_every_due_timer_past_the_batch_size(dsn, conn):
     start(conn, key="later", delay=HOUR)
     assert count(conn, "timers") == 2501
 
-    with listener(dsn) as listen:
+    with listener(dsn, guards=["default"]) as listen:
         assert advance_time(conn, 2 * MINUTE) == 2500
         assert received(listen, conn, "pgflow_ready") == ["default"]  # once, for the queue
     statuses = dict(conn.execute("select status, count(*) from pgflow.runs group by status").fetchall())

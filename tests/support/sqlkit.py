@@ -9,7 +9,7 @@ worker here: a :class:`Worker` is only a registered row, its liveness lock
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -129,10 +129,17 @@ def load_finished_runs(conn: Conn, n: int) -> None:
         from generate_series(1, %s) g, lateral (select now() - interval '1 day' as t) x""", (n,))
 
 
-def listener(dsn: str, channel: str = "pgflow_ready") -> Conn:
-    """A second autocommit connection that LISTENs on ``channel``."""
+def listener(dsn: str, channel: str = "pgflow_ready", guards: Sequence[str] = ()) -> Conn:
+    """A second autocommit connection that LISTENs on ``channel``.
+
+    ``guards``: queues it waits for as an idle worker does (``pgflow.guard_wakes``), so
+    that what makes their runs ready NOTIFYs even when no older worker is registered.
+    """
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute(sql.SQL("listen {}").format(sql.Identifier(channel)))
+    if guards:
+        row = conn.execute("select pgflow.guard_wakes(%s)", (list(guards),)).fetchone()
+        assert row is not None and row[0], f"could not guard {list(guards)}"
     return conn
 
 
