@@ -70,7 +70,8 @@ class ClaimSession:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._polled = False  # a claim has been made since the connection was opened
         self._guards_wakes = guards_wakes
-        self._guarded = False  # this connection holds the wake locks of the queues
+        self._guarded = False  # this connection holds every wake lock of the queues
+        self._holds_guards = False  # ... or some of them (guard_wakes keeps what it took)
         self._guard_failed = False  # guard_wakes raised something else than a lost connection
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
@@ -86,7 +87,7 @@ class ClaimSession:
             raise
         self._conn = conn
         self._polled = False
-        self._guarded = False
+        self._guarded = self._holds_guards = False
         self._on_timer()
         return conn
 
@@ -98,8 +99,9 @@ class ClaimSession:
     async def guard(self) -> bool:
         """Make starts of the session's queues NOTIFY from now on; claim once more after.
 
-        False, holding nothing, while a transaction that made a run of these queues
-        ready has not ended: poll shortly and try again.
+        False while a transaction that made a run of these queues ready has not
+        ended (the locks taken are kept, and starts on them NOTIFY already): poll
+        shortly and call again.
         """
         if self.guarded:
             return True
@@ -119,19 +121,20 @@ class ClaimSession:
                 logger.warning("cannot guard wake-ups (%s): polling instead",
                                str(exc).strip().splitlines()[0])
             return False
+        self._holds_guards = True
         self._guarded = bool(row and row[0])
         return self._guarded
 
     async def unguard(self) -> None:
         """The worker has work: starts may skip the NOTIFY again."""
-        if not self._guarded or self._conn is None:
+        if not self._holds_guards or self._conn is None:
             return
         try:
-            await self._conn.execute("select pgflow.unguard_wakes(%s)", (self._queues,))
+            await self._conn.execute("select pgflow.unguard_wakes()")
         except psycopg.Error as exc:
             await self._lost("unguard_wakes", exc)
             return
-        self._guarded = False
+        self._guarded = self._holds_guards = False
 
     async def _lost(self, what: str, exc: psycopg.Error) -> None:
         # Closing the connection gives back whatever it held; the next claim
@@ -191,7 +194,7 @@ class ClaimSession:
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        self._guarded = False
+        self._guarded = self._holds_guards = False
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken
                 await conn.close()

@@ -57,7 +57,7 @@ CLAIM_BATCH = 32  # at most this many runs claimed in one call
 # An idle worker that cannot guard its wake-ups yet (a transaction that made a run
 # ready is still open) polls this often, doubling up to the max (seconds).
 GUARD_RETRY_MIN = 0.002
-GUARD_RETRY_MAX = 0.1
+GUARD_RETRY_MAX = 0.05
 
 
 class Worker:
@@ -264,7 +264,8 @@ class Worker:
                     guard_retry = GUARD_RETRY_MIN
                     continue  # claim once more: a start that committed before did not
                 # A transaction that made a run of these queues ready has not ended
-                # (it holds a wake lock): poll shortly until it has.
+                # (it holds a wake lock; starts on the others NOTIFY already): poll
+                # shortly until it has.
                 await session.wait(wake, self._stop, timeout=guard_retry)
                 guard_retry = min(guard_retry * 2, GUARD_RETRY_MAX)
                 continue

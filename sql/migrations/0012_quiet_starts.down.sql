@@ -1,7 +1,7 @@
 -- pgflow engine, revision 0012 undone: every transition to ready NOTIFYs again.
 
 drop function pgflow.guard_wakes(text[], interval);
-drop function pgflow.unguard_wakes(text[]);
+drop function pgflow.unguard_wakes();
 drop function pgflow.register_worker(uuid, text, integer, text[], jsonb, boolean);
 
 create or replace function pgflow._notify_ready(p_queue text) returns void

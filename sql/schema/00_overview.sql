@@ -26,7 +26,7 @@
 --   pgflow.claim_runs(worker, ...)  lease ready runs, with their journals and traces
 --   pgflow.claim(worker, ...)     the same for workers of 0.1.0 (fewer columns)
 --   pgflow.guard_wakes(queues)    about to wait for a NOTIFY: starts must send one
---   pgflow.unguard_wakes(queues)  busy again: starts may skip it
+--   pgflow.unguard_wakes()        busy again: starts may skip it
 --   pgflow.complete_step(...)     checkpoint a step result
 --   pgflow.fail_step(...)         record a failed attempt; back off or give up
 --   pgflow.complete_run(...)      the workflow returned

@@ -100,7 +100,7 @@ create function pgflow._notify_ready(p_queue text) returns void
 language plpgsql
 as $$
 begin
-    if pg_catalog.current_setting('pgflow.guarding', true) is distinct from 'on'
+    if coalesce(pg_catalog.current_setting('pgflow.wake_guards', true), '') = ''
        and not exists (select 1 from pgflow.workers w where not w.guards_wakes)
        and pg_catalog.pg_try_advisory_xact_lock(
                7366506, pgflow._wake_stripe(p_queue, pg_catalog.pg_backend_pid() & 7)) then

@@ -146,64 +146,61 @@ $$;
 -- locks: waiting workers do not block each other), then claims once more
 -- before it waits. A transaction that makes a run of one of these queues
 -- ready from then on cannot take its stripe, and NOTIFYs (_notify_ready).
+--
 -- A stripe held by such a transaction is waited for, up to p_wait: it is
 -- given back when that transaction ends, usually within a millisecond, and
--- the start that follows on the same connection finds the guard queued
--- first, and NOTIFYs. Returns false, holding nothing, when a stripe stays
--- taken (a transaction that made a run ready is still open: the worker polls
--- shortly, then tries again). The session remembers that it guards (the
--- setting pgflow.guarding).
+-- the next start on the same connection finds the guard queued first, and
+-- NOTIFYs. A stripe still held after p_wait (a transaction that made a run
+-- ready is still open) is left for the next call, and the others are kept:
+-- starts on them NOTIFY already. Returns whether every stripe is held; until
+-- then the worker polls shortly and calls again. The stripes held are the
+-- session's setting pgflow.wake_guards (a list of keys): each is taken once.
 create function pgflow.guard_wakes(p_queues text[], p_wait interval default interval '20 ms')
 returns boolean
 language plpgsql
 as $$
 declare
+    v_held  integer[] := pg_catalog.string_to_array(
+                             pg_catalog.current_setting('pgflow.wake_guards', true), ',')::integer[];
     v_keys  integer[] := array(select distinct pgflow._wake_stripe(q, s)
                                from pg_catalog.unnest(p_queues) q,
                                     pg_catalog.generate_series(0, 7) s);
-    v_taken integer := 0;
+    v_key   integer;
     v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
 begin
-    if pg_catalog.current_setting('pgflow.guarding', true) = 'on' then
-        return true;  -- guarding already (each lock is taken once)
-    end if;
-    while v_taken < pg_catalog.cardinality(v_keys) loop
-        if not pg_catalog.pg_try_advisory_lock_shared(7366506, v_keys[v_taken + 1]) then
-            exit when p_wait <= interval '0';
+    v_held := coalesce(v_held, '{}');
+    foreach v_key in array v_keys loop
+        continue when v_key = any (v_held);
+        if pg_catalog.pg_try_advisory_lock_shared(7366506, v_key) then
+            v_held := v_held || v_key;
+        elsif p_wait > interval '0' then
             begin  -- a subtransaction: a lock timeout ends it, not the call
                 perform pg_catalog.set_config(
                     'lock_timeout',
                     pg_catalog.ceil(extract(epoch from p_wait) * 1000)::integer || 'ms', true);
-                perform pg_catalog.pg_advisory_lock_shared(7366506, v_keys[v_taken + 1]);
+                perform pg_catalog.pg_advisory_lock_shared(7366506, v_key);
+                v_held := v_held || v_key;
             exception when lock_not_available then
-                exit;
+                null;  -- still held: the next call tries again
             end;
         end if;
-        v_taken := v_taken + 1;
     end loop;
     perform pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
-    if v_taken < pg_catalog.cardinality(v_keys) then
-        perform pg_catalog.pg_advisory_unlock_shared(7366506, v_keys[i])
-        from pg_catalog.generate_series(1, v_taken) i;
-        return false;
-    end if;
-    perform pg_catalog.set_config('pgflow.guarding', 'on', false);
-    return true;
+    perform pg_catalog.set_config('pgflow.wake_guards', pg_catalog.array_to_string(v_held, ','),
+                                  false);
+    return v_keys <@ v_held;
 end;
 $$;
 
 -- The worker has work again (its slots are full, or its claims come back
 -- full): starts no longer need to wake it. Gives back what guard_wakes took.
-create function pgflow.unguard_wakes(p_queues text[]) returns void
+create function pgflow.unguard_wakes() returns void
 language plpgsql
 as $$
 begin
-    if pg_catalog.current_setting('pgflow.guarding', true) is distinct from 'on' then
-        return;  -- nothing held (a repeated call would warn for each stripe)
-    end if;
-    perform pg_catalog.pg_advisory_unlock_shared(7366506, k.key)
-    from (select distinct pgflow._wake_stripe(q, s) as key
-          from pg_catalog.unnest(p_queues) q, pg_catalog.generate_series(0, 7) s) k;
-    perform pg_catalog.set_config('pgflow.guarding', 'off', false);
+    perform pg_catalog.pg_advisory_unlock_shared(7366506, k::integer)
+    from pg_catalog.unnest(pg_catalog.string_to_array(
+             pg_catalog.current_setting('pgflow.wake_guards', true), ',')) k;
+    perform pg_catalog.set_config('pgflow.wake_guards', '', false);
 end;
 $$;

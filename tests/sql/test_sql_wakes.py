@@ -78,31 +78,32 @@ def test_guarding_twice_takes_each_lock_once_and_unguard_gives_all_back(dsn, con
         assert len(wake_locks(conn, pid)) == STRIPES
         notices: list[str] = []
         listen.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-        listen.execute("select pgflow.unguard_wakes(array['a'])")
-        listen.execute("select pgflow.unguard_wakes(array['a'])")  # nothing held: silent
+        listen.execute("select pgflow.unguard_wakes()")
+        listen.execute("select pgflow.unguard_wakes()")  # nothing held: silent
         assert wake_locks(conn, pid) == [] and notices == []
 
         start(producers[0], queue="a")
         assert received(listen, conn, "pgflow_ready") == [], "unguarded, yet notified"
 
 
-def test_guard_is_refused_and_holds_nothing_while_a_start_is_uncommitted(dsn, conn, producers):
+def test_a_stripe_an_open_start_holds_is_left_for_the_next_guard(dsn, conn, producers):
     tx = psycopg.connect(dsn)
     with tx, listener(dsn) as listen:
         run_id = start(tx, queue="a")  # holds its stripe of "a" until it ends
         pid = listen.info.backend_pid
         assert listen.execute("select pgflow.guard_wakes(array['a'])").fetchone() == (False,)
-        assert wake_locks(conn, pid) == []
-        assert listen.execute("select current_setting('pgflow.guarding', true)"
-                              ).fetchone()[0] != "on"
+        assert len(wake_locks(conn, pid)) == STRIPES - 1  # the others are kept
         tx.commit()  # no NOTIFY: no worker was guarding when it took the stripe
 
         assert listen.execute("select pgflow.guard_wakes(array['a'])").fetchone() == (True,)
+        assert len(wake_locks(conn, pid)) == STRIPES  # the missing one, once
         # What a worker does next, claim once more, sees the run the start committed.
         assert listen.execute("select status from pgflow.runs where id = %s",
                               (run_id,)).fetchone() == ("pending",)
         start(producers[0], queue="a")
         assert received(listen, conn, "pgflow_ready") == ["a"]
+        listen.execute("select pgflow.unguard_wakes()")
+        assert wake_locks(conn, pid) == []
 
 
 def test_a_guarding_session_notifies_what_it_makes_ready_itself(dsn, conn):
