@@ -165,26 +165,39 @@ declare
     v_keys  integer[] := array(select distinct pgflow._wake_stripe(q, s)
                                from pg_catalog.unnest(p_queues) q,
                                     pg_catalog.generate_series(0, 7) s);
+    v_before integer[];
     v_key   integer;
     v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
 begin
     v_held := coalesce(v_held, '{}');
-    foreach v_key in array v_keys loop
-        continue when v_key = any (v_held);
-        if pg_catalog.pg_try_advisory_lock_shared(7366506, v_key) then
-            v_held := v_held || v_key;
-        elsif p_wait > interval '0' then
-            begin  -- a subtransaction: a lock timeout ends it, not the call
-                perform pg_catalog.set_config(
-                    'lock_timeout',
-                    pg_catalog.ceil(extract(epoch from p_wait) * 1000)::integer || 'ms', true);
-                perform pg_catalog.pg_advisory_lock_shared(7366506, v_key);
+    v_before := v_held;
+    begin
+        foreach v_key in array v_keys loop
+            continue when v_key = any (v_held);
+            if pg_catalog.pg_try_advisory_lock_shared(7366506, v_key) then
                 v_held := v_held || v_key;
-            exception when lock_not_available then
-                null;  -- still held: the next call tries again
-            end;
-        end if;
-    end loop;
+            elsif p_wait > interval '0' then
+                begin  -- a subtransaction: a lock timeout ends it, not the call
+                    perform pg_catalog.set_config(
+                        'lock_timeout',
+                        pg_catalog.ceil(extract(epoch from p_wait) * 1000)::integer || 'ms',
+                        true);
+                    perform pg_catalog.pg_advisory_lock_shared(7366506, v_key);
+                    v_held := v_held || v_key;
+                exception when lock_not_available then
+                    null;  -- still held: the next call tries again
+                end;
+            end if;
+        end loop;
+    exception when others then
+        -- Out of shared memory (the lock table is full), say. Session locks
+        -- outlive the error: give back what this call took, so that the
+        -- setting still names every stripe held, then fail.
+        perform pg_catalog.pg_advisory_unlock_shared(7366506, k)
+        from pg_catalog.unnest(v_held) k
+        where not k = any (v_before);
+        raise;
+    end;
     perform pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
     perform pg_catalog.set_config('pgflow.wake_guards', pg_catalog.array_to_string(v_held, ','),
                                   false);

@@ -16,6 +16,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from pgflow import schema
+from tests.support import pgcluster
 from tests.support.sqlkit import Conn, listener, received, start
 
 STRIPES = 8  # a queue's wake stripes (sql/schema/03_guards.sql)
@@ -149,3 +151,31 @@ def test_guard_waits_for_a_start_that_ends_within_its_wait(dsn, conn):
         tx.commit()
         assert received(listen, conn, "pgflow_ready") == ["a"]
         assert listen.execute("show lock_timeout").fetchone() == ("0",)  # put back
+
+
+@pytest.mark.slow
+def test_a_guard_the_lock_table_cannot_hold_fails_and_keeps_only_what_it_held():
+    """Session locks outlive the error that stops a guard half-way (out of shared memory):
+    it gives back what that call took, so its setting still names every lock held."""
+    options = pgcluster.SERVER_OPTIONS.replace("max_connections=100", "max_connections=10")
+    try:
+        cluster_cm = pgcluster.private_cluster(options + " -c max_locks_per_transaction=10")
+        cluster = cluster_cm.__enter__()
+    except pgcluster.Unavailable as exc:
+        pytest.skip(f"no private PostgreSQL cluster possible: {exc}")
+    try:
+        schema.migrate(cluster.dsn)
+        with psycopg.connect(cluster.dsn, autocommit=True) as worker, \
+                psycopg.connect(cluster.dsn, autocommit=True) as watcher:
+            pid = worker.info.backend_pid
+            assert worker.execute("select pgflow.guard_wakes(array['a'])").fetchone() == (True,)
+            many = [f"queue-{i}" for i in range(4000)]  # 32,000 locks
+            with pytest.raises(psycopg.errors.OutOfMemory):
+                worker.execute("select pgflow.guard_wakes(%s)", (many,))
+            assert len(wake_locks(watcher, pid)) == STRIPES
+            assert len(worker.execute("show pgflow.wake_guards").fetchone()[0].split(",")
+                       ) == STRIPES
+            worker.execute("select pgflow.unguard_wakes()")
+            assert wake_locks(watcher, pid) == []
+    finally:
+        cluster_cm.__exit__(None, None, None)
