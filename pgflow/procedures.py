@@ -250,13 +250,10 @@ async def register_worker(conn: Conn, worker_id: uuid.UUID, hostname: str, pid: 
     ``guards_wakes``: it guards its wake-ups (schema revision 0012 and later;
     claims.py); on an older schema the old signature.
     """
+    call = ("select pgflow.register_worker(%s, %s, %s, %s, %s, true)" if guards_wakes
+            else "select pgflow.register_worker(%s, %s, %s, %s, %s)")
     async with _translated():
-        if guards_wakes:
-            cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s, true)",
-                                     (worker_id, hostname, pid, queues, Jsonb(workflows)))
-        else:
-            cur = await conn.execute("select pgflow.register_worker(%s, %s, %s, %s, %s)",
-                                     (worker_id, hostname, pid, queues, Jsonb(workflows)))
+        cur = await conn.execute(call, (worker_id, hostname, pid, queues, Jsonb(workflows)))
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])
