@@ -13,12 +13,14 @@ refused with an error that says what to do, not opened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -92,20 +94,43 @@ def embedded_dsn(root: str | os.PathLike[str] | None = None) -> str:
     base = _base(root)
     pgdata = base / "pgdata"
     package = _server_package()
-    _refuse_other_major(base, pgdata, _bundled_major(package))
+    major = _bundled_major(package)
     base.mkdir(parents=True, exist_ok=True)
-    if _postmaster_pid(pgdata) is None:
-        # The package keeps one handle a data directory per process, and a handle never
-        # notices that its server stopped (stop_embedded, a crash): start afresh.
-        getattr(package.PostgresServer, "_instances", {}).pop(pgdata, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _starting(base):
+        _refuse_other_major(base, pgdata, major)
+        if _postmaster_pid(pgdata) is None:
+            # The package keeps one handle a data directory per process, and a handle
+            # never notices that its server stopped (stop_embedded, a crash): start afresh.
+            getattr(package.PostgresServer, "_instances", {}).pop(pgdata, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                server = package.get_server(pgdata, cleanup_mode=None)
+            except Exception as exc:
+                raise errors.PgflowError(f"could not start the embedded PostgreSQL under "
+                                         f"{base}: {exc}{_log_tail(pgdata)}") from None
+        return str(server.get_uri())
+
+
+@contextlib.contextmanager
+def _starting(base: Path) -> Iterator[None]:
+    """One process at a time makes or starts the server under ``base``.
+
+    Several commands started together on a new checkout (the test suite's
+    parallel processes, a worker and its application) would otherwise each run
+    initdb on the same empty directory, and all but one fail.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with open(base / "start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            server = package.get_server(pgdata, cleanup_mode=None)
-        except Exception as exc:
-            raise errors.PgflowError(f"could not start the embedded PostgreSQL under {base}: "
-                                     f"{exc}{_log_tail(pgdata)}") from None
-    return str(server.get_uri())
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:

@@ -324,3 +324,36 @@ def test_embedded_server_starts_is_reused_and_stops(tmp_path: Path) -> None:
             assert conn.execute("select 1").fetchone() == (1,)
     finally:
         assert embedded.stop_embedded(tmp_path) is True
+
+
+@pytest.mark.slow
+def test_processes_starting_a_new_embedded_server_at_once_share_one(tmp_path: Path) -> None:
+    # A new checkout's first `make test` starts its parallel test processes together.
+    # Without pgflow's start lock, on a machine where the server's first start also
+    # creates its system user (as root), all but one failed: useradd and initdb raced.
+    _needs_embedded_package()
+    # Each starter imports first, then waits for the word to go, so that all call
+    # embedded_dsn in the same instant.
+    code = ("import sys; from pgflow import embedded; print('ready', flush=True); "
+            "sys.stdin.readline(); print(embedded.embedded_dsn(sys.argv[1]))")
+    starters = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+                for _ in range(8)]
+    try:
+        for starter in starters:
+            assert starter.stdout is not None and starter.stdout.readline() == "ready\n"
+        for starter in starters:
+            assert starter.stdin is not None
+            starter.stdin.write("go\n")
+            starter.stdin.flush()
+        outcomes = [starter.communicate(timeout=120) for starter in starters]
+        assert [starter.returncode for starter in starters] == [0] * 8, outcomes
+        dsns = {out.strip() for out, _err in outcomes}
+        assert len(dsns) == 1, dsns
+        with psycopg.connect(dsns.pop()) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        for starter in starters:
+            starter.kill()
+        embedded.stop_embedded(tmp_path)
