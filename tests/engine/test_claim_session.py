@@ -300,7 +300,9 @@ def test_a_lost_connection_takes_the_guard_with_it(dsn, conn):
             assert [c.run_id for c in claimed] == [run_id]
             return after_loss, await session.guard(), len(await asyncio.to_thread(
                 lambda: conn.execute("select 1 from pg_locks where classid = 7366506"
-                                     " and locktype = 'advisory'").fetchall()))
+                                     " and locktype = 'advisory' and database = (select oid"
+                                     " from pg_database where datname = current_database())"
+                                     ).fetchall()))
         finally:
             await session.close()
 

@@ -212,7 +212,8 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
         # holding its liveness lock again (the old registrations were recovered).
         live = ("select w.id, w.pid from pgflow.workers w where exists (select 1 from pg_locks l"
                 " where l.locktype = 'advisory' and l.granted and l.classid = 7366502"
-                " and l.objid = w.lock_key and l.objsubid = 2)")
+                " and l.objid = w.lock_key and l.objsubid = 2 and l.database = (select d.oid"
+                " from pg_database d where d.datname = current_database()))")
         wait_for(lambda: sorted(r[1] for r in conn.execute(live)) == sorted(w.pid for w in workers)
                  and len(list(conn.execute("select 1 from pgflow.workers"))) == 2,
                  timeout=60, what="both workers registered again, and only them")

@@ -80,7 +80,8 @@ def test_no_run_waits_for_a_poll_while_starts_skip_their_notify(dsn, conn, proce
                         ).fetchone() == (True, 2)
     wait_for(lambda: conn.execute(
         "select count(distinct pid) from pg_locks where locktype = 'advisory'"
-        " and classid = 7366506 and mode = 'ShareLock' and granted").fetchone()[0] == 2,
+        " and classid = 7366506 and mode = 'ShareLock' and granted and database ="
+        " (select oid from pg_database where datname = current_database())").fetchone()[0] == 2,
         timeout=30, what="both idle workers guarding their queue")
     notified = sum(1 for n in watcher.notifies(timeout=0.5) if n.channel == "pgflow_ready")
     watcher.close()
