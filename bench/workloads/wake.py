@@ -64,6 +64,25 @@ def _latencies(sent: list[tuple[str, float]], stamps: dict[str, float]) -> list[
     return [(stamps[run_id] - committed) * 1000 for run_id, committed in sent if run_id in stamps]
 
 
+def _claim_starts(conn: psycopg.Connection[Any]) -> dict[str, float]:
+    """When each run's claim statement began, on the server's clock (runs.started_at:
+    the claim's statement_timestamp(); the engine clock is not moved in the bench)."""
+    return dict(conn.execute("select id::text, extract(epoch from started_at)::float8"
+                             " from pgflow.runs where started_at is not null").fetchall())
+
+
+def _split(sent: list[tuple[str, float]], claimed: dict[str, float],
+           answered: dict[str, float]) -> dict[str, float]:
+    """W3 in two parts, at the claim statement's start: ``to_claim`` (the NOTIFY's
+    delivery, the waiter's wake-up, the claim sent) and ``from_claim`` (the claim
+    executed and answered, and for the worker the run handed to its code)."""
+    to_claim = [(claimed[r] - c) * 1000 for r, c in sent if r in claimed]
+    from_claim = [(answered[r] - claimed[r]) * 1000 for r, _ in sent
+                  if r in claimed and r in answered]
+    return {"to_claim_p50_ms": round(percentile(to_claim, 0.50), 2),
+            "from_claim_p50_ms": round(percentile(from_claim, 0.50), 2)}
+
+
 def _probe_worker(b: Bench, name: str, workload: str,
                   workflow: pgflow.Workflow) -> list[dict[str, Any]]:
     n = b.count(W3_PROBES)
@@ -77,19 +96,20 @@ def _probe_worker(b: Bench, name: str, workload: str,
         sent = future.result()
         stamps = dict(conn.execute("select id::text, output::float8 from pgflow.runs"
                                    " where status = 'completed'").fetchall())
+        claimed = _claim_starts(conn)
     latencies = _latencies(sent, stamps)
     return [line(workload, len(latencies), sent[-1][1] - sent[0][1], None,
                  percentile(latencies, 0.50), percentile(latencies, 0.99),
                  concurrency=WORKER_CONCURRENCY, interval_ms=W3_INTERVAL_S * 1000,
                  min_ms=round(min(latencies), 2), max_ms=round(max(latencies), 2),
-                 failed=n - len(latencies))]
+                 failed=n - len(latencies), **_split(sent, claimed, stamps))]
 
 
 def floor_listener(dsn: str, n: int, query: str) -> list[float]:
     """The bare client of W3_floor: LISTEN, and on each NOTIFY run ``query`` once.
 
     Registers as a worker of the probe workflow (so that runs of it can start, and
-    be claimed); returns the wall clock after each answer.
+    be claimed); returns the wall clock of the answer to each NOTIFY.
     """
     worker = uuid.uuid4()
     probe = workflows.wake_probe
@@ -106,7 +126,8 @@ def floor_listener(dsn: str, n: int, query: str) -> list[float]:
             if not received:
                 break
             conn.execute(query, params if "%(" in query else None).fetchall()
-            answered.append(time.time())
+            # NOTIFYs that arrived together (a busy machine) are answered by one claim.
+            answered += [time.time()] * len(received)
     return answered
 
 
@@ -119,7 +140,9 @@ def _wait_listening(conn: psycopg.Connection[Any]) -> None:
         time.sleep(0.05)
 
 
-def _floor_pass(b: Bench, n: int, query: str) -> list[float]:
+def _floor_pass(b: Bench, n: int, query: str) -> tuple[list[float], dict[str, float]]:
+    """The producer's commit to the bare client's answer, each probe; and for the
+    claim pass, its split at the claim statement's start (``_split``)."""
     reset(b.dsn)
     with producer() as listener, producer() as pool, \
             psycopg.connect(b.dsn, autocommit=True) as conn:
@@ -128,7 +151,13 @@ def _floor_pass(b: Bench, n: int, query: str) -> list[float]:
         time.sleep(W3_IDLE_SETTLE_S)
         sent = pool.submit(produce_probes, b.dsn, n, W3_INTERVAL_S).result()
         answered = answers.result()
-    return [(at - committed) * 1000 for (_run, committed), at in zip(sent, answered, strict=True)]
+        claimed = _claim_starts(conn)
+    latencies = [(at - committed) * 1000
+                 for (_run, committed), at in zip(sent, answered, strict=True)]
+    # One NOTIFY, one claim, one run: the i-th answer is the i-th probe's.
+    split = (_split(sent, claimed, {r: at for (r, _c), at in zip(sent, answered, strict=True)})
+             if claimed else {})
+    return latencies, split
 
 
 def w3_floor(b: Bench) -> list[dict[str, Any]]:
@@ -136,13 +165,13 @@ def w3_floor(b: Bench) -> list[dict[str, Any]]:
     n = b.count(W3_PROBES)
     log(f"W3_floor: a bare LISTEN client, {n} probes {W3_INTERVAL_S * 1000:.0f} ms apart,"
         f" then the same running the claim")
-    round_trip = _floor_pass(b, n, FLOOR_QUERIES["select1"])
-    claim = _floor_pass(b, n, FLOOR_QUERIES["claim"])
+    round_trip, _ = _floor_pass(b, n, FLOOR_QUERIES["select1"])
+    claim, split = _floor_pass(b, n, FLOOR_QUERIES["claim"])
     return [line("W3_floor", len(claim), 0.0, None,
                  percentile(claim, 0.50), percentile(claim, 0.99),
                  select1_p50_ms=round(percentile(round_trip, 0.50), 2),
                  select1_p99_ms=round(percentile(round_trip, 0.99), 2),
-                 interval_ms=W3_INTERVAL_S * 1000)]
+                 interval_ms=W3_INTERVAL_S * 1000, **split)]
 
 
 def w3_wake_latency(b: Bench) -> list[dict[str, Any]]:
