@@ -96,6 +96,13 @@ $$;
 -- Also NOTIFY when this session guards itself (a claim that makes runs of
 -- its own queues ready: its own lock would not refuse it) and while any
 -- registered worker is older than revision 0012 (it never guards).
+--
+-- Claims skip locked rows (FOR UPDATE SKIP LOCKED), so a transaction that
+-- locks a pending run's row without taking it out of 'pending' hides the
+-- run from every claim made meanwhile, and the worker woken for it finds
+-- nothing and waits. Such a transaction calls this too (revision 0013:
+-- pgflow.watch, pgflow.cancel, pgflow._child_finished): its commit wakes
+-- the worker again, and the handshake above holds for it as for a start.
 create function pgflow._notify_ready(p_queue text) returns void
 language plpgsql
 as $$
@@ -155,12 +162,18 @@ $$;
 -- final (the caller's next statement sees it so), or commits first and the
 -- finisher's update sees watched = true. Read the status in a later
 -- statement, not this one: its snapshot predates a finisher it waited for.
+-- A pending run's row is locked here until commit, and claims skip locked
+-- rows: wake the queue again (see _notify_ready's callers, revision 0013).
 create function pgflow.watch(p_run_id uuid) returns void
 language sql
 as $$
-    update pgflow.runs r set watched = true
-    where r.id = p_run_id and not r.watched
-      and r.status not in ('completed', 'failed', 'cancelled')
+    with watched as (
+        update pgflow.runs r set watched = true
+        where r.id = p_run_id and not r.watched
+          and r.status not in ('completed', 'failed', 'cancelled')
+        returning r.status, r.queue
+    )
+    select pgflow._notify_ready(w.queue) from watched w where w.status = 'pending'
 $$;
 
 -- ---------------------------------------------------------------------------

@@ -234,6 +234,11 @@ begin
     where r.id = cancel.run_id;
     delete from pgflow.timers t where t.run_id = cancel.run_id and t.kind <> 'deadline';
     perform pgflow._wake(cancel.run_id);
+    if v_run.status = 'pending' then
+        -- Its row is locked to this commit: claims made meanwhile skipped it
+        -- (03_guards.sql, _notify_ready).
+        perform pgflow._notify_ready(v_run.queue);
+    end if;
     return true;
 end;
 $$;

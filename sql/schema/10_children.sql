@@ -24,6 +24,11 @@ begin
     if not found then
         return;
     end if;
+    if v_parent.status = 'pending' then
+        -- Woken before (a timer, another child): its row is locked to this
+        -- commit, and claims made meanwhile skip it (03_guards.sql).
+        perform pgflow._notify_ready(v_parent.queue);
+    end if;
     v_outcome := jsonb_build_object('run_id', v_child.id, 'status', v_child.status,
                                     'output', v_child.output, 'error', v_child.error);
 

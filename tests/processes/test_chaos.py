@@ -48,6 +48,19 @@ def _counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return dict(conn.execute("select status, count(*) from pgflow.runs group by status").fetchall())
 
 
+def _sessions(conn: psycopg.Connection[Any]) -> str:
+    """Who guards the wake-ups (advisory class 7366506) and what every other session of
+    the database last did: what a test that lost a wake-up prints."""
+    rows = conn.execute(
+        "select a.pid, a.application_name, a.state, a.backend_start, a.state_change,"
+        " (select count(*) from pg_locks l where l.pid = a.pid and l.locktype = 'advisory'"
+        "  and l.classid = 7366506 and l.granted) as guards,"
+        " left(a.query, 120)"
+        " from pg_stat_activity a where a.datname = current_database()"
+        " and a.pid <> pg_backend_pid() order by a.backend_start").fetchall()
+    return "\n".join(" | ".join(str(v) for v in row) for row in rows)
+
+
 def _start_chaos_runs(conn: psycopg.Connection[Any], count: int,
                       rng: random.Random) -> dict[uuid.UUID, int]:
     """``count`` chaos runs in one transaction; every EARLY_SIGNALS-th gets its signal at once."""
@@ -233,7 +246,8 @@ def _restart_scenario(cluster: pgcluster.Cluster, processes: Processes,
                                    " where id = %s", (run_id,)).fetchone()
                 logs = "\n".join(processes.log_of(w)[-3000:] for w in workers)
                 raise AssertionError(f"ping {n} not done, run (status, lease_owner, lease_token, held_by)"
-                                     f" {row}; worker logs:\n{logs}") from None
+                                     f" {row}; wake guards and sessions:\n{_sessions(conn)}"
+                                     f"\nworker logs:\n{logs}") from None
             latencies.append(conn.execute(
                 "select extract(epoch from started_at - created_at) from pgflow.runs"
                 " where id = %s", (run_id,)).fetchone()[0])

@@ -87,3 +87,34 @@ def test_no_run_waits_for_a_poll_while_starts_skip_their_notify(dsn, conn, proce
     watcher.close()
     report("no lost wake-up", runs=len(started), producers=PRODUCERS, rounds_s=rounds,
            ready_notifies=notified)
+
+
+def test_a_run_watched_while_its_worker_claims_it_is_still_picked_up(dsn, conn,
+                                                                      processes: Processes):
+    """result() right after start() locks the run's row (pgflow.watch) while the idle worker
+    woken by the start claims it; the claim skips the locked row. Here the watch is held open
+    on purpose while the worker is woken (by resume_queue); its commit must wake the worker
+    again (revision 0013), or the run waits for the hour-long poll."""
+    invariants.prepare_effects(conn)
+    processes.worker(dsn, MODULE, concurrency=2, extra_env=NEVER_POLL)
+    wait_registered(conn, 1)
+    queue = chaos.ping.queue
+    for n in range(3):
+        pgflow.pause_queue(conn, queue)
+        run_id = pgflow.start(conn, chaos.ping, n)
+        with psycopg.connect(dsn) as watcher:
+            watcher.execute("select pgflow.watch(%s)", (run_id,))  # the row, locked to commit
+            since = conn.execute("select clock_timestamp()").fetchone()[0]
+            pgflow.resume_queue(conn, queue)  # NOTIFYs: the worker claims and skips the row
+            wait_for(lambda since=since: _claimed_after(conn, since), timeout=30,
+                     what="the worker's claim after the resume")
+            watcher.commit()
+        assert pgflow.result(conn, run_id, timeout=60) == f"pong:{n}"
+
+
+def _claimed_after(conn: psycopg.Connection[Any], since: Any) -> bool:
+    """Whether a claim that started after ``since`` has ended (its session idle)."""
+    return conn.execute(
+        "select exists (select 1 from pg_stat_activity where datname = current_database()"
+        " and state = 'idle' and query like '%%pgflow.claim_runs(%%' and query_start > %s)",
+        (since,)).fetchone()[0]
