@@ -534,6 +534,9 @@ class Spans:
     from_created_s: float  # max(finished_at) - min(created_at)
     from_started_s: float  # max(finished_at) - min(started_at)
     latencies_ms: list[float]  # finished_at - created_at of each run
+    # sum of finished_at - started_at: divided by from_started_s, the runs in flight on
+    # average (claim statement to completion statement; the completion's commit excluded)
+    claimed_s: float = 0.0
 
 
 def spans(conn: psycopg.Connection[Any], since: datetime | None = None) -> Spans:
@@ -542,12 +545,14 @@ def spans(conn: psycopg.Connection[Any], since: datetime | None = None) -> Spans
     row = conn.execute(
         "select count(*), count(*) filter (where status <> 'completed'),"
         " extract(epoch from max(finished_at) - min(created_at))::float8,"
-        " extract(epoch from max(finished_at) - min(started_at))::float8"
+        " extract(epoch from max(finished_at) - min(started_at))::float8,"
+        " coalesce(sum(extract(epoch from finished_at - started_at)), 0)::float8"
         " from pgflow.runs" + where, params).fetchone()
     assert row is not None
     lat = conn.execute("select extract(epoch from finished_at - created_at)::float8 * 1000"
                        " from pgflow.runs" + where, params).fetchall()
-    return Spans(int(row[0]), int(row[1]), float(row[2]), float(row[3]), [r[0] for r in lat])
+    return Spans(int(row[0]), int(row[1]), float(row[2]), float(row[3]), [r[0] for r in lat],
+                 float(row[4]))
 
 
 def line(workload: str, n: int, seconds: float, per_sec: float | None, p50: float | None,

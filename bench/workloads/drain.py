@@ -63,7 +63,8 @@ def _drain(b: Bench, label: str, workflow: pgflow.Workflow, n: int, steps: int |
     polls += waits.samples if waits else 0  # the sampler's statements are not the runs'
     work = db_work(read_stats(b.dsn).minus(before), n, polls, producer_commits=0, steps=steps)
     return s, {"concurrency": WORKER_CONCURRENCY, "processes": WORKER_PROCESSES,
-               "failed": s.failed, **cpu, **work, **(waits.report() if waits else {})}
+               "failed": s.failed, "in_flight_mean": round(s.claimed_s / s.from_started_s, 1),
+               **cpu, **work, **(waits.report() if waits else {})}
 
 
 def w1b_drain(b: Bench) -> list[dict[str, Any]]:
