@@ -21,6 +21,12 @@ connection), and the claim loop claims once more; from then on a start
 cannot take its lock and NOTIFYs. While the worker has work it gives them
 back (:meth:`ClaimSession.unguard`) and starts skip the NOTIFY.
 
+A run holding concurrency slots gives them back when its code returns
+(schema revision 0014): :meth:`ClaimSession.code_ended` queues it for the
+session's next claim, which gives its slots back before it claims, and the
+run's completion is sent once that claim has ended, so the two never race for
+the run's row. On an older schema the completion gives them back.
+
 Claims commit asynchronously (they do not wait for their WAL flush). A claim
 need not survive a database crash: a lost claim leaves the run pending,
 exactly as if this worker had died before starting it, and the worker's next
@@ -58,11 +64,13 @@ class ClaimSession:
     :param guards_wakes: the schema has ``pgflow.guard_wakes`` (revision 0012):
         :meth:`guard` takes the locks; else it is a no-op that says guarded, and
         every start NOTIFYs.
+    :param slots_at_code_end: the claim gives back the slots of runs whose code
+        returned (revision 0014); else :meth:`code_ended` leaves that to completions.
     """
 
     def __init__(self, dsn: str, queues: list[str], *,
                  on_timer: Callable[[], None] | None = None,
-                 guards_wakes: bool = True) -> None:
+                 guards_wakes: bool = True, slots_at_code_end: bool = True) -> None:
         self._dsn = dsn
         self._queues = sorted(set(queues))  # what the claim names, in one order
         self._listened = frozenset(queues)  # the payloads of pgflow_ready that wake it
@@ -73,6 +81,9 @@ class ClaimSession:
         self._guarded = False  # this connection holds every wake lock of the queues
         self._holds_guards = False  # ... or some of them (guard_wakes keeps what it took)
         self._guard_failed = False  # guard_wakes raised something else than a lost connection
+        self._slots_at_code_end = slots_at_code_end
+        # Runs whose code returned, for the next claim, each with what its completion awaits.
+        self._ended: list[tuple[uuid.UUID, int, asyncio.Future[None]]] = []
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         """The session's connection, opened (and LISTENing) if it is not."""
@@ -142,16 +153,41 @@ class ClaimSession:
         logger.debug("%s failed (%s): reconnecting", what, str(exc).strip().splitlines()[0:1])
         await self._drop()
 
+    def code_ended(self, run_id: uuid.UUID, token: int) -> asyncio.Future[None]:
+        """The code of a run holding slots returned: the next claim gives them back.
+
+        The run sends its completion when the future is done: that claim has
+        ended (whether or not it gave the slots back, the completion does then),
+        or :meth:`settle_ended` said no claim will carry it.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._slots_at_code_end:
+            self._ended.append((run_id, token, done))
+        else:
+            done.set_result(None)
+        return done
+
+    def settle_ended(self) -> None:
+        """No claim will carry the runs waiting for one: their completions give the slots back."""
+        ended, self._ended = self._ended, []
+        _settle(ended)
+
     async def claim(self, worker_id: uuid.UUID, workflows: list[tuple[str, str]],
                     limit: int) -> list[ClaimedRun]:
-        """Lease up to ``limit`` ready runs of the session's queues and ``workflows``."""
-        conn = await self.connect()
+        """Lease up to ``limit`` ready runs of the session's queues and ``workflows``,
+        giving back the slots of the runs whose code ended first (:meth:`code_ended`)."""
+        ended, self._ended = self._ended, []
         try:
-            claimed = await procedures.claim_runs(conn, worker_id, self._queues, workflows,
-                                                  limit)
-        except psycopg.OperationalError:
-            await self._drop()
-            raise
+            conn = await self.connect()
+            try:
+                claimed = await procedures.claim_runs(
+                    conn, worker_id, self._queues, workflows, limit,
+                    [(run_id, token) for run_id, token, _ in ended])
+            except psycopg.OperationalError:
+                await self._drop()
+                raise
+        finally:
+            _settle(ended)
         self._polled = True
         return claimed
 
@@ -201,6 +237,12 @@ class ClaimSession:
 
     async def close(self) -> None:
         await self._drop()
+
+
+def _settle(ended: list[tuple[uuid.UUID, int, asyncio.Future[None]]]) -> None:
+    for _run_id, _token, done in ended:
+        if not done.done():
+            done.set_result(None)
 
 
 async def _first(*awaitables: Any, timeout: float | None = None) -> None:

@@ -221,18 +221,29 @@ class Procedures:
         return int(rows[0][0])
 
 
-async def claim_runs(conn: Conn, worker_id: uuid.UUID, queues: list[str],
-                     workflows: list[tuple[str, str]], limit: int) -> list[ClaimedRun]:
-    """Lease up to ``limit`` ready runs on ``conn`` (the worker's claim session, claims.py)."""
-    names = [name for name, _ in workflows]
-    versions = [version for _, version in workflows]
-    async with _translated():
-        cur = await conn.execute(
-            "select run_id, name, version, input, lease_token, journal, cancel_requested,"
+_CLAIMED = ("select run_id, name, version, input, lease_token, journal, cancel_requested,"
             " cancel_seq, scheduled_time, limited, traceparent,"
             " extract(epoch from claimed_at - ready_since)::float8, queue"
-            " from pgflow.claim_runs(%s, %s, %s, %s, %s)",
-            (worker_id, queues, names, versions, limit))
+            " from pgflow.claim_runs(%s, %s, %s, %s, %s{})")
+
+
+async def claim_runs(conn: Conn, worker_id: uuid.UUID, queues: list[str],
+                     workflows: list[tuple[str, str]], limit: int,
+                     ended: Sequence[tuple[uuid.UUID, int]] = ()) -> list[ClaimedRun]:
+    """Lease up to ``limit`` ready runs on ``conn`` (the worker's claim session, claims.py).
+
+    ``ended``: (run id, lease token) of runs whose code returned since the last
+    claim; their concurrency slots go back first (schema revision 0014 and later).
+    """
+    names = [name for name, _ in workflows]
+    versions = [version for _, version in workflows]
+    params: tuple[Any, ...] = (worker_id, queues, names, versions, limit)
+    query = _CLAIMED.format("")
+    if ended:
+        query = _CLAIMED.format(", %s, %s")
+        params += ([run_id for run_id, _ in ended], [token for _, token in ended])
+    async with _translated():
+        cur = await conn.execute(query, params)
         rows = await cur.fetchall()
     return [ClaimedRun(run_id=r[0], name=r[1], version=r[2], input=r[3], lease_token=r[4],
                        journal=[JournalEntry.from_json(e) for e in r[5]],

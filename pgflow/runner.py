@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
@@ -49,7 +49,8 @@ class RunExecution:
                  on_lost_contact: Callable[[], None],
                  on_code_done: Callable[[], None] = lambda: None,
                  instruments: Instruments | None = None,
-                 transactional: TransactionalSteps | None = None) -> None:
+                 transactional: TransactionalSteps | None = None,
+                 give_back_slots: Callable[[], Awaitable[None]] | None = None) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
@@ -62,6 +63,8 @@ class RunExecution:
         self._is_draining = is_draining
         self._on_lost_contact = on_lost_contact
         self._on_code_done = on_code_done  # the workflow returned: only its last report is left
+        # A run holding concurrency slots: gives them back, then its completion goes.
+        self._give_back_slots = give_back_slots
         self._transactional = transactional  # connections of transactional steps
         self.observer = RunObserver(instruments or Instruments(), claimed.run_id, workflow.name,
                                     workflow.version, claimed.traceparent)
@@ -171,6 +174,8 @@ class RunExecution:
             await self._end_otherwise(engine, token, exc)
             return
         self._on_code_done()
+        if self._give_back_slots is not None:
+            await self._give_back_slots()
         if await self._report(self._reporter.complete_run(self.run_id, token, output,
                                                           engine.take_unflushed())):
             self.observer.ended("completed")

@@ -122,6 +122,10 @@ MIN_REVISION = "0009_observability"
 # older schema a worker waits for NOTIFYs as before, and every start sends one.
 GUARDED_WAKES_REVISION = "0012_quiet_starts"
 
+# The first revision whose claim gives back the slots of runs whose code returned
+# (claim_runs' p_ended): on an older schema a run's slots go back with its completion.
+CODE_END_SLOTS_REVISION = "0014_slots_at_code_end"
+
 BREAKING_MARK = "-- breaking:"  # the first line of a revision that needs workers stopped
 
 

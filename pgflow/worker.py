@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -157,8 +157,8 @@ class Worker:
             self._stop.set()
         await asyncio.to_thread(self._check_schema)
         assert self._schema_revision is not None
-        guards_wakes = (schema.revision_number(self._schema_revision)
-                        >= schema.revision_number(schema.GUARDED_WAKES_REVISION))
+        revision = schema.revision_number(self._schema_revision)
+        guards_wakes = revision >= schema.revision_number(schema.GUARDED_WAKES_REVISION)
         wake = asyncio.Event()
         if self.scheduler is not None:
             self.scheduler.on_fired = wake.set  # woken runs may be ours: claim now
@@ -169,7 +169,9 @@ class Worker:
             stale_after=self.stale_after, guards_wakes=guards_wakes)
         session = ClaimSession(self.dsn, self.queues,
                                on_timer=self.scheduler.poke if self.scheduler is not None else None,
-                               guards_wakes=guards_wakes)
+                               guards_wakes=guards_wakes,
+                               slots_at_code_end=revision >= schema.revision_number(
+                                   schema.CODE_END_SLOTS_REVISION))
         executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgflow-run")
         pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=min(self.concurrency, 16) + 1,
                                    kwargs={"autocommit": True}, open=False, name="pgflow-worker")
@@ -187,9 +189,11 @@ class Worker:
                           if self.scheduler is not None else None)
         try:
             await self._claim_loop(session, procedures, executor, wake)
+            session.settle_ended()  # no claim follows: their completions give slots back
             await self._drain()
         finally:
             self._stop.set()
+            session.settle_ended()
             if scheduler_task is not None:
                 scheduler_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -231,6 +235,7 @@ class Worker:
             if free <= 0:
                 # Busy: no start needs to wake this worker (claims.py). Timer
                 # NOTIFYs still reach the scheduler meanwhile.
+                session.settle_ended()  # not worth a claim: their completions give them back
                 await session.unguard()
                 await session.wait(slots.freed, self._stop, timeout=None, ready_wakes=False)
                 slots.freed.clear()
@@ -251,7 +256,10 @@ class Worker:
                 if self.instruments.enabled:
                     self.instruments.claimed(run.queue or "", run.claim_delay)
                 slot = slots.take()
-                task = asyncio.create_task(self._execute(run, procedures, executor, slot))
+                code_ended = (functools.partial(self._code_ended, session, wake, run)
+                              if run.limited else None)
+                task = asyncio.create_task(self._execute(run, procedures, executor, slot,
+                                                         code_ended))
                 self._inflight.add(task)
                 task.add_done_callback(functools.partial(self._finished, slot=slot, wake=wake,
                                                          limited=run.limited))
@@ -281,13 +289,27 @@ class Worker:
             # NOTIFY on every completion would serialize the commits).
             wake.set()
 
+    def _code_ended(self, session: ClaimSession, wake: asyncio.Event,
+                    run: ClaimedRun) -> asyncio.Future[None]:
+        """A run holding slots is done executing: the next claim gives them back (claims.py)."""
+        assert self._stop is not None
+        if self._stop.is_set():  # no claim follows: its completion gives them back
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        done = session.code_ended(run.run_id, run.lease_token)
+        wake.set()
+        return done
+
     async def _execute(self, run: ClaimedRun, procedures: Procedures,
-                       executor: ThreadPoolExecutor, slot: _Slot) -> None:
+                       executor: ThreadPoolExecutor, slot: _Slot,
+                       code_ended: Callable[[], Awaitable[None]] | None) -> None:
         assert self._loop is not None
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
                                  self._reporter, self._loop, executor, self.retry, self._stopping.is_set,
                                  self._membership.request_reset, on_code_done=slot.release,
-                                 instruments=self.instruments, transactional=self._transactional)
+                                 instruments=self.instruments, transactional=self._transactional,
+                                 give_back_slots=code_ended)
         try:
             await execution.execute()
         except Exception:

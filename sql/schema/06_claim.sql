@@ -14,12 +14,20 @@
 -- traceparent: the trace its spans continue; claimed_at: the claim's time
 -- (claimed_at - ready_since is the claim delay the worker's metrics show, by
 -- the run's queue).
+--
+-- p_ended, p_ended_tokens (revision 0014): runs of this worker whose code
+-- has returned since its last claim, their completion not sent yet. They
+-- execute no more, so their concurrency slots go back first, fenced by
+-- their tokens (_give_back_at_code_end), and this claim may take them: a cap
+-- of L keeps L runs executing instead of L runs not yet committed.
 create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
     p_names     text[],
     p_versions  text[],
-    p_limit     integer
+    p_limit     integer,
+    p_ended        uuid[] default null,
+    p_ended_tokens bigint[] default null
 ) returns table (run_id uuid, name text, version text, input jsonb, lease_token bigint,
                  journal jsonb, cancel_requested boolean, cancel_seq integer,
                  scheduled_time timestamptz, ready_since timestamptz, limited boolean,
@@ -65,6 +73,9 @@ begin
     if not v_registered then
         raise exception using errcode = 'PF003',
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
+    end if;
+    if p_ended is not null then
+        perform pgflow._give_back_at_code_end(p_worker_id, p_ended, p_ended_tokens);
     end if;
 
     if v_workflow_limits or v_rates then

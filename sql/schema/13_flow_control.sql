@@ -612,6 +612,38 @@ begin
 end;
 $$;
 
+-- The code of these runs of p_worker_id returned (claim_runs' p_ended): give
+-- their slots back now, before their completion commits. Fenced as a report
+-- is: only runs this worker still leases at these tokens, running and holding
+-- slots. A row locked by a report of the run on its way is skipped: that
+-- report gives the slots back itself. The worker sends the completion after
+-- this claim, so the two rarely meet.
+create function pgflow._give_back_at_code_end(p_worker_id uuid, p_runs uuid[],
+                                              p_tokens bigint[]) returns void
+language plpgsql
+as $$
+declare
+    v_ended uuid[];
+begin
+    with ended as (
+        select r.id from pgflow.runs r
+        join unnest(p_runs, p_tokens) as t(id, token)
+          on r.id = t.id and r.lease_token = t.token
+        where r.status = 'running' and r.lease_owner = p_worker_id and r.holds_slots
+        for update of r skip locked
+    ), cleared as (
+        update pgflow.runs r set holds_slots = false
+        from ended e
+        where r.id = e.id
+        returning r.id
+    )
+    select pg_catalog.array_agg(c.id) into v_ended from cleared c;
+    if v_ended is not null then
+        perform pgflow._give_back_slots(v_ended);
+    end if;
+end;
+$$;
+
 -- A run leaves 'running' (any procedure, any reason) holding slots: give
 -- them back (complete_batch does it for its batch at once and clears
 -- holds_slots itself). A parked run that stops being pending (cancelled) is

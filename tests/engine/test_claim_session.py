@@ -309,3 +309,32 @@ def test_a_lost_connection_takes_the_guard_with_it(dsn, conn):
     with holder:
         after_loss, guarded_again, locks = asyncio.run(scenario())
     assert not after_loss and guarded_again and locks == 8
+
+
+@pytest.mark.parametrize("at_code_end", [True, False])
+def test_the_next_claim_gives_back_the_slots_of_a_run_whose_code_ended(dsn, conn, at_code_end):
+    """Revision 0014: a capped run's slots go back with the session's next claim, and its
+    completion waits for that claim; without it (an older schema), with its completion."""
+    worker = Worker(dsn)
+    conn.execute("select pgflow.set_queue('default', concurrency => 1)")
+    first, second = start(conn), start(conn)
+
+    async def scenario() -> tuple[list[uuid.UUID], bool, list[uuid.UUID]]:
+        session = ClaimSession(dsn, ["default"], slots_at_code_end=at_code_end)
+        try:
+            [claimed] = await session.claim(worker.id, PAIRS, 10)
+            assert claimed.run_id == first and claimed.limited
+            ended = session.code_ended(claimed.run_id, claimed.lease_token)
+            waited = not ended.done()  # its completion waits for the next claim
+            after = await session.claim(worker.id, PAIRS, 10)
+            assert ended.done()
+            late = session.code_ended(claimed.run_id, claimed.lease_token)
+            session.settle_ended()  # no claim will carry it: its completion goes at once
+            assert late.done()
+            return [claimed.run_id], waited, [c.run_id for c in after]
+        finally:
+            await session.close()
+
+    _, waited, after = asyncio.run(scenario())
+    assert waited is at_code_end
+    assert after == ([second] if at_code_end else [])  # the slot came back, or not yet
