@@ -225,6 +225,8 @@ _CLAIMED = ("select run_id, name, version, input, lease_token, journal, cancel_r
             " cancel_seq, scheduled_time, limited, traceparent,"
             " extract(epoch from claimed_at - ready_since)::float8, queue"
             " from pgflow.claim_runs(%s, %s, %s, %s, %s{})")
+_CLAIM = _CLAIMED.format("")
+_CLAIM_AFTER_ENDED = _CLAIMED.format(", %s, %s")  # revision 0014: p_ended, p_ended_tokens
 
 
 async def claim_runs(conn: Conn, worker_id: uuid.UUID, queues: list[str],
@@ -238,9 +240,9 @@ async def claim_runs(conn: Conn, worker_id: uuid.UUID, queues: list[str],
     names = [name for name, _ in workflows]
     versions = [version for _, version in workflows]
     params: tuple[Any, ...] = (worker_id, queues, names, versions, limit)
-    query = _CLAIMED.format("")
+    query = _CLAIM
     if ended:
-        query = _CLAIMED.format(", %s, %s")
+        query = _CLAIM_AFTER_ENDED
         params += ([run_id for run_id, _ in ended], [token for _, token in ended])
     async with _translated():
         cur = await conn.execute(query, params)

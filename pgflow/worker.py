@@ -293,12 +293,11 @@ class Worker:
                     run: ClaimedRun) -> asyncio.Future[None]:
         """A run holding slots is done executing: the next claim gives them back (claims.py)."""
         assert self._stop is not None
-        if self._stop.is_set():  # no claim follows: its completion gives them back
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
         done = session.code_ended(run.run_id, run.lease_token)
-        wake.set()
+        if self._stop.is_set():
+            session.settle_ended()  # no claim follows: its completion gives them back
+        else:
+            wake.set()
         return done
 
     async def _execute(self, run: ClaimedRun, procedures: Procedures,
