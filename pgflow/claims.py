@@ -83,7 +83,7 @@ class ClaimSession:
         self._guard_failed = False  # guard_wakes raised something else than a lost connection
         self._slots_at_code_end = slots_at_code_end
         # Runs whose code returned, for the next claim, each with what its completion awaits.
-        self._ended: list[tuple[uuid.UUID, int, asyncio.Future[None]]] = []
+        self._ended: list[tuple[uuid.UUID, int, asyncio.Future[bool]]] = []
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         """The session's connection, opened (and LISTENing) if it is not."""
@@ -153,30 +153,35 @@ class ClaimSession:
         logger.debug("%s failed (%s): reconnecting", what, str(exc).strip().splitlines()[0:1])
         await self._drop()
 
-    def code_ended(self, run_id: uuid.UUID, token: int) -> asyncio.Future[None]:
+    def code_ended(self, run_id: uuid.UUID, token: int) -> asyncio.Future[bool]:
         """The code of a run holding slots returned: the next claim gives them back.
 
         The run sends its completion when the future is done: that claim has
-        ended (whether or not it gave the slots back, the completion does then),
-        or :meth:`settle_ended` said no claim will carry it.
+        ended, or :meth:`settle_ended` said no claim will carry it. Its result
+        says whether a claim that carried the run committed; if not, the
+        completion gives the slots back. (A committed claim skips a run whose
+        row another transaction holds, rarely: its completion gives them back
+        too, and a worker that claimed nothing for them is woken by it,
+        ``queue_settings.starved``.)
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self._slots_at_code_end:
             self._ended.append((run_id, token, done))
         else:
-            done.set_result(None)
+            done.set_result(False)
         return done
 
     def settle_ended(self) -> None:
         """No claim will carry the runs waiting for one: their completions give the slots back."""
         ended, self._ended = self._ended, []
-        _settle(ended)
+        _settle(ended, carried=False)
 
     async def claim(self, worker_id: uuid.UUID, workflows: list[tuple[str, str]],
                     limit: int) -> list[ClaimedRun]:
         """Lease up to ``limit`` ready runs of the session's queues and ``workflows``,
         giving back the slots of the runs whose code ended first (:meth:`code_ended`)."""
         ended, self._ended = self._ended, []
+        carried = False
         try:
             conn = await self.connect()
             try:
@@ -186,8 +191,9 @@ class ClaimSession:
             except psycopg.OperationalError:
                 await self._drop()
                 raise
+            carried = True
         finally:
-            _settle(ended)
+            _settle(ended, carried=carried)
         self._polled = True
         return claimed
 
@@ -239,10 +245,10 @@ class ClaimSession:
         await self._drop()
 
 
-def _settle(ended: list[tuple[uuid.UUID, int, asyncio.Future[None]]]) -> None:
+def _settle(ended: list[tuple[uuid.UUID, int, asyncio.Future[bool]]], *, carried: bool) -> None:
     for _run_id, _token, done in ended:
         if not done.done():
-            done.set_result(None)
+            done.set_result(carried)
 
 
 async def _first(*awaitables: Any, timeout: float | None = None) -> None:

@@ -50,7 +50,7 @@ class RunExecution:
                  on_code_done: Callable[[], None] = lambda: None,
                  instruments: Instruments | None = None,
                  transactional: TransactionalSteps | None = None,
-                 give_back_slots: Callable[[], Awaitable[None]] | None = None) -> None:
+                 give_back_slots: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.claimed = claimed
         self.workflow = workflow
         self.run_id: uuid.UUID = claimed.run_id
@@ -65,6 +65,8 @@ class RunExecution:
         self._on_code_done = on_code_done  # the workflow returned: only its last report is left
         # A run holding concurrency slots: gives them back, then its completion goes.
         self._give_back_slots = give_back_slots
+        # ... and a claim gave them back (else the report that ended the run did).
+        self.slots_given_back = False
         self._transactional = transactional  # connections of transactional steps
         self.observer = RunObserver(instruments or Instruments(), claimed.run_id, workflow.name,
                                     workflow.version, claimed.traceparent)
@@ -175,7 +177,7 @@ class RunExecution:
             return
         self._on_code_done()
         if self._give_back_slots is not None:
-            await self._give_back_slots()
+            self.slots_given_back = await self._give_back_slots()
         if await self._report(self._reporter.complete_run(self.run_id, token, output,
                                                           engine.take_unflushed())):
             self.observer.ended("completed")

@@ -261,8 +261,7 @@ class Worker:
                 task = asyncio.create_task(self._execute(run, procedures, executor, slot,
                                                          code_ended))
                 self._inflight.add(task)
-                task.add_done_callback(functools.partial(self._finished, slot=slot, wake=wake,
-                                                         limited=run.limited))
+                task.add_done_callback(functools.partial(self._finished, slot=slot, wake=wake))
             if len(claimed) == want:
                 await session.unguard()  # more may be ready: starts need not wake us
                 continue
@@ -279,18 +278,17 @@ class Worker:
                 continue
             await session.wait(wake, self._stop, timeout=self.poll_interval)
 
-    def _finished(self, task: asyncio.Task[None], *, slot: _Slot, wake: asyncio.Event,
-                  limited: bool) -> None:
+    def _finished(self, task: asyncio.Task[bool], *, slot: _Slot, wake: asyncio.Event) -> None:
         self._inflight.discard(task)
         slot.release()
-        if limited:
-            # Its concurrency slots came free when it stopped executing: runs
-            # held back by them may be claimable now. No NOTIFY says so (a
-            # NOTIFY on every completion would serialize the commits).
+        if not task.cancelled() and task.exception() is None and task.result():
+            # Its concurrency slots came free with the report that ended its
+            # execution: runs held back by them may be claimable now. No NOTIFY
+            # says so (a NOTIFY on every completion would serialize the commits).
             wake.set()
 
     def _code_ended(self, session: ClaimSession, wake: asyncio.Event,
-                    run: ClaimedRun) -> asyncio.Future[None]:
+                    run: ClaimedRun) -> asyncio.Future[bool]:
         """A run holding slots is done executing: the next claim gives them back (claims.py)."""
         assert self._stop is not None
         done = session.code_ended(run.run_id, run.lease_token)
@@ -302,7 +300,9 @@ class Worker:
 
     async def _execute(self, run: ClaimedRun, procedures: Procedures,
                        executor: ThreadPoolExecutor, slot: _Slot,
-                       code_ended: Callable[[], Awaitable[None]] | None) -> None:
+                       code_ended: Callable[[], Awaitable[bool]] | None) -> bool:
+        """Run it; returns whether it gave concurrency slots back with its last report
+        (a claim that gave them back when its code returned claimed what they free)."""
         assert self._loop is not None
         execution = RunExecution(run, self._by_key[(run.name, run.version)], procedures,
                                  self._reporter, self._loop, executor, self.retry, self._stopping.is_set,
@@ -314,6 +314,7 @@ class Worker:
         except Exception:
             logger.exception("run %s: unexpected error in the worker", run.run_id)
             self._membership.request_reset()
+        return run.limited and not execution.slots_given_back
 
     async def _drain(self) -> None:
         if not self._inflight:

@@ -19,7 +19,10 @@
 -- has returned since its last claim, their completion not sent yet. They
 -- execute no more, so their concurrency slots go back first, fenced by
 -- their tokens (_give_back_at_code_end), and this claim may take them: a cap
--- of L keeps L runs executing instead of L runs not yet committed.
+-- of L keeps L runs executing instead of L runs not yet committed. A freed
+-- queue slot that an idle worker waits for (queue_settings.starved) wakes it
+-- only if this claim leaves the slot free (revision 0015): woken for a slot
+-- taken here, that worker (this one, often) would claim and find the cap full.
 create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
@@ -48,6 +51,7 @@ declare
     v_queue_limits    boolean;  -- a cap, rate or pause on one of p_queues
     v_rates           boolean;
     v_workflow_limits boolean;  -- a Concurrency on one of the worker's workflows
+    v_waiting         text[] := '{}';  -- capped queues given slots back that a worker waits for
 begin
     if p_limit is null or p_limit < 1 then
         raise exception using errcode = 'PF002', message = 'claim limit must be at least 1';
@@ -75,7 +79,7 @@ begin
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
     end if;
     if p_ended is not null then
-        perform pgflow._give_back_at_code_end(p_worker_id, p_ended, p_ended_tokens);
+        v_waiting := pgflow._give_back_at_code_end(p_worker_id, p_ended, p_ended_tokens);
     end if;
 
     if v_workflow_limits or v_rates then
@@ -84,6 +88,14 @@ begin
     elsif v_queue_limits then  -- caps and pauses only
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now) l;
+    end if;
+    if cardinality(v_waiting) > 0 then
+        perform pgflow._notify_ready(w.queue)
+        from pg_catalog.unnest(v_waiting) as w(queue)
+        join pgflow.queue_settings s on s.name = w.queue
+        where exists (select 1 from pgflow.slots f
+                      where f.scope = 'queue:' || w.queue and f.run_id is null
+                        and f.slot <= s.concurrency);
     end if;
 
     -- Without limits the runs are chosen here: one ordered walk of

@@ -535,13 +535,16 @@ as $$
 $$;
 
 -- Give back the slots of runs that stop executing (the trigger runs_flow for
--- one run, complete_batch for a batch), scope by scope in scope order: wake
--- the queue of a freed queue slot if an idle worker asked for it
--- (queue_settings.starved), unpark as many of a workflow or key scope's
--- parked runs as it freed slots, best first. Slots above a lowered limit
--- (or of a removed one) free no capacity and go; under a lowered limit a
--- run still holding a slot above it takes a freed one first.
-create function pgflow._give_back_slots(p_run_ids uuid[]) returns void
+-- one run, complete_batch for a batch, a claim for runs whose code returned),
+-- scope by scope in scope order: wake the queue of a freed queue slot if an
+-- idle worker asked for it (queue_settings.starved), unpark as many of a
+-- workflow or key scope's parked runs as it freed slots, best first. Slots
+-- above a lowered limit (or of a removed one) free no capacity and go; under
+-- a lowered limit a run still holding a slot above it takes a freed one
+-- first. Returns those starved queues; with p_wake false it leaves waking
+-- them to the caller (a claim that may take the slots itself, revision 0015).
+create function pgflow._give_back_slots(p_run_ids uuid[], p_wake boolean default true)
+returns text[]
 language plpgsql
 as $$
 declare
@@ -550,6 +553,7 @@ declare
     v_starved boolean;
     v_freed   integer;  -- slots of the scope that free capacity
     v_slot    integer;
+    v_waiting text[] := '{}';  -- starved queues that got a slot back
 begin
     for g in
         with held as (
@@ -596,7 +600,10 @@ begin
 
         if g.scope like 'queue:%' then
             if v_starved then
-                perform pgflow._notify_ready(g.queue);  -- an idle worker waits for it
+                v_waiting := v_waiting || g.queue;
+                if p_wake then
+                    perform pgflow._notify_ready(g.queue);  -- an idle worker waits for it
+                end if;
             end if;
             continue;
         end if;
@@ -609,6 +616,7 @@ begin
         end if;
         perform pgflow._unpark(g.scope, v_freed);
     end loop;
+    return v_waiting;
 end;
 $$;
 
@@ -617,9 +625,11 @@ $$;
 -- is: only runs this worker still leases at these tokens, running and holding
 -- slots. A row locked by a report of the run on its way is skipped: that
 -- report gives the slots back itself. The worker sends the completion after
--- this claim, so the two rarely meet.
+-- this claim, so the two rarely meet. Returns the queues of freed slots an
+-- idle worker waits for, not woken yet: the claim wakes those whose slots it
+-- leaves free (revision 0015).
 create function pgflow._give_back_at_code_end(p_worker_id uuid, p_runs uuid[],
-                                              p_tokens bigint[]) returns void
+                                              p_tokens bigint[]) returns text[]
 language plpgsql
 as $$
 declare
@@ -638,9 +648,10 @@ begin
         returning r.id
     )
     select pg_catalog.array_agg(c.id) into v_ended from cleared c;
-    if v_ended is not null then
-        perform pgflow._give_back_slots(v_ended);
+    if v_ended is null then
+        return '{}';
     end if;
+    return pgflow._give_back_slots(v_ended, p_wake => false);
 end;
 $$;
 

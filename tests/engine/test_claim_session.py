@@ -327,10 +327,10 @@ def test_the_next_claim_gives_back_the_slots_of_a_run_whose_code_ended(dsn, conn
             ended = session.code_ended(claimed.run_id, claimed.lease_token)
             waited = not ended.done()  # its completion waits for the next claim
             after = await session.claim(worker.id, PAIRS, 10)
-            assert ended.done()
+            assert ended.done() and ended.result() is at_code_end  # a claim gave them back
             late = session.code_ended(claimed.run_id, claimed.lease_token)
             session.settle_ended()  # no claim will carry it: its completion goes at once
-            assert late.done()
+            assert late.done() and late.result() is False
             return [claimed.run_id], waited, [c.run_id for c in after]
         finally:
             await session.close()

@@ -16,6 +16,7 @@ import pytest
 
 import pgflow
 import pgflow.aio
+from pgflow import procedures
 from pgflow.flow import key_text, list_queues, parse_rate
 from tests.support.helpers import wait_for
 
@@ -36,6 +37,11 @@ def fc_by_region(ctx: pgflow.Context, customer: str, region: str = "eu") -> str:
 def fc_nap(ctx: pgflow.Context, k: str, hours: int) -> str:
     ctx.sleep(timedelta(hours=hours))
     return k
+
+
+@pgflow.workflow(name="fc_quick", queue="fc_capped")
+def fc_quick(ctx: pgflow.Context, i: int) -> int:
+    return i
 
 
 def _key(conn: Any, run_id: Any) -> str | None:
@@ -120,6 +126,32 @@ def test_a_sleeping_run_holds_no_slot(conn, inprocess_worker):
     assert pgflow.result(conn, other, timeout=60) == "k"  # while the first one sleeps
     pgflow.testing.advance_time(conn, timedelta(hours=1))
     assert pgflow.result(conn, sleeper, timeout=60) == "k"
+
+
+def test_a_capped_queue_costs_its_worker_one_claim_a_run(conn, inprocess_worker, monkeypatch):
+    """Each run's code end wakes the worker for one claim, which gives its slot back and
+    takes the next run (revisions 0014, 0015). Neither the completion of a run whose slot
+    a claim gave back nor a NOTIFY for a slot the claim took again wakes it once more: that
+    claim would find the cap full, and mark the queue starved for the next one to wake."""
+    runs = 30
+    claims: list[int] = []
+    claim_runs = procedures.claim_runs
+
+    async def counted(*args: Any, **kwargs: Any) -> list[procedures.ClaimedRun]:
+        claimed = await claim_runs(*args, **kwargs)
+        claims.append(len(claimed))
+        return claimed
+
+    monkeypatch.setattr(procedures, "claim_runs", counted)
+    pgflow.set_queue(conn, "fc_capped", concurrency=1)
+    for i in range(runs):
+        pgflow.start(conn, fc_quick, i)
+    inprocess_worker.start([fc_quick], concurrency=4, poll_interval=3600)
+    # Polled, not result(): watching a pending run wakes its worker (revision 0013).
+    wait_for(lambda: conn.execute("select count(*) from pgflow.runs where status = 'completed'"
+                                  ).fetchone()[0] == runs, what="the runs", timeout=60)
+    # The first claim, the guard's claim before waiting (cap full), one a run after.
+    assert sum(claims) == runs and len(claims) <= runs + 2, claims
 
 
 def test_queue_settings_round_trip_and_show_in_the_queues_view(conn):

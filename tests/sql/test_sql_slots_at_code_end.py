@@ -3,6 +3,8 @@
 The worker names the runs whose code returned in its next claim (``claim_runs``'
 ``p_ended`` and ``p_ended_tokens``); the claim gives their slots back first, fenced as a
 report is, and may take them in the same call. Their completions then give nothing back.
+A worker waiting for the queue's slots is woken only for those the claim leaves free
+(revision 0015).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.sql.test_sql_flow_control import PARAMS, held, holders
-from tests.support.sqlkit import Claim, Worker, run_row, start, worker_factory
+from tests.support.sqlkit import Claim, Worker, listener, received, run_row, start, worker_factory
 
 
 @pytest.fixture
@@ -69,6 +71,39 @@ def test_a_key_slot_given_back_at_code_end_unparks_a_run_the_same_claim_takes(co
     assert claim_after(w, [claimed]) == [runs[1]]
     assert held(conn) == []
     assert holders(conn) == {'key:["wf", "a"]': 1}
+
+
+def test_slots_the_claim_takes_again_wake_nobody(dsn, conn, workers):
+    """An idle worker found the cap full (the queue is starved); the next claim that gives
+    slots back takes them all: no NOTIFY, which would wake a worker (this one, often) for a
+    claim that finds the cap full again."""
+    w = workers()
+    conn.execute("select pgflow.set_queue('default', concurrency => 2)")
+    runs = [start(conn) for _ in range(4)]
+    with listener(dsn, guards=["default"]) as listen:
+        first = w.claim(10)
+        assert w.claim(10) == []  # the cap is full: the queue is starved
+        assert received(listen, conn, "pgflow_ready") == []
+        assert claim_after(w, first) == runs[2:]
+        assert received(listen, conn, "pgflow_ready") == []
+    assert holders(conn) == {"queue:default": 2}
+
+
+@pytest.mark.parametrize("pending", [0, 1])
+def test_slots_the_claim_leaves_free_wake_the_waiting_workers(dsn, conn, workers, pending):
+    """Given back with nothing left to take, or more than the claim takes: the queue's
+    waiting workers are woken, once."""
+    w = workers()
+    conn.execute("select pgflow.set_queue('default', concurrency => 2)")
+    runs = [start(conn) for _ in range(2 + pending)]
+    with listener(dsn, guards=["default"]) as listen:
+        first = w.claim(10)
+        assert w.claim(10) == []  # the cap is full: the queue is starved
+        assert claim_after(w, first, limit=1) == runs[2:]
+        assert received(listen, conn, "pgflow_ready") == ["default"]
+        assert claim_after(w, []) == []  # no slot given back: nobody woken again
+        assert received(listen, conn, "pgflow_ready") == []
+    assert holders(conn) == ({"queue:default": 1} if pending else {})
 
 
 def test_a_run_whose_completion_holds_its_row_is_left_to_that_completion(dsn, conn, workers):
