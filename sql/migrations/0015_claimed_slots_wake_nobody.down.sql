@@ -1,7 +1,73 @@
--- pgflow engine, revision 0015 undone: freed slots wake starved queues at once.
+-- pgflow engine, revision 0015 undone: freed slots wake starved queues at once, and a
+-- claim frees an ended run's slots before it takes any.
 
+drop function pgflow._claim_capped(text[], text[], text[], integer, timestamptz, uuid[]);
 drop function pgflow._give_back_slots(uuid[], boolean);
-drop function pgflow._give_back_at_code_end(uuid, uuid[], bigint[]);
+drop function pgflow._code_ended_runs(uuid, uuid[], bigint[]);
+
+create function pgflow._claim_capped(
+    p_queues   text[],
+    p_names    text[],
+    p_versions text[],
+    p_limit    integer,
+    p_now      timestamptz,
+    out chosen  uuid[],
+    out slotted uuid[]
+)
+language plpgsql
+as $$
+declare
+    v_capped text[] := '{}';
+    v_slots  integer[];
+    v_ids    uuid[];
+    q        record;
+begin
+    chosen := '{}';
+    slotted := '{}';
+    for q in
+        select u.queue, s.concurrency
+        from pg_catalog.unnest(p_queues) as u(queue)
+        left join pgflow.queue_settings s on s.name = u.queue
+        where not coalesce(s.paused, false)
+    loop
+        exit when cardinality(chosen) >= p_limit;
+        v_slots := null;  -- no cap: as many runs as the claim still wants
+        if q.concurrency is not null then
+            v_slots := array(
+                select f.slot from pgflow.slots f
+                where f.scope = 'queue:' || q.queue and f.run_id is null
+                  and f.slot <= q.concurrency
+                order by f.slot
+                limit p_limit - cardinality(chosen)
+                for update skip locked);
+            if cardinality(v_slots) = 0 then
+                v_capped := v_capped || q.queue;
+                continue;
+            end if;
+        end if;
+        v_ids := array(
+            select r.id
+            from pgflow.runs r
+            where r.status = 'pending'
+              and r.held_by is null
+              and r.queue = q.queue
+              and r.available_at <= p_now
+              and (r.name, r.version) in (select t.n, t.v
+                                          from unnest(p_names, p_versions) as t(n, v))
+            order by r.priority desc, r.available_at
+            limit coalesce(cardinality(v_slots), p_limit - cardinality(chosen))
+            for update skip locked);
+        if q.concurrency is not null then
+            update pgflow.slots f set run_id = t.id
+            from unnest(v_slots[1:cardinality(v_ids)], v_ids) as t(slot, id)
+            where f.scope = 'queue:' || q.queue and f.slot = t.slot;
+            slotted := slotted || v_ids;
+        end if;
+        chosen := chosen || v_ids;
+    end loop;
+    perform pgflow._mark_starved(v_capped, chosen);
+end;
+$$;
 
 create function pgflow._give_back_slots(p_run_ids uuid[]) returns void
 language plpgsql

@@ -1,4 +1,5 @@
--- pgflow engine, revision 0015: a claim wakes idle workers only for the slots it leaves free.
+-- pgflow engine, revision 0015: a claim hands an ended run's queue slot to the next run,
+-- and wakes idle workers only for the slots it leaves free.
 --
 -- A claim that gives back the slots of runs whose code returned (revision
 -- 0014) woke the queue's idle workers whenever one had found the cap full
@@ -8,15 +9,99 @@
 -- claim woke it again: a NOTIFY, whose commit serializes with every other
 -- notifying commit, and an empty claim for about every slot given back.
 -- Now pgflow._give_back_slots returns the starved queues it freed slots of
--- and, asked to (p_wake => false), leaves waking them to its caller;
--- _give_back_at_code_end returns them, and claim_runs wakes those whose
--- slots it left free.
+-- and, asked to (p_wake => false), leaves waking them to its caller, and
+-- claim_runs wakes those whose slots it left free.
+--
+-- Under queue caps alone the claim also hands the ended runs' queue slots
+-- straight to the runs it takes (_claim_capped's p_handed): each slot is
+-- updated once instead of freed and taken again. _code_ended_runs (the
+-- fencing of the ended runs) replaces _give_back_at_code_end.
 --
 -- Compatibility: claim_runs keeps its parameters and result; the callers of
--- _give_back_slots (the trigger runs_flow, complete_batch) call it as before.
+-- _give_back_slots (the trigger runs_flow, complete_batch) and of
+-- _claim_capped call them as before.
 
 drop function pgflow._give_back_slots(uuid[]);
 drop function pgflow._give_back_at_code_end(uuid, uuid[], bigint[]);
+drop function pgflow._claim_capped(text[], text[], text[], integer, timestamptz);
+
+create function pgflow._claim_capped(
+    p_queues   text[],
+    p_names    text[],
+    p_versions text[],
+    p_limit    integer,
+    p_now      timestamptz,
+    p_handed   uuid[] default '{}',
+    out chosen  uuid[],
+    out slotted uuid[]
+)
+language plpgsql
+as $$
+declare
+    v_capped text[] := '{}';
+    v_slots  integer[];
+    v_ids    uuid[];
+    q        record;
+begin
+    chosen := '{}';
+    slotted := '{}';
+    for q in
+        select u.queue, s.concurrency
+        from pg_catalog.unnest(p_queues) as u(queue)
+        left join pgflow.queue_settings s on s.name = u.queue
+        where not coalesce(s.paused, false)
+    loop
+        exit when cardinality(chosen) >= p_limit;
+        v_slots := null;  -- no cap: as many runs as the claim still wants
+        if q.concurrency is not null then
+            v_slots := '{}';
+            if cardinality(p_handed) > 0
+               and not exists (select 1 from pgflow.slots h
+                               where h.scope = 'queue:' || q.queue and h.slot > q.concurrency
+                                 and h.run_id is not null) then
+                v_slots := array(
+                    select f.slot from pgflow.slots f
+                    where f.run_id = any (p_handed) and f.scope = 'queue:' || q.queue
+                      and f.slot <= q.concurrency
+                    order by f.slot
+                    limit p_limit - cardinality(chosen)
+                    for update);
+            end if;
+            v_slots := v_slots || array(
+                select f.slot from pgflow.slots f
+                where f.scope = 'queue:' || q.queue and f.run_id is null
+                  and f.slot <= q.concurrency
+                order by f.slot
+                limit p_limit - cardinality(chosen) - cardinality(v_slots)
+                for update skip locked);
+            if cardinality(v_slots) = 0 then
+                v_capped := v_capped || q.queue;
+                continue;
+            end if;
+        end if;
+        v_ids := array(
+            select r.id
+            from pgflow.runs r
+            where r.status = 'pending'
+              and r.held_by is null
+              and r.queue = q.queue
+              and r.available_at <= p_now
+              and (r.name, r.version) in (select t.n, t.v
+                                          from unnest(p_names, p_versions) as t(n, v))
+            order by r.priority desc, r.available_at
+            limit coalesce(cardinality(v_slots), p_limit - cardinality(chosen))
+            for update skip locked);
+        if q.concurrency is not null then
+            update pgflow.slots f set run_id = t.id
+            from unnest(v_slots[1:cardinality(v_ids)], v_ids) as t(slot, id)
+            where f.scope = 'queue:' || q.queue and f.slot = t.slot;
+            slotted := slotted || v_ids;
+        end if;
+        chosen := chosen || v_ids;
+    end loop;
+    perform pgflow._mark_starved(v_capped, chosen);
+end;
+$$;
 
 create function pgflow._give_back_slots(p_run_ids uuid[], p_wake boolean default true)
 returns text[]
@@ -95,9 +180,9 @@ begin
 end;
 $$;
 
-create function pgflow._give_back_at_code_end(p_worker_id uuid, p_runs uuid[],
-                                              p_tokens bigint[]) returns text[]
-language plpgsql
+create function pgflow._code_ended_runs(p_worker_id uuid, p_runs uuid[], p_tokens bigint[])
+returns uuid[]
+language plpgsql  -- not sql: PL/pgSQL keeps the statement's plan from call to call
 as $$
 declare
     v_ended uuid[];
@@ -114,11 +199,8 @@ begin
         where r.id = e.id
         returning r.id
     )
-    select pg_catalog.array_agg(c.id) into v_ended from cleared c;
-    if v_ended is null then
-        return '{}';
-    end if;
-    return pgflow._give_back_slots(v_ended, p_wake => false);
+    select coalesce(pg_catalog.array_agg(c.id), '{}') into v_ended from cleared c;
+    return v_ended;
 end;
 $$;
 
@@ -150,6 +232,8 @@ declare
     v_queue_limits    boolean;  -- a cap, rate or pause on one of p_queues
     v_rates           boolean;
     v_workflow_limits boolean;  -- a Concurrency on one of the worker's workflows
+    v_ended           uuid[] := '{}';  -- p_ended, fenced: their slots go back in this claim
+    v_starved         text[];   -- of p_queues, those an idle worker waits for (queue_settings.starved)
     v_waiting         text[] := '{}';  -- capped queues given slots back that a worker waits for
 begin
     if p_limit is null or p_limit < 1 then
@@ -169,8 +253,9 @@ begin
            exists (select 1 from pgflow.workflows w
                    join unnest(p_names, p_versions) as t(n, v)
                      on w.name = t.n and w.version = t.v
-                   where w.concurrency_limit is not null)
-    into v_registered, v_now, v_queue_limits, v_rates, v_workflow_limits
+                   where w.concurrency_limit is not null),
+           coalesce(pg_catalog.array_agg(s.name) filter (where s.starved), '{}')
+    into v_registered, v_now, v_queue_limits, v_rates, v_workflow_limits, v_starved
     from pgflow.queue_settings s  -- aggregates: one row, also when none matches
     where s.name = any (p_queues);
     if not v_registered then
@@ -178,19 +263,30 @@ begin
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
     end if;
     if p_ended is not null then
-        v_waiting := pgflow._give_back_at_code_end(p_worker_id, p_ended, p_ended_tokens);
+        v_ended := pgflow._code_ended_runs(p_worker_id, p_ended, p_ended_tokens);
     end if;
 
     if v_workflow_limits or v_rates then
+        if cardinality(v_ended) > 0 then
+            v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
+        end if;
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
     elsif v_queue_limits then  -- caps and pauses only
         select l.chosen, l.slotted into v_chosen, v_slotted
-        from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now) l;
+        from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now, v_ended) l;
+        if cardinality(v_ended) > 0 then
+            -- What the claim did not hand on goes back. A run taken from a
+            -- starved queue cleared its mark (_mark_starved), so the queues
+            -- starved before the claim count as waiting too.
+            v_waiting := v_starved || pgflow._give_back_slots(v_ended, p_wake => false);
+        end if;
+    elsif cardinality(v_ended) > 0 then  -- a limit removed since they were claimed
+        v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
     end if;
     if cardinality(v_waiting) > 0 then
         perform pgflow._notify_ready(w.queue)
-        from pg_catalog.unnest(v_waiting) as w(queue)
+        from (select distinct u.queue from pg_catalog.unnest(v_waiting) as u(queue)) w
         join pgflow.queue_settings s on s.name = w.queue
         where exists (select 1 from pgflow.slots f
                       where f.scope = 'queue:' || w.queue and f.run_id is null

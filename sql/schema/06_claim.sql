@@ -17,12 +17,15 @@
 --
 -- p_ended, p_ended_tokens (revision 0014): runs of this worker whose code
 -- has returned since its last claim, their completion not sent yet. They
--- execute no more, so their concurrency slots go back first, fenced by
--- their tokens (_give_back_at_code_end), and this claim may take them: a cap
--- of L keeps L runs executing instead of L runs not yet committed. A freed
--- queue slot that an idle worker waits for (queue_settings.starved) wakes it
--- only if this claim leaves the slot free (revision 0015): woken for a slot
--- taken here, that worker (this one, often) would claim and find the cap full.
+-- execute no more, so their concurrency slots go back in this claim, fenced
+-- by their tokens (_code_ended_runs), and this claim may take them: a cap of
+-- L keeps L runs executing instead of L runs not yet committed. Under queue
+-- caps alone the claim hands their queue slots straight to the runs it takes
+-- (_claim_capped) and gives back the rest after; else it gives them all back
+-- first. A freed queue slot that an idle worker waits for
+-- (queue_settings.starved) wakes it only if this claim leaves the slot free
+-- (revision 0015): woken for a slot taken here, that worker (this one,
+-- often) would claim and find the cap full.
 create function pgflow.claim_runs(
     p_worker_id uuid,
     p_queues    text[],
@@ -51,6 +54,8 @@ declare
     v_queue_limits    boolean;  -- a cap, rate or pause on one of p_queues
     v_rates           boolean;
     v_workflow_limits boolean;  -- a Concurrency on one of the worker's workflows
+    v_ended           uuid[] := '{}';  -- p_ended, fenced: their slots go back in this claim
+    v_starved         text[];   -- of p_queues, those an idle worker waits for (queue_settings.starved)
     v_waiting         text[] := '{}';  -- capped queues given slots back that a worker waits for
 begin
     if p_limit is null or p_limit < 1 then
@@ -70,8 +75,9 @@ begin
            exists (select 1 from pgflow.workflows w
                    join unnest(p_names, p_versions) as t(n, v)
                      on w.name = t.n and w.version = t.v
-                   where w.concurrency_limit is not null)
-    into v_registered, v_now, v_queue_limits, v_rates, v_workflow_limits
+                   where w.concurrency_limit is not null),
+           coalesce(pg_catalog.array_agg(s.name) filter (where s.starved), '{}')
+    into v_registered, v_now, v_queue_limits, v_rates, v_workflow_limits, v_starved
     from pgflow.queue_settings s  -- aggregates: one row, also when none matches
     where s.name = any (p_queues);
     if not v_registered then
@@ -79,19 +85,30 @@ begin
             message = format('worker %s is not registered (declared dead?)', p_worker_id);
     end if;
     if p_ended is not null then
-        v_waiting := pgflow._give_back_at_code_end(p_worker_id, p_ended, p_ended_tokens);
+        v_ended := pgflow._code_ended_runs(p_worker_id, p_ended, p_ended_tokens);
     end if;
 
     if v_workflow_limits or v_rates then
+        if cardinality(v_ended) > 0 then
+            v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
+        end if;
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
     elsif v_queue_limits then  -- caps and pauses only
         select l.chosen, l.slotted into v_chosen, v_slotted
-        from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now) l;
+        from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now, v_ended) l;
+        if cardinality(v_ended) > 0 then
+            -- What the claim did not hand on goes back. A run taken from a
+            -- starved queue cleared its mark (_mark_starved), so the queues
+            -- starved before the claim count as waiting too.
+            v_waiting := v_starved || pgflow._give_back_slots(v_ended, p_wake => false);
+        end if;
+    elsif cardinality(v_ended) > 0 then  -- a limit removed since they were claimed
+        v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
     end if;
     if cardinality(v_waiting) > 0 then
         perform pgflow._notify_ready(w.queue)
-        from pg_catalog.unnest(v_waiting) as w(queue)
+        from (select distinct u.queue from pg_catalog.unnest(v_waiting) as u(queue)) w
         join pgflow.queue_settings s on s.name = w.queue
         where exists (select 1 from pgflow.slots f
                       where f.scope = 'queue:' || w.queue and f.run_id is null

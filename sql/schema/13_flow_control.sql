@@ -449,12 +449,20 @@ $$;
 -- among the worker's workflows, no rate, pauses allowed): per queue, lock
 -- its free slots, then as many ready runs, and pair them in one update,
 -- three statements a queue instead of a walk run by run.
+--
+-- p_handed (revision 0015): runs whose code returned, fenced by the caller
+-- (_code_ended_runs), whose queue slots are not given back yet. The claim
+-- hands those slots straight to the runs it takes, before any free one: one
+-- update of the slot instead of two. Not where the cap was lowered below a
+-- slot still held (the hand-down of _give_back_slots comes first there).
+-- The caller gives back what the handed runs still hold afterwards.
 create function pgflow._claim_capped(
     p_queues   text[],
     p_names    text[],
     p_versions text[],
     p_limit    integer,
     p_now      timestamptz,
+    p_handed   uuid[] default '{}',
     out chosen  uuid[],
     out slotted uuid[]
 )
@@ -477,12 +485,25 @@ begin
         exit when cardinality(chosen) >= p_limit;
         v_slots := null;  -- no cap: as many runs as the claim still wants
         if q.concurrency is not null then
-            v_slots := array(
+            v_slots := '{}';
+            if cardinality(p_handed) > 0
+               and not exists (select 1 from pgflow.slots h
+                               where h.scope = 'queue:' || q.queue and h.slot > q.concurrency
+                                 and h.run_id is not null) then
+                v_slots := array(
+                    select f.slot from pgflow.slots f
+                    where f.run_id = any (p_handed) and f.scope = 'queue:' || q.queue
+                      and f.slot <= q.concurrency
+                    order by f.slot
+                    limit p_limit - cardinality(chosen)
+                    for update);
+            end if;
+            v_slots := v_slots || array(
                 select f.slot from pgflow.slots f
                 where f.scope = 'queue:' || q.queue and f.run_id is null
                   and f.slot <= q.concurrency
                 order by f.slot
-                limit p_limit - cardinality(chosen)
+                limit p_limit - cardinality(chosen) - cardinality(v_slots)
                 for update skip locked);
             if cardinality(v_slots) = 0 then
                 v_capped := v_capped || q.queue;
@@ -620,17 +641,16 @@ begin
 end;
 $$;
 
--- The code of these runs of p_worker_id returned (claim_runs' p_ended): give
--- their slots back now, before their completion commits. Fenced as a report
--- is: only runs this worker still leases at these tokens, running and holding
--- slots. A row locked by a report of the run on its way is skipped: that
--- report gives the slots back itself. The worker sends the completion after
--- this claim, so the two rarely meet. Returns the queues of freed slots an
--- idle worker waits for, not woken yet: the claim wakes those whose slots it
--- leaves free (revision 0015).
-create function pgflow._give_back_at_code_end(p_worker_id uuid, p_runs uuid[],
-                                              p_tokens bigint[]) returns text[]
-language plpgsql
+-- The code of these runs of p_worker_id returned (claim_runs' p_ended): their
+-- slots go back in this claim, before their completion commits (handed to
+-- the runs it takes, or given back). Fenced as a report is: only runs this
+-- worker still leases at these tokens, running and holding slots, which it
+-- marks as holding none and returns. A row locked by a report of the run on
+-- its way is skipped: that report gives the slots back itself. The worker
+-- sends the completion after this claim, so the two rarely meet.
+create function pgflow._code_ended_runs(p_worker_id uuid, p_runs uuid[], p_tokens bigint[])
+returns uuid[]
+language plpgsql  -- not sql: PL/pgSQL keeps the statement's plan from call to call
 as $$
 declare
     v_ended uuid[];
@@ -647,11 +667,8 @@ begin
         where r.id = e.id
         returning r.id
     )
-    select pg_catalog.array_agg(c.id) into v_ended from cleared c;
-    if v_ended is null then
-        return '{}';
-    end if;
-    return pgflow._give_back_slots(v_ended, p_wake => false);
+    select coalesce(pg_catalog.array_agg(c.id), '{}') into v_ended from cleared c;
+    return v_ended;
 end;
 $$;
 

@@ -106,6 +106,24 @@ def test_slots_the_claim_leaves_free_wake_the_waiting_workers(dsn, conn, workers
     assert holders(conn) == ({"queue:default": 1} if pending else {})
 
 
+def test_under_a_lowered_cap_a_slot_given_back_goes_to_a_run_above_it_first(conn, workers):
+    """The claim hands an ended run's queue slot to the next run it takes, except where the
+    cap was lowered below a slot still held: there the slot goes to that run (hand-down),
+    and the queue stays at its new cap."""
+    w = workers()
+    conn.execute("select pgflow.set_queue('default', concurrency => 3)")
+    runs = [start(conn) for _ in range(4)]
+    first = w.claim(10)
+    assert [c.run_id for c in first] == runs[:3]
+    conn.execute("select pgflow.set_queue('default', concurrency => 2)")
+    assert claim_after(w, first[:1]) == []  # runs[3] waits: two still execute
+    slots = dict(conn.execute("select run_id, slot from pgflow.slots"
+                              " where scope = 'queue:default' and run_id is not null").fetchall())
+    assert slots == {runs[1]: 2, runs[2]: 1}  # runs[2] moved down from slot 3
+    assert claim_after(w, first[1:2]) == [runs[3]]  # now handed on
+    assert holders(conn) == {"queue:default": 2}
+
+
 def test_a_run_whose_completion_holds_its_row_is_left_to_that_completion(dsn, conn, workers):
     w = workers()
     conn.execute("select pgflow.set_queue('default', concurrency => 1)")
