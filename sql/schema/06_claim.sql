@@ -55,6 +55,7 @@ declare
     v_rates           boolean;
     v_workflow_limits boolean;  -- a Concurrency on one of the worker's workflows
     v_ended           uuid[] := '{}';  -- p_ended, fenced: their slots go back in this claim
+    v_hand_on         boolean;  -- caps and pauses only: _claim_capped hands v_ended's slots on
     v_starved         text[];   -- of p_queues, those an idle worker waits for (queue_settings.starved)
     v_waiting         text[] := '{}';  -- capped queues given slots back that a worker waits for
 begin
@@ -87,24 +88,25 @@ begin
     if p_ended is not null then
         v_ended := pgflow._code_ended_runs(p_worker_id, p_ended, p_ended_tokens);
     end if;
+    -- Caps and pauses only: the claim hands the ended runs' queue slots on
+    -- (_claim_capped) and gives back the rest after it. Else they all go back
+    -- first, and the claim may take them.
+    v_hand_on := v_queue_limits and not (v_workflow_limits or v_rates);
+    if cardinality(v_ended) > 0 and not v_hand_on then
+        v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
+    end if;
 
     if v_workflow_limits or v_rates then
-        if cardinality(v_ended) > 0 then
-            v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
-        end if;
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_under_limits(p_queues, p_names, p_versions, p_limit, v_now) l;
-    elsif v_queue_limits then  -- caps and pauses only
+    elsif v_hand_on then
         select l.chosen, l.slotted into v_chosen, v_slotted
         from pgflow._claim_capped(p_queues, p_names, p_versions, p_limit, v_now, v_ended) l;
         if cardinality(v_ended) > 0 then
-            -- What the claim did not hand on goes back. A run taken from a
-            -- starved queue cleared its mark (_mark_starved), so the queues
-            -- starved before the claim count as waiting too.
+            -- A run taken from a starved queue cleared its mark
+            -- (_mark_starved): the queues starved before count as waiting too.
             v_waiting := v_starved || pgflow._give_back_slots(v_ended, p_wake => false);
         end if;
-    elsif cardinality(v_ended) > 0 then  -- a limit removed since they were claimed
-        v_waiting := pgflow._give_back_slots(v_ended, p_wake => false);
     end if;
     if cardinality(v_waiting) > 0 then
         perform pgflow._notify_ready(w.queue)
